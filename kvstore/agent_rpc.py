@@ -1,0 +1,120 @@
+"""The Store Agent's wire: gRPC with msgpack bodies (no protoc step, no pickle).
+
+Engines (spawned by vLLM, not Ray workers) reach their node's agent here to allocate and
+commit slots; engines on other nodes pull slot bytes with ``Read``. Every method is unary and
+carries msgpack maps; errors travel as gRPC status codes.
+
+    Allocate {lengths: [int]}                       -> {offsets: [int]}
+    Commit   {entries: [[key, off, len, crc]]}      -> {committed: int}
+    Abort    {offsets: [int]}                       -> {}
+    Read     {offset: int, length: int}             -> raw slot bytes
+    Stats    {}                                     -> AgentStats fields
+    Clear    {}                                     -> {cleared: int}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import asdict
+from typing import Any
+
+import grpc
+import msgpack
+
+from kvstore.agent import AgentStats, CommitEntry, StoreAgent
+from kvstore.logging import get_logger
+
+log = get_logger(__name__)
+
+SERVICE = "pdserve.StoreAgent"
+_MAX_MSG = 256 * 1024 * 1024
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", _MAX_MSG),
+    ("grpc.max_receive_message_length", _MAX_MSG),
+]
+
+
+class AgentUnavailable(Exception):
+    """The agent could not be reached or refused the call."""
+
+
+def _handlers(agent: StoreAgent) -> dict[str, Callable[[dict[str, Any]], Any]]:
+    return {
+        "Allocate": lambda m: {"offsets": agent.allocate(list(m["lengths"]))},
+        "Commit": lambda m: {
+            "committed": agent.commit([CommitEntry(*e) for e in m["entries"]])
+        },
+        "Abort": lambda m: agent.abort(list(m["offsets"])) or {},
+        "Read": lambda m: agent.read(int(m["offset"]), int(m["length"])),
+        "Stats": lambda m: asdict(agent.snapshot()),
+        "Clear": lambda m: {"cleared": agent.clear()},
+    }
+
+
+def serve(agent: StoreAgent, host: str, port: int = 0, threads: int = 8) -> tuple[grpc.Server, int]:
+    """Start the agent's gRPC server; returns it and the bound port (0 = any free port)."""
+
+    def wrap(fn: Callable[[dict[str, Any]], Any]) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                result = fn(msgpack.unpackb(request, raw=False) if request else {})
+            except Exception as e:  # one bad call must not take the agent down
+                log.warning("agent call failed: %s", e)
+                context.abort(grpc.StatusCode.INTERNAL, str(e))
+            return result if isinstance(result, bytes) else msgpack.packb(result)
+
+        return call
+
+    methods = {
+        name: grpc.unary_unary_rpc_method_handler(wrap(fn))
+        for name, fn in _handlers(agent).items()
+    }
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads), options=_CHANNEL_OPTIONS
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"could not bind the store agent to {host}:{port}")
+    server.start()
+    return server, bound
+
+
+class AgentClient:
+    """Blocking client; every call has a deadline so a stuck agent becomes a miss."""
+
+    def __init__(self, address: str, timeout_s: float = 2.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+    def _call(self, method: str, body: dict[str, Any]) -> bytes:
+        stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
+        try:
+            result: bytes = stub(msgpack.packb(body), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise AgentUnavailable(f"{method} on {self.address}: {e.code().name}") from e
+        return result
+
+    def allocate(self, lengths: list[int]) -> list[int]:
+        return list(msgpack.unpackb(self._call("Allocate", {"lengths": lengths}))["offsets"])
+
+    def commit(self, entries: list[CommitEntry]) -> int:
+        rows = [[e.key, e.offset, e.length, e.crc32] for e in entries]
+        return int(msgpack.unpackb(self._call("Commit", {"entries": rows}))["committed"])
+
+    def abort(self, offsets: list[int]) -> None:
+        self._call("Abort", {"offsets": offsets})
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._call("Read", {"offset": offset, "length": length})
+
+    def stats(self) -> AgentStats:
+        return AgentStats(**msgpack.unpackb(self._call("Stats", {})))
+
+    def clear(self) -> int:
+        return int(msgpack.unpackb(self._call("Clear", {}))["cleared"])
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,308 @@
+"""pdserve's vLLM KV connector: the store as an external prefix cache for vLLM engines.
+
+Loaded by module path (``kv_connector_module_path="kvstore.connector"``,
+``kv_connector="PDStoreConnector"``). Two halves, as in every v1 connector:
+
+- scheduler side (EngineCore process): ``get_num_new_matched_tokens`` asks Redis how many
+  leading prompt chunks the store holds; ``build_connector_meta`` turns that into per-step
+  load and save work (``connector_plan``).
+- worker side (the process that owns the paged KV tensors): ``start_load_kv`` copies stored
+  chunks into the request's blocks before the forward; ``wait_for_save`` copies every newly
+  completed prompt chunk out into the node's segment after it.
+
+Contract with vLLM: nothing on the KV path may fail a request or produce a wrong token. Any
+error (Redis down, agent gone, slot evicted or corrupt) makes a lookup a miss, a load a set
+of failed blocks (vLLM recomputes them: ``kv_load_failure_policy="recompute"``), or a save
+a no-op. No exception ever escapes into the engine.
+
+Bytes of one chunk in a slot (blocks moved whole; a block's inner layout is the engine's):
+
+    [layer 0: block 0 | block 1 | ...][layer 1: block 0 | ...] ... [layer L-1: ...]
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvstore.client import ChunkToSave, StoreClient
+from kvstore.connector_plan import (
+    LoadItem,
+    LoadPlan,
+    RequestState,
+    SaveItem,
+    StepPlan,
+    StepPlanner,
+    block_ids_after_step,
+    plan_hit,
+)
+from kvstore.hashing import KVNamespace, chunk_keys
+from kvstore.logging import get_logger
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = get_logger(__name__)
+
+
+@dataclass
+class StoreConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    loads: list[tuple[str, list[LoadItem]]] = field(default_factory=list)
+    saves: list[SaveItem] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """Parsed from ``kv_connector_extra_config`` (written by the control plane)."""
+
+    redis_url: str
+    prefix: str
+    node_id: str
+    instance: str
+    namespace: KVNamespace
+
+    @classmethod
+    def parse(cls, extra: dict[str, Any], vllm_config: VllmConfig) -> ConnectorSettings:
+        missing = [k for k in ("redis_url", "node_id") if not extra.get(k)]
+        if missing:
+            raise ValueError(f"kv_connector_extra_config lacks {missing}")
+        block_size = vllm_config.cache_config.block_size
+        ns = dict(extra.get("namespace") or {})
+        ns.setdefault("model", vllm_config.model_config.model)
+        ns.setdefault("dtype", str(vllm_config.model_config.dtype).removeprefix("torch."))
+        ns.setdefault("layout", f"{vllm_config.device_config.device_type}/bs{block_size}")
+        ns.setdefault("chunk_tokens", block_size)
+        return cls(
+            redis_url=str(extra["redis_url"]),
+            prefix=str(extra.get("prefix", "pdkv")),
+            node_id=str(extra["node_id"]),
+            instance=str(extra.get("instance", "engine")),
+            namespace=KVNamespace(**ns),
+        )
+
+
+class _Warner:
+    """Log the first failure of a kind, then every 100th: a dead Redis must not flood logs."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, what: str, err: BaseException) -> None:
+        n = self.counts.get(what, 0)
+        self.counts[what] = n + 1
+        if n % 100 == 0:
+            log.warning("kv store %s failed (%d so far), recomputing: %r", what, n + 1, err)
+
+
+class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        xfer = self._kv_transfer_config
+        self.settings = ConnectorSettings.parse(dict(xfer.kv_connector_extra_config), vllm_config)
+        self._block_size = vllm_config.cache_config.block_size
+        self._load_enabled = bool(xfer.is_kv_consumer)
+        self._save_enabled = bool(xfer.is_kv_producer)
+        self._num_blocks = kv_cache_config.num_blocks
+        self._enabled = len(kv_cache_config.kv_cache_groups) <= 1
+        if not self._enabled:
+            log.warning("models with several KV cache groups are not stored; always recompute")
+        s = self.settings
+        self._store = StoreClient(s.redis_url, s.prefix, s.node_id)
+        self._warn = _Warner()
+        # scheduler side
+        self._planner = StepPlanner(s.namespace.chunk_tokens, self._block_size, self._save_enabled)
+        self._reqs: dict[str, RequestState] = {}
+        self._pending_loads: dict[str, LoadPlan] = {}
+        # worker side: per layer, a [num_blocks, ...] view whose rows are whole blocks
+        self._blocks: list[torch.Tensor] = []
+        self._failed_blocks: set[int] = set()
+        self._counters: dict[str, int] = {}
+
+    # ===================================================================== scheduler side
+
+    def _state(self, req_id: str, prompt: list[int]) -> RequestState:
+        state = self._reqs.get(req_id)
+        if state is None:
+            keys = chunk_keys(self.settings.namespace, prompt)
+            state = self._reqs[req_id] = RequestState(keys=keys, n_prompt=len(prompt))
+        return state
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        state = self._state(request.request_id, list(request.prompt_token_ids or []))
+        self._pending_loads.pop(request.request_id, None)
+        if not (self._enabled and self._load_enabled and state.keys):
+            return 0, False
+        try:
+            locs = self._store.lookup_prefix(state.keys)
+        except Exception as e:
+            self._warn("lookup", e)
+            return 0, False
+        state.stored_chunks = max(state.stored_chunks, len(locs))
+        hit = plan_hit(state.n_prompt, len(locs), self.settings.namespace.chunk_tokens)
+        if hit <= num_computed_tokens:
+            return 0, False
+        self._pending_loads[request.request_id] = LoadPlan(num_computed_tokens, hit, locs)
+        return hit - num_computed_tokens, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if num_external_tokens == 0:
+            self._pending_loads.pop(request.request_id, None)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        out = StepPlan()
+        seen: set[bytes] = set()
+        num_scheduled = scheduler_output.num_scheduled_tokens
+        if self._enabled:
+            for new in scheduler_output.scheduled_new_reqs:
+                state = self._state(new.req_id, list(new.prompt_token_ids or []))
+                state.block_ids = list(new.block_ids[0])
+                done = new.num_computed_tokens + num_scheduled.get(new.req_id, 0)
+                plan = self._pending_loads.pop(new.req_id, None)
+                self._planner.step(new.req_id, state, plan, done, out, seen)
+            cached = scheduler_output.scheduled_cached_reqs
+            for i, req_id in enumerate(cached.req_ids):
+                state = self._reqs.get(req_id)
+                if state is None:
+                    continue
+                new_ids = cached.new_block_ids[i]
+                state.block_ids = block_ids_after_step(
+                    state.block_ids, new_ids[0] if new_ids else None, req_id in cached.resumed_req_ids
+                )
+                done = cached.num_computed_tokens[i] + num_scheduled.get(req_id, 0)
+                plan = self._pending_loads.pop(req_id, None)
+                self._planner.step(req_id, state, plan, done, out, seen)
+        for req_id in scheduler_output.finished_req_ids:
+            self._reqs.pop(req_id, None)
+        self._pending_loads.clear()
+        return StoreConnectorMetadata(loads=out.loads, saves=out.saves)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        return False, None
+
+    # ======================================================================== worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._blocks = [self._block_rows(t) for t in kv_caches.values()]
+
+    def _block_rows(self, cache: torch.Tensor) -> torch.Tensor:
+        """A view of one layer's cache as [num_blocks, ...]: row b is all of block b's bytes,
+        whatever the attention backend's layout ([blocks, ...] on CPU, [2, blocks, ...] for
+        split K/V layouts)."""
+        n = self._num_blocks
+        for dim, size in enumerate(cache.shape):
+            if size % n == 0 and size >= n:
+                return cache.view(*cache.shape[:dim], n, -1).movedim(dim, 0)
+        raise ValueError(f"no block dimension of size {n} in KV cache of shape {tuple(cache.shape)}")
+
+    def _chunk_view(self, payload: memoryview, n_blocks: int) -> torch.Tensor:
+        ref = self._blocks[0]
+        flat = torch.frombuffer(payload, dtype=ref.dtype)
+        return flat.view(len(self._blocks), n_blocks, *ref.shape[1:])
+
+    def _chunk_nbytes(self) -> int:
+        ref = self._blocks[0]
+        per_block = ref[0].numel() * ref.element_size()
+        return len(self._blocks) * self._planner.blocks_per_chunk * per_block
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, StoreConnectorMetadata) or not meta.loads:
+            return
+        for _req_id, items in meta.loads:
+            for i, item in enumerate(items):
+                try:
+                    self._store.load(item.key, item.loc, lambda p, it=item: self._inject(p, it))
+                    self._count("loaded_chunks", 1)
+                except Exception as e:
+                    self._warn("load", e)
+                    for rest in items[i:]:
+                        self._failed_blocks.update(rest.block_ids)
+                    self._count("load_failures", len(items) - i)
+                    break
+        self._flush_counters()
+
+    def _inject(self, payload: memoryview, item: LoadItem) -> None:
+        per = self._planner.blocks_per_chunk
+        if len(payload) != self._chunk_nbytes():
+            raise ValueError(f"chunk holds {len(payload)} B, this engine expects {self._chunk_nbytes()}")
+        src = self._chunk_view(payload, per)
+        for layer, rows in enumerate(self._blocks):
+            ids = torch.tensor(item.block_ids, device=rows.device)
+            rows.index_copy_(0, ids, src[layer, item.skip_blocks :].to(rows.device))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads are synchronous in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # whole chunks are saved after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, StoreConnectorMetadata) or not meta.saves:
+            return
+        nbytes = self._chunk_nbytes()
+        items = meta.saves
+        try:
+            stored = self._store.save(
+                [ChunkToSave(it.key, nbytes) for it in items],
+                lambda i, payload: self._extract(items[i], payload),
+            )
+            self._count("saved_chunks", stored)
+        except Exception as e:
+            self._warn("save", e)
+            self._count("save_failures", len(items))
+        self._flush_counters()
+
+    def _extract(self, item: SaveItem, payload: memoryview) -> None:
+        dst = self._chunk_view(payload, len(item.block_ids))
+        for layer, rows in enumerate(self._blocks):
+            ids = torch.tensor(item.block_ids, device=rows.device)
+            if rows.device.type == "cpu":
+                torch.index_select(rows, 0, ids, out=dst[layer])
+            else:
+                dst[layer].copy_(rows.index_select(0, ids))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    # ====================================================================== stats / admin
+
+    def _count(self, name: str, n: int) -> None:
+        if n:
+            self._counters[name] = self._counters.get(name, 0) + n
+
+    def _flush_counters(self) -> None:
+        if not self._counters:
+            return
+        counters, self._counters = self._counters, {}
+        try:
+            self._store.meta.add_counters(self.settings.instance, counters, time.time())
+        except Exception as e:
+            self._warn("stats", e)
+
+    def shutdown(self) -> None:
+        self._store.close()
