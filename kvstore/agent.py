@@ -18,6 +18,7 @@ its header is invalidated, so a reader that raced the eviction sees a mismatch a
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -27,9 +28,42 @@ from dataclasses import dataclass
 from kvstore.allocator import OutOfSpace, SlotAllocator
 from kvstore.logging import get_logger
 from kvstore.metadata import AgentInfo, ChunkLocation, MetadataStore, connect
-from kvstore.segment import HEADER_BYTES, Segment
+from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
 
 log = get_logger(__name__)
+
+SEGMENT_PREFIX = "pdkv-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphan_segments() -> list[str]:
+    """Unlink segments whose owning agent died without closing them (killed actor, crash).
+
+    Segment names carry the owner's pid: ``pdkv-<pid>-<id>``.
+    """
+    reaped = []
+    for name in os.listdir(SHM_DIR):
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        pid_text = name[len(SEGMENT_PREFIX) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                reaped.append(name)
+            except FileNotFoundError:
+                pass
+    if reaped:
+        log.info("reaped %d orphaned store segments", len(reaped))
+    return reaped
 
 
 @dataclass(frozen=True)
@@ -61,7 +95,8 @@ class StoreAgent:
     ) -> None:
         self.node_id = node_id
         self.meta = MetadataStore(connect(redis_url, timeout_s=2.0), prefix)
-        self.segment = Segment.create(f"pdkv-{uuid.uuid4().hex[:16]}", capacity_bytes)
+        reap_orphan_segments()
+        self.segment = Segment.create(f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", capacity_bytes)
         self.alloc = SlotAllocator(capacity_bytes)
         self._lock = threading.Lock()
         self._pending: dict[int, float] = {}  # offset -> allocation time

@@ -1,0 +1,104 @@
+"""The one builder: a validated ClusterConfig -> the Serve application graph.
+
+    Router (ingress, HTTP) --handle--> prefill pool  (PrefillWorker x replicas)
+                           --handle--> decode pool   (DecodeWorker  x replicas)
+
+Both pools route through ``router.replica_router:PDRequestRouter``, so the routing policy
+sees each request's chunk keys and each replica's reported load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from cluster.config import ClusterConfig, PoolConfig
+from decode_worker.worker import DecodeWorker
+from kvstore.messages import EngineSpec
+from prefill_worker.worker import PrefillWorker
+from router.app import Router, RouterSpec
+
+_REQUEST_ROUTER = "router.replica_router:PDRequestRouter"
+
+
+def kv_namespace(cfg: ClusterConfig, model_dir: Path) -> dict[str, Any]:
+    """The store namespace (kvstore.hashing.KVNamespace fields) shared by router and engines."""
+    engine = cfg.prefill.engine
+    return {
+        "model": str(model_dir),
+        "dtype": engine.dtype,
+        "layout": f"{cfg.device}/bs{engine.block_size}",
+        "tp_rank": 0,
+        "chunk_tokens": cfg.kvstore.chunk_tokens,
+    }
+
+
+def engine_spec(cfg: ClusterConfig, pool: PoolConfig, role: str, model_dir: Path, redis_url: str) -> EngineSpec:
+    e = pool.engine
+    return EngineSpec(
+        model=str(model_dir),
+        served_model_name=served_name(cfg, model_dir),
+        role=role,
+        kv_role="kv_both" if role == "prefill" else "kv_consumer",
+        device=cfg.device,
+        dtype=e.dtype,
+        block_size=e.block_size,
+        max_model_len=e.max_model_len,
+        enforce_eager=e.enforce_eager,
+        enable_prefix_caching=e.enable_prefix_caching,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        kv_cache_gib=e.kv_cache_gib,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+        cpu_binding=tuple(pool.cpu_binding),
+        redis_url=redis_url,
+        store_prefix=cfg.kvstore.prefix,
+        namespace=kv_namespace(cfg, model_dir),
+    )
+
+
+def served_name(cfg: ClusterConfig, model_dir: Path) -> str:
+    return cfg.served_model_name or model_dir.name
+
+
+def _pool(cls: type, name: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
+    return serve.deployment(
+        cls,
+        name=name,
+        num_replicas=pool.replicas,
+        max_ongoing_requests=pool.max_ongoing_requests,
+        ray_actor_options={"num_cpus": pool.cpus_per_replica, "num_gpus": pool.gpus_per_replica},
+        request_router_config=RequestRouterConfig(
+            request_router_class=_REQUEST_ROUTER,
+            request_router_kwargs={"policy": cfg.router.policy},
+            request_routing_stats_period_s=0.5,
+        ),
+        # Engine start takes tens of seconds on CPU; don't let Serve call it unhealthy.
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=10,
+    )
+
+
+def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
+    prefill = _pool(PrefillWorker, "prefill", cfg.prefill, cfg).bind(
+        asdict(engine_spec(cfg, cfg.prefill, "prefill", model_dir, redis_url))
+    )
+    decode = _pool(DecodeWorker, "decode", cfg.decode, cfg).bind(
+        asdict(engine_spec(cfg, cfg.decode, "decode", model_dir, redis_url))
+    )
+    spec = RouterSpec(
+        model_dir=str(model_dir),
+        served_model_name=served_name(cfg, model_dir),
+        max_model_len=min(cfg.prefill.engine.max_model_len, cfg.decode.engine.max_model_len),
+        default_max_tokens=cfg.router.default_max_tokens,
+        max_body_bytes=cfg.router.max_body_bytes,
+        namespace=kv_namespace(cfg, model_dir),
+    )
+    router = serve.deployment(Router, name="router", num_replicas=1,
+                              ray_actor_options={"num_cpus": 0})
+    return router.bind(asdict(spec), prefill, decode)

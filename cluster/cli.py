@@ -1,0 +1,170 @@
+"""`pdserve` command line: prepare-model, up, down, status.
+
+`up` starts (or joins) Ray, starts Redis if the config asks for it, one Store Agent per
+node, and the Serve app; it returns once the HTTP API answers and prints the base URL.
+`down` stops exactly what `up` started (recorded in $PDSERVE_HOME/run/state.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+from cluster.env import pdserve_home
+from cluster.log import get_logger
+from cluster.model import ModelNotFound, prepare_default_model, resolve_model
+from cluster.runtime import (
+    RunState,
+    StartError,
+    free_port,
+    start_agents,
+    start_ray_head,
+    start_redis,
+    stop_agents,
+    stop_pid,
+    stop_ray,
+    wait_until,
+)
+
+log = get_logger(__name__)
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return bool(r.status == 200)
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    path = resolve_model(args.model) if args.model else prepare_default_model()
+    print(path)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+
+    cfg = ClusterConfig.load(args.config, args.set)
+    if RunState.load() is not None:
+        print("a pdserve cluster is already up (pdserve status / pdserve down)", file=sys.stderr)
+        return 1
+    model_dir = resolve_model(cfg.model)
+    state = RunState(app_name=cfg.app_name)
+    state.save()  # from here on, `pdserve down` can clean up whatever got started
+    try:
+        if cfg.ray_address:
+            state.ray_address = cfg.ray_address
+        else:
+            state.ray_address, state.ray_temp_dir = start_ray_head()
+        state.save()
+        if cfg.kvstore.redis_url:
+            state.redis_url = cfg.kvstore.redis_url
+        else:
+            state.redis_url, state.redis_port, state.redis_pid = start_redis(pdserve_home() / "run")
+        state.save()
+        ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
+        state.agents = start_agents(state.redis_url, cfg.kvstore.capacity_mb, cfg.kvstore.prefix)
+        state.save()
+        port = cfg.router.port or free_port()
+        serve.start(http_options={"host": cfg.router.host, "port": port})
+        print("starting engines (about a minute on CPU) ...", flush=True)
+        serve.run(build_app(cfg, model_dir, state.redis_url), name=cfg.app_name, route_prefix="/")
+        host = "127.0.0.1" if cfg.router.host in ("0.0.0.0", "::") else cfg.router.host
+        state.url = f"http://{host}:{port}/v1"
+        state.save()
+        wait_until(lambda: _http_ok(f"http://{host}:{port}/health"), 120, "the router")
+    except BaseException as e:
+        log.error("pdserve up failed (%s: %s); stopping what it started", type(e).__name__, e)
+        _down(state)
+        raise
+    print(f"pdserve is up: OpenAI base URL {state.url}", flush=True)
+    return 0
+
+
+def _down(state: RunState) -> None:
+    import ray
+    from ray import serve
+
+    if state.ray_address:
+        try:
+            if not ray.is_initialized():
+                ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
+            serve.shutdown()
+            stop_agents(state.agents)
+        except Exception as e:
+            log.warning("could not stop Serve / agents cleanly: %s", e)
+        ray.shutdown()
+    stop_ray(state.ray_temp_dir)
+    stop_pid(state.redis_pid)
+    RunState.clear()
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = RunState.load()
+    if state is None:
+        print("no pdserve cluster is up")
+        return 0
+    _down(state)
+    print("pdserve is down")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = RunState.load()
+    if state is None:
+        print("no pdserve cluster is up")
+        return 1
+    import ray
+    from ray import serve
+
+    ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
+    app = serve.status().applications.get(state.app_name)
+    out: dict[str, object] = {"url": state.url, "redis": state.redis_url,
+                              "app": app.status if app else "missing", "pools": {}}
+    if app:
+        for name, dep in app.deployments.items():
+            out["pools"][name] = {"status": str(dep.status), "replicas": dict(dep.replica_states)}  # type: ignore[index]
+    from kvstore.metadata import MetadataStore, connect
+
+    try:
+        meta = MetadataStore(connect(state.redis_url))
+        out["store"] = {"agents": [a.address for a in meta.agents()], "stats": meta.stats()}
+    except Exception as e:
+        out["store"] = {"error": str(e)}
+    print(json.dumps(out, indent=2, default=str))
+    ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare-model", help="convert the default model once (or check --model)")
+    p.add_argument("--model", help="a local checkpoint directory to check instead")
+    p.set_defaults(fn=cmd_prepare_model)
+    p = sub.add_parser("up", help="start the cluster and print the OpenAI base URL")
+    p.add_argument("--config", type=Path, help="YAML ClusterConfig")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set prefill.replicas=2 (repeatable)")
+    p.add_argument("--model", help="shorthand for --set model=DIR")
+    p.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop what `up` started").set_defaults(fn=cmd_down)
+    sub.add_parser("status", help="pools, replicas and store").set_defaults(fn=cmd_status)
+    args = parser.parse_args(argv)
+    if getattr(args, "model", None) and args.cmd == "up":
+        args.set.append(f"model={args.model}")
+    try:
+        return int(args.fn(args))
+    except (StartError, ModelNotFound, ValueError) as e:
+        print(f"pdserve {args.cmd}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The one config tree: ``ClusterConfig``, loaded from YAML and overridable from the CLI.
+
+Every field has one default, here. Cross-field rules (KV must be interchangeable between the
+pools, chunks must be whole blocks) are validators, so a bad config fails at ``pdserve up``
+with a message that says what to change, not later inside an engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(_Strict):
+    dtype: str = Field("float32", description="Model dtype (float32 on CPUs without AVX-512/AMX).")
+    block_size: int = Field(32, description="KV block size in tokens (a multiple of 32 on CPU).")
+    max_model_len: int = Field(2048, ge=64, description="Context length (prompt + output).")
+    enforce_eager: bool = Field(True, description="Skip torch.compile / CUDA graphs.")
+    enable_prefix_caching: bool = Field(True, description="vLLM's own in-engine prefix cache.")
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences in one engine batch.")
+    max_num_batched_tokens: int = Field(2048, ge=64, description="Token budget of one step.")
+    kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache pool per engine (whole GiB).")
+    gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="GPU memory share.")
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int) -> int:
+        if v <= 0 or v % 16:
+            raise ValueError("block_size must be a positive multiple of 16 (32 on CPU)")
+        return v
+
+
+class PoolConfig(_Strict):
+    replicas: int = Field(1, ge=1, description="Engine replicas in this pool.")
+    cpus_per_replica: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica.")
+    gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per replica (0 = CPU).")
+    cpu_binding: list[str] = Field(
+        default_factory=list,
+        description="Cores per local replica rank, e.g. ['0'] or ['0-3', '4-7']; empty = vLLM's default.",
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="Serve's per-replica request cap.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+class KVStoreConfig(_Strict):
+    redis_url: str | None = Field(None, description="Redis for metadata; None = start one.")
+    capacity_mb: int = Field(1024, ge=1, description="Shared-memory segment per node (MiB).")
+    chunk_tokens: int = Field(32, ge=16, description="Tokens per stored chunk (whole blocks).")
+    prefix: str = Field("pdkv", min_length=1, description="Redis key prefix of this store.")
+
+
+class RouterConfig(_Strict):
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(0, ge=0, le=65535, description="HTTP port; 0 = a free one.")
+    policy: Literal["least_loaded"] = Field("least_loaded", description="Routing policy.")
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Larger bodies get 413.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when the body has none.")
+
+
+class ClusterConfig(_Strict):
+    model: str = Field("default", description="Checkpoint directory, or 'default' (SmolLM2-135M).")
+    served_model_name: str | None = Field(None, description="Name in the API; default: dir name.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Engine device.")
+    ray_address: str | None = Field(None, description="Join this Ray cluster; None = start one.")
+    app_name: str = Field("pdserve", description="Serve application name.")
+    prefill: PoolConfig = Field(default_factory=lambda: PoolConfig(cpu_binding=["0"]))
+    decode: PoolConfig = Field(default_factory=lambda: PoolConfig(cpu_binding=["1"]))
+    kvstore: KVStoreConfig = Field(default_factory=KVStoreConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @model_validator(mode="after")
+    def _kv_interchangeable(self) -> ClusterConfig:
+        p, d = self.prefill.engine, self.decode.engine
+        if p.block_size != d.block_size or p.dtype != d.dtype:
+            raise ValueError(
+                "prefill and decode engines must share block_size and dtype, or decode cannot "
+                f"use prefill's KV (prefill: {p.block_size}/{p.dtype}, decode: {d.block_size}/{d.dtype})"
+            )
+        if self.kvstore.chunk_tokens % p.block_size:
+            raise ValueError(
+                f"kvstore.chunk_tokens ({self.kvstore.chunk_tokens}) must be a multiple of "
+                f"engine.block_size ({p.block_size})"
+            )
+        return self
+
+    # -- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> ClusterConfig:
+        data: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text())
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"{path}: the top level must be a mapping")
+            data = loaded or {}
+        for item in overrides or []:
+            _apply_override(data, item)
+        return cls.model_validate(data)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """``a.b.c=value``; the value is parsed as YAML (numbers, bools, lists, null)."""
+    path, sep, raw = item.partition("=")
+    if not sep or not path.strip():
+        raise ValueError(f"override {item!r} is not of the form key.path=value")
+    keys = path.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        nxt = node.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"override {item!r}: {key} is not a section")
+        node = nxt
+    node[keys[-1]] = yaml.safe_load(raw)

@@ -1,0 +1,218 @@
+"""Processes `pdserve up` starts and `pdserve down` stops: a Ray head, a Redis server, one
+Store Agent per node. Everything started is recorded in a state file, so `down` stops
+exactly that (by PID or by our own unique paths) and nothing else on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cluster.env import pdserve_home
+from cluster.log import get_logger
+
+log = get_logger(__name__)
+
+AGENT_NAMESPACE = "pdserve"
+
+
+class StartError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check, timeout_s: float, what: str, interval_s: float = 0.2):  # type: ignore[no-untyped-def]
+    """Poll ``check`` until it returns a truthy value (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception as e:  # the thing is not up yet
+            last = e
+        time.sleep(interval_s)
+    raise StartError(f"timed out after {timeout_s:.0f}s waiting for {what}" + (f": {last}" if last else ""))
+
+
+@dataclass
+class RunState:
+    ray_address: str = ""
+    ray_temp_dir: str = ""  # set only when `up` started the Ray head
+    redis_url: str = ""
+    redis_pid: int = 0  # set only when `up` started Redis
+    redis_port: int = 0
+    url: str = ""
+    app_name: str = "pdserve"
+    agents: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def path() -> Path:
+        return pdserve_home() / "run" / "state.json"
+
+    def save(self) -> None:
+        p = self.path()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls) -> RunState | None:
+        p = cls.path()
+        return cls(**json.loads(p.read_text())) if p.is_file() else None
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.path().unlink(missing_ok=True)
+
+
+# -- Redis --------------------------------------------------------------------------------
+
+
+def start_redis(run_dir: Path) -> tuple[str, int, int]:
+    """A private Redis on a free loopback port; returns (url, port, pid)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise StartError("redis-server is not installed (apt-get install -y redis-server), "
+                         "or set kvstore.redis_url to an existing Redis")
+    port = free_port()
+    pidfile = run_dir / f"redis-{port}.pid"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--daemonize", "yes", "--pidfile", str(pidfile), "--dir", str(run_dir)],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    pid = wait_until(lambda: pidfile.is_file() and int(pidfile.read_text().strip() or 0), 10, "redis")
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    wait_until(lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 10, "redis PING")
+    return url, port, int(pid)
+
+
+def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
+    if pid <= 0:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# -- Ray ----------------------------------------------------------------------------------
+
+
+def start_ray_head(num_cpus: int | None = None) -> tuple[str, str]:
+    """`ray start --head` with a temp dir of our own; returns (address, temp_dir)."""
+    temp_dir = f"/tmp/pdray-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths must fit 107 B
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+           f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
+           f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+           f"--object-manager-port={free_port()}"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    if done.returncode != 0:
+        stop_ray(temp_dir)
+        raise StartError(f"ray start failed:\n{done.stdout}\n{done.stderr}")
+    return f"127.0.0.1:{port}", temp_dir
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def stop_ray(temp_dir: str) -> None:
+    """Stop the Ray processes of the head we started: each one names our temp dir."""
+    if not temp_dir:
+        return
+    for sig, grace_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        pids = _pids_mentioning(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while pids and _pids_mentioning(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.3)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# -- Store agents -------------------------------------------------------------------------
+
+
+def start_agents(redis_url: str, capacity_mb: int, prefix: str) -> list[str]:
+    """One detached Store Agent per alive node, pinned to it; returns the actor names."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from kvstore.agent_actor import StoreAgentActor
+
+    actor_cls = ray.remote(StoreAgentActor)
+    names, handles = [], []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        name = f"pdkv-agent-{node['NodeID']}"
+        handle = actor_cls.options(
+            name=name, namespace=AGENT_NAMESPACE, lifetime="detached", num_cpus=0,
+            get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+        ).remote(redis_url, capacity_mb << 20, prefix)
+        names.append(name)
+        handles.append(handle)
+    ray.get([h.info.remote() for h in handles], timeout=60)
+    return names
+
+
+def stop_agents(names: list[str]) -> None:
+    import ray
+
+    for name in names:
+        try:
+            handle = ray.get_actor(name, namespace=AGENT_NAMESPACE)
+        except ValueError:
+            continue
+        try:
+            ray.get(handle.shutdown.remote(), timeout=10)
+        except Exception as e:
+            log.warning("agent %s did not shut down cleanly: %s", name, e)
+        ray.kill(handle)

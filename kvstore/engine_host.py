@@ -1,0 +1,160 @@
+"""A vLLM async engine with the store connector attached, hosted inside a Serve replica.
+
+Role-agnostic on purpose: the prefill and decode workers differ only in how they call
+``generate`` (one token vs. a stream); both load stored prefixes through the connector, and
+a producer also saves. Lives beside the connector because it is the one place that wires
+the store into an engine (module path, node id, namespace) and it knows no app or role.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from vllm import SamplingParams
+from vllm.config import KVTransferConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+from kvstore.logging import get_logger
+from kvstore.messages import EngineDelta, EngineRequest, EngineSpec, ReplicaLoad, TokenLogprob
+
+log = get_logger(__name__)
+
+
+class _SchedulerGauge(StatLoggerBase):  # type: ignore[misc]
+    """Keeps the engine's latest scheduler stats for load reports (no logging)."""
+
+    latest: dict[str, float] = {}
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        pass
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any, **kwargs: Any) -> None:
+        if scheduler_stats is not None:
+            _SchedulerGauge.latest = {
+                "running": scheduler_stats.num_running_reqs,
+                "waiting": scheduler_stats.num_waiting_reqs,
+                "kv_usage": scheduler_stats.kv_cache_usage,
+            }
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+def _cpu_env(spec: EngineSpec, local_rank: int) -> None:
+    """Pin this replica's engine to its own cores before the engine process is spawned
+    (it inherits the environment). Unpinned CPU engines crowd onto one core."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec.kv_cache_gib)
+    if spec.cpu_binding:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec.cpu_binding[local_rank % len(spec.cpu_binding)]
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+
+
+class EngineHost:
+    def __init__(self, spec: EngineSpec, replica_name: str, local_rank: int) -> None:
+        self.spec = spec
+        self.replica = replica_name
+        self.node_id = ray.get_runtime_context().get_node_id()
+        if spec.device == "cpu":
+            _cpu_env(spec, local_rank)
+        kv = KVTransferConfig(
+            kv_connector="PDStoreConnector",
+            kv_connector_module_path="kvstore.connector",
+            kv_role=spec.kv_role,
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config={
+                "redis_url": spec.redis_url,
+                "prefix": spec.store_prefix,
+                "node_id": self.node_id,
+                "instance": replica_name,
+                "namespace": dict(spec.namespace),
+            },
+        )
+        args = AsyncEngineArgs(
+            model=spec.model,
+            served_model_name=[spec.served_model_name],
+            dtype=spec.dtype,
+            block_size=spec.block_size,
+            max_model_len=spec.max_model_len,
+            enforce_eager=spec.enforce_eager,
+            enable_prefix_caching=spec.enable_prefix_caching,
+            max_num_seqs=spec.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            kv_transfer_config=kv,
+            disable_log_stats=False,
+        )
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerGauge])
+        self.inflight = 0
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            logprobs=s.logprobs,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = TokensPrompt(prompt_token_ids=list(request.token_ids))
+        self.inflight += 1
+        try:
+            async for out in self.engine.generate(prompt, params, request.request_id):
+                yield self._delta(out, s.logprobs is not None)
+        finally:
+            self.inflight -= 1
+
+    def _delta(self, out: Any, want_logprobs: bool) -> EngineDelta:
+        c = out.outputs[0]
+        logprobs = None
+        if want_logprobs and c.logprobs is not None:
+            logprobs = tuple(
+                TokenLogprob(
+                    tid,
+                    float(step[tid].logprob),
+                    tuple(
+                        (t, float(lp.logprob))
+                        for t, lp in sorted(step.items(), key=lambda kv: kv[1].rank or 0)
+                        if lp.rank is not None and lp.rank >= 1
+                    ),
+                )
+                for tid, step in zip(c.token_ids, c.logprobs, strict=False)
+            )
+        return EngineDelta(
+            token_ids=tuple(c.token_ids),
+            text=c.text,
+            logprobs=logprobs,
+            finish_reason=c.finish_reason if out.finished else None,
+            num_prompt_tokens=len(out.prompt_token_ids or ()),
+            num_cached_tokens=int(out.num_cached_tokens or 0),
+            replica=self.replica,
+        )
+
+    def load(self) -> ReplicaLoad:
+        g = _SchedulerGauge.latest
+        return ReplicaLoad(
+            replica=self.replica,
+            node_id=self.node_id,
+            running=int(g.get("running", 0)),
+            waiting=int(g.get("waiting", 0)),
+            kv_usage=float(g.get("kv_usage", 0.0)),
+            inflight=self.inflight,
+        )
+
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self.engine.reset_prefix_cache())
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,121 @@
+"""What crosses the router <-> engine-replica boundary, as msgpack (no pickle on the wire).
+
+Ray handle calls carry these as ``bytes``; the role of a replica (prefill or decode) only
+changes which fields it uses (a prefill call always runs ``max_tokens=1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # top-k alternatives per token; None = no logprobs
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+
+    def encode(self) -> bytes:
+        s = self.sampling
+        return msgpack.packb(
+            [
+                self.request_id,
+                list(self.token_ids),
+                [s.max_tokens, s.temperature, s.top_p, s.seed, list(s.stop), s.logprobs, s.ignore_eos],
+            ]
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> EngineRequest:
+        rid, ids, (mt, temp, top_p, seed, stop, lp, ign) = msgpack.unpackb(raw)
+        return cls(rid, tuple(ids), SamplingSpec(mt, temp, top_p, seed, tuple(stop), lp, ign))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
+@dataclass(frozen=True)
+class EngineDelta:
+    """New tokens since the previous delta of the same request."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens the engine did not compute (local + store)
+    replica: str = ""
+
+    def encode(self) -> bytes:
+        lps: Any = None
+        if self.logprobs is not None:
+            lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in self.logprobs]
+        return msgpack.packb(
+            [list(self.token_ids), self.text, lps, self.finish_reason,
+             self.num_prompt_tokens, self.num_cached_tokens, self.replica]
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> EngineDelta:
+        ids, text, lps, finish, n_prompt, n_cached, replica = msgpack.unpackb(raw)
+        logprobs = None
+        if lps is not None:
+            logprobs = tuple(
+                TokenLogprob(t, lp, tuple((a, b) for a, b in top)) for t, lp, top in lps
+            )
+        return cls(tuple(ids), text, logprobs, finish, n_prompt, n_cached, replica)
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What a replica reports to the router's request router every stats period."""
+
+    replica: str
+    node_id: str
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    inflight: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a replica needs to build its engine; built by the control plane."""
+
+    model: str
+    served_model_name: str
+    role: str  # "prefill" | "decode": only names the replica and picks kv_role
+    kv_role: str  # vLLM's kv_producer | kv_consumer | kv_both
+    device: str  # "cpu" | "cuda"
+    dtype: str
+    block_size: int
+    max_model_len: int
+    enforce_eager: bool
+    enable_prefix_caching: bool
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    kv_cache_gib: int  # CPU KV pool (VLLM_CPU_KVCACHE_SPACE, whole GiB)
+    gpu_memory_utilization: float
+    cpu_binding: tuple[str, ...]  # per local replica rank, e.g. ("0", "1"); empty = vLLM's default
+    redis_url: str
+    store_prefix: str
+    namespace: dict[str, Any]  # kvstore.hashing.KVNamespace fields (tp_rank set per worker)

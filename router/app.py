@@ -1,0 +1,201 @@
+"""The router: a Serve ingress with the OpenAI HTTP API.
+
+Per request: validate the body, tokenize once (chat template applied), compute the prompt's
+chunk keys, get the first token from a prefill replica, send it to the client, then stream
+the rest from a decode replica (``router.pipeline``). Errors are typed inside and turned into
+OpenAI-style JSON here, at the edge; nothing a client sends can take the process down.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvstore.hashing import KVNamespace, chunk_keys
+from kvstore.logging import get_logger
+from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
+from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
+from router.openai_format import ResponseBuilder
+from router.pipeline import Generation, Trace, first_token, rest
+from router.policy import RoutingRequest
+from router.protocol import ChatCompletionRequest, CompletionRequest, parse
+from router.tokenizer import PromptTokenizer
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    model_dir: str
+    served_model_name: str
+    max_model_len: int
+    default_max_tokens: int
+    max_body_bytes: int
+    namespace: dict[str, Any]
+
+
+app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    err = NotFound(str(exc.detail)) if exc.status_code == 404 else BadRequest(str(exc.detail))
+    return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in the router")
+    return JSONResponse(APIError(f"internal error: {type(exc).__name__}").body(), status_code=500)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+@serve.ingress(app)
+class Router:
+    def __init__(self, spec: dict[str, Any], prefill: DeploymentHandle, decode: DeploymentHandle) -> None:
+        self.spec = RouterSpec(**spec)
+        self.tokenizer = PromptTokenizer(self.spec.model_dir)
+        self.namespace = KVNamespace(**self.spec.namespace)
+        self._prefill = prefill
+        self._decode = decode.options(stream=True)
+        self._created = int(time.time())
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        card = {"id": self.spec.served_model_name, "object": "model", "created": self._created,
+                "owned_by": "pdserve", "max_model_len": self.spec.max_model_len}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        req = parse(CompletionRequest, await self._body(request))
+        self._check_model(req.model)
+        if req.echo or req.suffix:
+            raise BadRequest("echo and suffix are not supported", param="echo" if req.echo else "suffix")
+        prompt = req.single_prompt()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        sampling = self._sampling(req, req.max_tokens, req.logprobs, len(ids))
+        return await self._respond("completion", req.stream, req.stream_options, req.return_token_ids, ids, sampling)
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Response:
+        req = parse(ChatCompletionRequest, await self._body(request))
+        self._check_model(req.model)
+        ids = self.tokenizer.chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        sampling = self._sampling(req, req.effective_max_tokens(), req.num_logprobs(), len(ids))
+        return await self._respond("chat", req.stream, req.stream_options, req.return_token_ids, ids, sampling)
+
+    # -- validation -----------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.spec.max_body_bytes:
+            raise PayloadTooLarge(f"request body over {self.spec.max_body_bytes} bytes")
+        raw = await request.body()
+        if len(raw) > self.spec.max_body_bytes:
+            raise PayloadTooLarge(f"request body over {self.spec.max_body_bytes} bytes")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the request body is not valid JSON: {e}") from None
+
+    def _check_model(self, model: str) -> None:
+        if model != self.spec.served_model_name:
+            raise NotFound(f"model {model!r} does not exist; this server serves "
+                           f"{self.spec.served_model_name!r}", param="model", code="model_not_found")
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return list(ids)
+
+    def _sampling(self, req: Any, max_tokens: int | None, logprobs: int | None, n_prompt: int) -> SamplingSpec:
+        limit = self.spec.max_model_len
+        if n_prompt >= limit:
+            raise BadRequest(f"this model's maximum context length is {limit} tokens; the prompt "
+                             f"has {n_prompt}", param="messages" if hasattr(req, "messages") else "prompt",
+                             code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(self.spec.default_max_tokens, limit - n_prompt)
+        elif n_prompt + max_tokens > limit:
+            raise BadRequest(f"max_tokens ({max_tokens}) + prompt ({n_prompt} tokens) exceeds the "
+                             f"context length ({limit})", param="max_tokens", code="context_length_exceeded")
+        return SamplingSpec(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                            seed=req.seed, stop=req.stop_list(), logprobs=logprobs, ignore_eos=req.ignore_eos)
+
+    # -- the disaggregated path -------------------------------------------------------------
+
+    async def _call_prefill(self, req: EngineRequest, hint: RoutingRequest) -> EngineDelta:
+        raw = await self._prefill.prefill.remote(req.encode(), routing=hint.encode())
+        return EngineDelta.decode(raw)
+
+    async def _call_decode(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
+        async for raw in self._decode.decode.remote(req.encode(), routing=hint.encode()):
+            yield EngineDelta.decode(raw)
+
+    async def _respond(self, kind: str, stream: bool, stream_options: Any, want_ids: bool,
+                       ids: list[int], sampling: SamplingSpec) -> Response:
+        rid = uuid.uuid4().hex
+        keys = tuple(chunk_keys(self.namespace, ids))
+        gen = Generation(trace=Trace())
+        builder = ResponseBuilder(kind, rid, self.spec.served_model_name, len(ids),
+                                  self.tokenizer.decode_token, want_ids)
+        # The first token is awaited before any byte is sent, so a failed prefill is a
+        # clean 503, streaming or not.
+        try:
+            first = await first_token(rid, ids, sampling, keys, self._call_prefill, gen.trace)
+        except APIError:
+            raise
+        except Exception as e:
+            raise Unavailable(f"prefill failed: {type(e).__name__}: {e}") from None
+        gen.add(first)
+        tail = rest(rid, ids, sampling, keys, first, self._call_decode, gen.trace)
+        if not stream:
+            try:
+                async for delta in tail:
+                    gen.add(delta)
+            except Exception as e:
+                raise Unavailable(f"decode failed: {type(e).__name__}: {e}") from None
+            return JSONResponse(builder.full(gen))
+        include_usage = bool(stream_options and stream_options.include_usage)
+        return StreamingResponse(self._events(builder, gen, first, tail, include_usage),
+                                 media_type="text/event-stream")
+
+    async def _events(self, builder: ResponseBuilder, gen: Generation, first: EngineDelta,
+                      tail: AsyncIterator[EngineDelta], include_usage: bool) -> AsyncIterator[str]:
+        yield _sse(builder.chunk(first.text, first.token_ids, first.logprobs, first.finish_reason))
+        try:
+            async for delta in tail:
+                gen.add(delta)
+                yield _sse(builder.chunk(delta.text, delta.token_ids, delta.logprobs, delta.finish_reason))
+        except Exception as e:  # headers are gone: report in-band, as OpenAI does
+            log.warning("decode failed mid-stream: %s", e)
+            yield _sse(Unavailable(f"decode failed: {type(e).__name__}: {e}").body())
+        if include_usage:
+            yield _sse(builder.usage_chunk(gen))
+        yield "data: [DONE]\n\n"
