@@ -7,6 +7,7 @@ find the address to pull from.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict
 from typing import Any
 
@@ -24,6 +25,18 @@ class StoreAgentActor:
         self._server, port = serve(self._agent, host)
         self._agent.address = f"{host}:{port}"
         self._agent.register()
+        # Re-register every second: a restarted (empty) Redis learns of the agent again
+        # instead of every save failing with "no agent on this node" until a restart.
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._register_loop, daemon=True)
+        self._heartbeat.start()
+
+    def _register_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self._agent.register()
+            except Exception:  # Redis down: keep trying, saves fail over to recompute
+                pass
 
     def info(self) -> dict[str, Any]:
         return asdict(self._agent.info())
@@ -36,6 +49,7 @@ class StoreAgentActor:
 
     def shutdown(self) -> None:
         """Stop serving, unregister and unlink the segment (idempotent)."""
+        self._stop.set()
         if self._server is not None:
             self._server.stop(grace=0.5).wait()
             self._server = None

@@ -81,7 +81,8 @@ async def rest(
     if first.finish_reason is not None:
         return
     ids = tuple(prompt) + first.token_ids
-    req = EngineRequest(f"{request_id}-d", ids, replace(sampling, max_tokens=sampling.max_tokens - len(first.token_ids)))
+    left = sampling.max_tokens - len(first.token_ids)
+    req = EngineRequest(f"{request_id}-d", ids, replace(sampling, max_tokens=left))
     hint = RoutingRequest(request_id, "decode", len(ids), chunk_keys)
     async for delta in decode(req, hint):
         if not trace.decode_replica:

@@ -1,0 +1,37 @@
+"""Shared fixtures: a private Redis per test session, and a leak check for store segments."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cluster.runtime import start_redis, stop_pid
+from kvstore.segment import SHM_DIR
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url, _port, pid = start_redis(Path(tmp_path_factory.mktemp("redis")))
+    yield url
+    stop_pid(pid)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def _segments() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith("pdkv-")}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_leaked_segments() -> Iterator[None]:
+    before = _segments()
+    yield
+    leaked = _segments() - before
+    assert not leaked, f"store segments left in {SHM_DIR}: {sorted(leaked)}"

@@ -1,0 +1,125 @@
+"""The router's HTTP API through real Ray Serve, with fake engines (the engines are not the
+subject here): every kind of bad input gets an OpenAI-style error and the server keeps
+serving the next request."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from cluster.model import prepare_default_model
+from cluster.runtime import free_port
+from kvstore.messages import EngineDelta, EngineRequest
+from router.app import Router, RouterSpec
+
+MODEL = "tiny"
+ZERO = {"num_cpus": 0}  # the fakes must fit beside whatever else runs on a 2-core machine
+ROUTER = RequestRouterConfig(request_router_class="router.replica_router:PDRequestRouter",
+                             request_routing_stats_period_s=0.2)
+
+
+class FakePrefill:
+    async def prefill(self, payload: bytes, routing: bytes | None = None) -> bytes:
+        req = EngineRequest.decode(payload)
+        assert req.sampling.max_tokens == 1 and routing is not None
+        return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
+                           replica="fake-p").encode()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return {"running": 0, "waiting": 0}
+
+
+class FakeDecode:
+    async def decode(self, payload: bytes, routing: bytes | None = None) -> AsyncIterator[bytes]:
+        req = EngineRequest.decode(payload)
+        assert req.token_ids[-1] == 42
+        for i in range(req.sampling.max_tokens):
+            last = i == req.sampling.max_tokens - 1
+            yield EngineDelta((43 + i,), ".", finish_reason="length" if last else None, replica="fake-d").encode()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return {"running": 0, "waiting": 0}
+
+
+@pytest.fixture(scope="module")
+def base_url() -> Iterator[str]:
+    ray.init(num_cpus=2, namespace="pdserve-http-test", log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=128,
+                      default_max_tokens=8, max_body_bytes=64 * 1024,
+                      namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32})
+    prefill = serve.deployment(FakePrefill, name="prefill", request_router_config=ROUTER, ray_actor_options=ZERO).bind()
+    decode = serve.deployment(FakeDecode, name="decode", request_router_config=ROUTER, ray_actor_options=ZERO).bind()
+    serve.run(serve.deployment(Router, name="router", ray_actor_options=ZERO).bind(spec.__dict__, prefill, decode), name="t")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def post(url: str, path: str, body: Any, raw: bytes | None = None) -> httpx.Response:
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json"}, timeout=30)
+
+
+OK_COMPLETION = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3}
+
+
+def test_completion_and_chat_whole(base_url: str) -> None:
+    r = post(base_url, "/v1/completions", {**OK_COMPLETION, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == " Paris.." and body["choices"][0]["token_ids"] == [42, 43, 44]
+    assert body["usage"]["completion_tokens"] == 3
+    assert body["pdserve"]["prefill_replica"] == "fake-p" and body["pdserve"]["decode_replica"] == "fake-d"
+    r = post(base_url, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == " Paris."
+
+
+def test_streaming_sends_first_token_then_decode_then_done(base_url: str) -> None:
+    body = {**OK_COMPLETION, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == [" Paris", ".", "."]
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_models_and_health(base_url: str) -> None:
+    assert httpx.get(base_url + "/health").status_code == 200
+    assert httpx.get(base_url + "/v1/models").json()["data"][0]["id"] == MODEL
+
+
+@pytest.mark.parametrize("path,body,raw,status,param", [
+    ("/v1/completions", None, b"{not json", 400, None),
+    ("/v1/completions", None, b"[1, 2]", 400, None),
+    ("/v1/completions", {**OK_COMPLETION, "model": "gpt-4"}, None, 404, "model"),
+    ("/v1/completions", {**OK_COMPLETION, "max_tokens": 0}, None, 400, "max_tokens"),
+    ("/v1/completions", {**OK_COMPLETION, "max_tokens": 10_000}, None, 400, "max_tokens"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": "word " * 500}, None, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "prompt": [1, 2, 10**9]}, None, 400, "prompt"),
+    ("/v1/completions", {**OK_COMPLETION, "n": 3}, None, 400, "n"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, None, 400,
+     "messages"),
+    ("/v1/completions", None, b'{"model": "tiny", "prompt": "' + b"x" * 70_000 + b'"}', 413, None),
+    ("/v1/nope", {}, None, 404, None),
+])
+def test_bad_input_gets_openai_errors_and_server_keeps_serving(
+    base_url: str, path: str, body: Any, raw: bytes | None, status: int, param: str | None
+) -> None:
+    r = post(base_url, path, body, raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] and err["param"].startswith(param)
+    assert post(base_url, "/v1/completions", OK_COMPLETION).status_code == 200

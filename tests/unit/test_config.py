@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from cluster.config import ClusterConfig
+
+
+def test_defaults_pin_prefill_and_decode_to_their_own_core() -> None:
+    cfg = ClusterConfig()
+    assert cfg.prefill.cpu_binding == ["0"] and cfg.decode.cpu_binding == ["1"]
+    assert cfg.kvstore.redis_url is None
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("prefill:\n  replicas: 2\nkvstore:\n  capacity_mb: 64\n")
+    cfg = ClusterConfig.load(f, ["decode.engine.max_model_len=1024", "router.port=8123",
+                                 "prefill.cpu_binding=['0', '1']"])
+    assert cfg.prefill.replicas == 2 and cfg.kvstore.capacity_mb == 64
+    assert cfg.decode.engine.max_model_len == 1024 and cfg.router.port == 8123
+    assert cfg.prefill.cpu_binding == ["0", "1"]
+
+
+@pytest.mark.parametrize("override", [
+    "prefill.replicas=0",
+    "prefill.engine.block_size=20",
+    "kvstore.chunk_tokens=48",  # not whole blocks of 32
+    "decode.engine.block_size=64",  # KV not interchangeable with prefill's
+    "decode.engine.dtype=bfloat16",
+    "router.policy=round_robin",
+    "prefill.bogus=1",  # typos are errors, not silently ignored
+])
+def test_bad_values_are_rejected(override: str) -> None:
+    with pytest.raises((ValidationError, ValueError)):
+        ClusterConfig.load(None, [override])
+
+
+def test_malformed_override_and_non_mapping_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        ClusterConfig.load(None, ["no-equals-sign"])
+    f = tmp_path / "bad.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ValueError):
+        ClusterConfig.load(f)
