@@ -58,7 +58,8 @@ def base_url() -> Iterator[str]:
                       namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32})
     prefill = serve.deployment(FakePrefill, name="prefill", request_router_config=ROUTER, ray_actor_options=ZERO).bind()
     decode = serve.deployment(FakeDecode, name="decode", request_router_config=ROUTER, ray_actor_options=ZERO).bind()
-    serve.run(serve.deployment(Router, name="router", ray_actor_options=ZERO).bind(spec.__dict__, prefill, decode), name="t")
+    router = serve.deployment(Router, name="router", ray_actor_options=ZERO)
+    serve.run(router.bind(spec.__dict__, prefill, decode), name="t")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
