@@ -52,11 +52,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated subset of pdserve,monolithic, run in this order")
     p.add_argument("--pdserve-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `pdserve up --set` overrides (repeatable)")
+    p.add_argument("--pdserve-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for `pdserve up` and `down` (repeatable), e.g. "
+                        "RAY_AUTH_MODE=disabled")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compare.json")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := set(args.systems) - set(SYSTEMS):
         p.error(f"unknown systems: {sorted(unknown)}")
+    if bad := [kv for kv in args.pdserve_env if "=" not in kv]:
+        p.error(f"--pdserve-env takes NAME=VALUE, got {bad}")
     if args.output_len < 2:
         p.error("--output-len must be at least 2, or there is no TPOT")
     return args
@@ -157,7 +162,10 @@ def render_table(entries: list[dict[str, Any]], ratio_block: dict[str, float | N
             s = e["summary"]
             lines.append(_row(e["system"], s, fig) + f"   ({s['requests']} req, {s['failed']} failed)")
         else:
-            lines.append(f"{e['system']:<14}  no figures: {e.get('error', '?').splitlines()[0]}")
+            # First line says what failed, the last non-empty one usually says why.
+            err = [ln for ln in e.get("error", "?").splitlines() if ln.strip()] or ["?"]
+            why = f" ... {err[-1].strip()}" if len(err) > 1 else ""
+            lines.append(f"{e['system']:<14}  no figures: {err[0][:100]}{why[:160]}")
     if ratio_block is not None:
         lines.append("")
         lines.append("ratio pdserve / monolithic (latency < 1 = pdserve faster; tok/s > 1 = pdserve"
@@ -184,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def ctx(name: str) -> AbstractContextManager[Running]:
         if name == "pdserve":
-            return pdserve_system(model_dir, model, log_dir, args.pdserve_set)
+            extra_env = dict(kv.split("=", 1) for kv in args.pdserve_env)
+            return pdserve_system(model_dir, model, log_dir, args.pdserve_set, extra_env)
         return monolithic_system(model_dir, model, log_dir)
 
     started = dt.datetime.now(dt.UTC)
@@ -224,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                    "output_len": args.output_len, "concurrency": args.concurrency,
                    "warmup": args.warmup, "seed": args.seed, "model_dir": str(model_dir),
                    "model": model, "pdserve_set": args.pdserve_set,
+                   "pdserve_env": args.pdserve_env,
                    "prompt_lengths": [len(p.token_ids) for p in prompts]},
         "systems": by_name,
         "ratios_pdserve_over_monolithic": ratio_block,

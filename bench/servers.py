@@ -121,9 +121,11 @@ def _kill_all(pids: list[int], sig: int) -> None:
 
 @contextmanager
 def pdserve_system(model_dir: Path, model: str, log_dir: Path, sets: list[str],
+                   extra_env: dict[str, str] | None = None,
                    up_timeout_s: float = 600.0) -> Iterator[Running]:
     home = Path(tempfile.mkdtemp(prefix="pdbench-home-"))
-    env = {**os.environ, "PDSERVE_HOME": str(home)}
+    # extra_env reaches `up` and `down` alike: both talk to the same Ray cluster.
+    env = {**os.environ, **(extra_env or {}), "PDSERVE_HOME": str(home)}
     log = log_dir / "pdserve.log"
     cmd = [_bin("pdserve"), "up", "--set", f"model={model_dir}"]
     for s in sets:

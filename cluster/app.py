@@ -80,7 +80,7 @@ def _pool(cls: type, name: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
         # Engine start takes tens of seconds on CPU; don't let Serve call it unhealthy.
         health_check_period_s=10,
         health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=10,
+        graceful_shutdown_timeout_s=60,  # covers the engine's own shutdown grace
     )
 
 

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.config import ClusterConfig
-from cluster.env import pdserve_home
+from cluster.env import pdserve_home, pin_ray_auth_mode
 from cluster.log import get_logger
 from cluster.model import ModelNotFound, prepare_default_model, resolve_model
 from cluster.runtime import (
@@ -95,6 +95,11 @@ def _down(state: RunState) -> None:
         try:
             if not ray.is_initialized():
                 ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
+            # Delete the app first: that is Serve's graceful path, which runs each replica's
+            # __del__ and so shuts its vLLM engine down cleanly (serve.shutdown alone gives
+            # up after 10 s and the engines' shared memory is left behind).
+            if state.app_name in serve.status().applications:
+                serve.delete(state.app_name)
             serve.shutdown()
             stop_agents(state.agents)
         except Exception as e:
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop what `up` started").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="pools, replicas and store").set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)
+    pin_ray_auth_mode()
     if getattr(args, "model", None) and args.cmd == "up":
         args.set.append(f"model={args.model}")
     try:

@@ -26,6 +26,8 @@ from kvstore.messages import EngineDelta, EngineRequest, EngineSpec, ReplicaLoad
 
 log = get_logger(__name__)
 
+SHUTDOWN_GRACE_S = 30.0
+
 
 class _SchedulerGauge(StatLoggerBase):  # type: ignore[misc]
     """Keeps the engine's latest scheduler stats for load reports (no logging)."""
@@ -157,4 +159,9 @@ class EngineHost:
         await self.engine.check_health()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Stop the engine and let its processes exit on their own. vLLM force-kills them after
+        a few seconds by default, and two engines tearing down at once on a small CPU node
+        need longer: a killed engine leaves its shared-memory message queues behind."""
+        log.info("%s: shutting the engine down", self.replica)
+        self.engine.shutdown(timeout=SHUTDOWN_GRACE_S)
+        log.info("%s: engine is down", self.replica)

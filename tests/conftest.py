@@ -26,7 +26,9 @@ def prefix() -> str:
 
 
 def _segments() -> set[str]:
-    return {n for n in os.listdir(SHM_DIR) if n.startswith("pdkv-")}
+    # pdkv-*: the store's segments; psm_*: vLLM's engine message queues (left behind when an
+    # engine is killed instead of shut down).
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(("pdkv-", "psm_"))}
 
 
 @pytest.fixture(autouse=True, scope="session")

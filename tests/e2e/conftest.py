@@ -1,0 +1,81 @@
+"""One real pdserve cluster per e2e session (started with the real CLI), and the monolithic
+vLLM reference outputs it is held against (computed first: both need the two cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cluster.model import prepare_default_model
+from cluster.runtime import RunState, _pids_mentioning
+from router.tokenizer import PromptTokenizer
+from tests.e2e.prompts import EQUIVALENCE, FRESH, SHARED_PREFIX
+
+MAX_TOKENS = 24
+MAX_MODEL_LEN = 1024
+HERE = Path(__file__).parent
+
+
+@dataclass
+class Cluster:
+    base_url: str  # .../v1
+    home: Path
+    env: dict[str, str]
+
+    def state(self) -> RunState:
+        return RunState(**json.loads((self.home / "run" / "state.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path) -> PromptTokenizer:
+    return PromptTokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir: Path, tokenizer: PromptTokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """prompt text -> {"token_ids", "top2"} from one monolithic vLLM engine, greedy."""
+    texts = EQUIVALENCE + [SHARED_PREFIX] + FRESH
+    d = tmp_path_factory.mktemp("reference")
+    (d / "in.json").write_text(json.dumps({"model": str(model_dir), "max_model_len": MAX_MODEL_LEN,
+                                           "max_tokens": MAX_TOKENS,
+                                           "prompts": [tokenizer.encode(t) for t in texts]}))
+    subprocess.run([sys.executable, "-m", "tests.e2e.reference", str(d / "in.json"), str(d / "out.json")],
+                   check=True, timeout=600)
+    return dict(zip(texts, json.loads((d / "out.json").read_text()), strict=True))
+
+
+@pytest.fixture(scope="session")
+def cluster(reference: dict, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    home = tmp_path_factory.mktemp("pdserve-home")
+    env = {**os.environ, "PDSERVE_HOME": str(home)}
+    pdserve = [sys.executable, "-m", "cluster.cli"]
+    up = subprocess.run([*pdserve, "up", "--config", str(HERE / "cluster.yaml"), "--set", f"model={model_dir}"],
+                        env=env, capture_output=True, text=True, timeout=600)
+    match = re.search(r"OpenAI base URL (\S+)", up.stdout)
+    state_file = home / "run" / "state.json"
+    state = RunState(**json.loads(state_file.read_text())) if state_file.is_file() else None
+    try:
+        assert up.returncode == 0 and match, f"pdserve up failed:\n{up.stdout[-3000:]}\n{up.stderr[-5000:]}"
+        yield Cluster(match.group(1), home, env)
+    finally:
+        if state_file.is_file():
+            state = RunState(**json.loads(state_file.read_text()))
+        down = subprocess.run([*pdserve, "down"], env=env, capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr[-3000:]
+        # Leak check: nothing of what `up` started survives `down`.
+        if state is not None:
+            assert not state.ray_temp_dir or not _pids_mentioning(state.ray_temp_dir)
+            assert not state.redis_pid or not Path(f"/proc/{state.redis_pid}").exists()
