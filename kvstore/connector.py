@@ -95,7 +95,8 @@ class ConnectorSettings:
 
 
 class _Warner:
-    """Log the first failure of a kind, then every 100th: a dead Redis must not flood logs."""
+    """Log the first failure of a kind, then every 100th, and the recovery: a dead Redis
+    must not flood the logs, but an operator must see both when it broke and when it healed."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -104,7 +105,13 @@ class _Warner:
         n = self.counts.get(what, 0)
         self.counts[what] = n + 1
         if n % 100 == 0:
-            log.warning("kv store %s failed (%d so far), recomputing: %r", what, n + 1, err)
+            log.warning("kv store %s failed (%d in a row), recomputing: %s: %s",
+                        what, n + 1, type(err).__name__, err)
+
+    def ok(self, what: str) -> None:
+        n = self.counts.pop(what, 0)
+        if n:
+            log.warning("kv store %s works again after %d failures", what, n)
 
 
 class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
@@ -153,7 +160,13 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             locs = self._store.lookup_prefix(state.keys)
         except Exception as e:
             self._warn("lookup", e)
+            self._count("lookup_failures", 1)
+            self._flush_counters()
             return 0, False
+        self._warn.ok("lookup")
+        self._count("lookup_hit_chunks", len(locs))
+        self._count("lookup_miss_chunks", len(state.keys) - len(locs))
+        self._flush_counters()
         state.stored_chunks = max(state.stored_chunks, len(locs))
         hit = plan_hit(state.n_prompt, len(locs), self.settings.namespace.chunk_tokens)
         if hit <= num_computed_tokens:
@@ -270,6 +283,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 [ChunkToSave(it.key, nbytes) for it in items],
                 lambda i, payload: self._extract(items[i], payload),
             )
+            self._warn.ok("save")
             self._count("saved_chunks", stored)
         except Exception as e:
             self._warn("save", e)
@@ -301,6 +315,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         counters, self._counters = self._counters, {}
         try:
             self._store.meta.add_counters(self.settings.instance, counters, time.time())
+            self._warn.ok("stats")
         except Exception as e:
             self._warn("stats", e)
 

@@ -19,6 +19,8 @@ from dataclasses import astuple, dataclass
 
 import msgpack
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 DEFAULT_PREFIX = "pdkv"
 
@@ -69,9 +71,12 @@ class AgentInfo:
 
 
 def connect(url: str, timeout_s: float = 1.0) -> redis.Redis:
-    """A client that fails fast: on the KV path a slow Redis must become a miss, not a stall."""
+    """A client that fails fast: on the KV path a slow or dead Redis must become a miss, not
+    a stall. redis-py retries every failed command three times with exponential backoff by
+    default, which would hold an engine's scheduler loop for seconds per lookup."""
     return redis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0,
+        retry=Retry(NoBackoff(), 0),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -73,6 +74,10 @@ def cluster(reference: dict, model_dir: Path, tmp_path_factory: pytest.TempPathF
     finally:
         if state_file.is_file():
             state = RunState(**json.loads(state_file.read_text()))
+        if state is not None and state.ray_temp_dir:  # keep the engines' logs for a post-mortem
+            shutil.copytree(Path(state.ray_temp_dir) / "session_latest" / "logs", home / "ray-logs",
+                            ignore=shutil.ignore_patterns("*.sock", "events", "export_events"),
+                            dirs_exist_ok=True)
         down = subprocess.run([*pdserve, "down"], env=env, capture_output=True, text=True, timeout=300)
         assert down.returncode == 0, down.stderr[-3000:]
         # Leak check: nothing of what `up` started survives `down`.
