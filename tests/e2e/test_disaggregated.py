@@ -153,6 +153,32 @@ def test_openai_sdk_gets_paris_streaming_and_not_from_both_endpoints(cluster: Cl
     assert client.models.list().data[0].id == MODEL
 
 
+def test_sampling_parameters_reach_both_engines(cluster: Cluster) -> None:
+    client = openai.OpenAI(base_url=cluster.base_url, api_key="unused")
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    # stop: the answer is cut before the stop string, on the decode side
+    stopped = client.chat.completions.create(model=MODEL, messages=question, max_tokens=20, temperature=0,
+                                             stop=["Paris"])
+    assert stopped.choices[0].message.content == "The capital of France is " and \
+        stopped.choices[0].finish_reason == "stop"
+    # seed: the same seed gives the same sample, through prefill and decode alike
+    sampled = [client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                         temperature=1.0, top_p=0.9, seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    # logprobs: one entry per token, the first from prefill and the rest from decode
+    comp = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
+                                     temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == 5
+    assert "".join(lp.tokens) == comp.choices[0].text
+    for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True):  # greedy: chosen is the best
+        assert len(top) == 2 and max(top.values()) >= chosen - 1e-6
+    chat = client.chat.completions.create(model=MODEL, messages=question, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+
+
 def test_real_engine_errors_are_openai_errors(cluster: Cluster) -> None:
     client = openai.OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError):
