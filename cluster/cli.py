@@ -130,11 +130,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
     app = serve.status().applications.get(state.app_name)
+    pools: dict[str, object] = {}
     out: dict[str, object] = {"url": state.url, "redis": state.redis_url,
-                              "app": app.status if app else "missing", "pools": {}}
+                              "app": str(app.status.value) if app else "missing", "pools": pools}
     if app:
         for name, dep in app.deployments.items():
-            out["pools"][name] = {"status": str(dep.status), "replicas": dict(dep.replica_states)}  # type: ignore[index]
+            replicas = {str(k.value): n for k, n in dep.replica_states.items()}
+            pools[name] = {"status": str(dep.status.value), "replicas": replicas}
     from kvstore.metadata import MetadataStore, connect
 
     try:
