@@ -7,21 +7,14 @@ options. vLLM is imported when the replica starts, never when this module is imp
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
-from typing import Any
+from dataclasses import replace
 
-from ray import serve
-
-from kvstore.messages import EngineDelta, EngineRequest, EngineSpec
+from kvstore.engine_replica import EngineReplica
+from kvstore.messages import EngineDelta, EngineRequest
 
 
-class PrefillWorker:
-    def __init__(self, spec: dict[str, Any]) -> None:
-        from kvstore.engine_host import EngineHost  # data plane: imports vLLM
-
-        ctx = serve.get_replica_context()
-        rank = ctx.rank.local_rank if ctx.rank is not None else 0
-        self.host = EngineHost(EngineSpec(**spec), f"prefill-{ctx.replica_tag}", rank)
+class PrefillWorker(EngineReplica):
+    role = "prefill"
 
     async def prefill(self, payload: bytes, routing: bytes | None = None) -> bytes:
         """Run the prompt with max_tokens=1; returns the encoded first-token EngineDelta.
@@ -36,20 +29,6 @@ class PrefillWorker:
         if first is None:
             raise RuntimeError(f"engine returned nothing for {request.request_id}")
         return first.encode()
-
-    def record_routing_stats(self) -> dict[str, Any]:
-        return asdict(self.host.load())
-
-    async def reset_prefix_cache(self) -> bool:
-        return await self.host.reset_prefix_cache()
-
-    async def check_health(self) -> None:
-        await self.host.check_health()
-
-    def __del__(self) -> None:
-        host = getattr(self, "host", None)
-        if host is not None:
-            host.shutdown()
 
 
 def _merge(a: EngineDelta, b: EngineDelta) -> EngineDelta:
