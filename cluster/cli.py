@@ -120,6 +120,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plain(value: object) -> str:
+    """Serve reports some states as enums and some as plain strings: print both as text."""
+    return str(getattr(value, "value", value))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     state = RunState.load()
     if state is None:
@@ -132,11 +137,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     app = serve.status().applications.get(state.app_name)
     pools: dict[str, object] = {}
     out: dict[str, object] = {"url": state.url, "redis": state.redis_url,
-                              "app": str(app.status.value) if app else "missing", "pools": pools}
+                              "app": _plain(app.status) if app else "missing", "pools": pools}
     if app:
         for name, dep in app.deployments.items():
-            replicas = {str(k.value): n for k, n in dep.replica_states.items()}
-            pools[name] = {"status": str(dep.status.value), "replicas": replicas}
+            replicas = {_plain(k): n for k, n in dep.replica_states.items()}
+            pools[name] = {"status": _plain(dep.status), "replicas": replicas}
     from kvstore.metadata import MetadataStore, connect
 
     try:
