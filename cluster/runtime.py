@@ -14,8 +14,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from cluster.env import pdserve_home
 from cluster.log import get_logger
@@ -23,6 +25,7 @@ from cluster.log import get_logger
 log = get_logger(__name__)
 
 AGENT_NAMESPACE = "pdserve"
+T = TypeVar("T")
 
 
 class StartError(Exception):
@@ -35,7 +38,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check, timeout_s: float, what: str, interval_s: float = 0.2):  # type: ignore[no-untyped-def]
+def wait_until(check: Callable[[], T], timeout_s: float, what: str, interval_s: float = 0.2) -> T:
     """Poll ``check`` until it returns a truthy value (returned) or the deadline passes."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
@@ -145,7 +148,8 @@ def start_ray_head(num_cpus: int | None = None) -> tuple[str, str]:
     return f"127.0.0.1:{port}", temp_dir
 
 
-def _pids_mentioning(text: str) -> list[int]:
+def pids_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains ``text`` (our own unique paths, never a bare name)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -164,14 +168,14 @@ def stop_ray(temp_dir: str) -> None:
     if not temp_dir:
         return
     for sig, grace_s in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        pids = _pids_mentioning(temp_dir)
+        pids = pids_mentioning(temp_dir)
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while pids and _pids_mentioning(temp_dir) and time.monotonic() < deadline:
+        while pids and pids_mentioning(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.3)
     shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cluster.model import prepare_default_model
-from cluster.runtime import RunState, _pids_mentioning
+from cluster.runtime import RunState, pids_mentioning
 from router.tokenizer import PromptTokenizer
 from tests.e2e.prompts import EQUIVALENCE, FRESH, SHARED_PREFIX
 
@@ -82,5 +82,5 @@ def cluster(reference: dict, model_dir: Path, tmp_path_factory: pytest.TempPathF
         assert down.returncode == 0, down.stderr[-3000:]
         # Leak check: nothing of what `up` started survives `down`.
         if state is not None:
-            assert not state.ray_temp_dir or not _pids_mentioning(state.ray_temp_dir)
+            assert not state.ray_temp_dir or not pids_mentioning(state.ray_temp_dir)
             assert not state.redis_pid or not Path(f"/proc/{state.redis_pid}").exists()
