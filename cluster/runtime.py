@@ -149,18 +149,31 @@ def start_ray_head(num_cpus: int | None = None) -> tuple[str, str]:
 
 
 def pids_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains ``text`` (our own unique paths, never a bare name)."""
+    """PIDs whose command line or open files name ``text`` (our own unique paths, never a bare
+    name). Open files matter: Ray's agents retitle themselves (``ray::DashboardAgent``), so
+    their command line no longer names the temp dir, but they keep its log files open."""
+    needle = text.encode()
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            if needle in Path(f"/proc/{entry}/cmdline").read_bytes() or _has_open_file(entry, text):
+                pids.append(int(entry))
+        except OSError:  # the process is gone, or not ours to look at
+            continue
+    return pids
+
+
+def _has_open_file(pid: str, text: str) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        try:
+            if text in os.readlink(f"{fd_dir}/{fd}"):
+                return True
         except OSError:
             continue
-        if text.encode() in cmdline:
-            pids.append(int(entry))
-    return pids
+    return False
 
 
 def stop_ray(temp_dir: str) -> None:
