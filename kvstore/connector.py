@@ -161,12 +161,10 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         except Exception as e:
             self._warn("lookup", e)
             self._count("lookup_failures", 1)
-            self._flush_counters()
             return 0, False
         self._warn.ok("lookup")
         self._count("lookup_hit_chunks", len(locs))
         self._count("lookup_miss_chunks", len(state.keys) - len(locs))
-        self._flush_counters()
         state.stored_chunks = max(state.stored_chunks, len(locs))
         hit = plan_hit(state.n_prompt, len(locs), self.settings.namespace.chunk_tokens)
         if hit <= num_computed_tokens:
@@ -206,6 +204,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         for req_id in scheduler_output.finished_req_ids:
             self._reqs.pop(req_id, None)
         self._pending_loads.clear()
+        self._flush_counters()  # this step's lookups, in one round trip
         return StoreConnectorMetadata(loads=out.loads, saves=out.saves)
 
     def request_finished(
@@ -262,8 +261,8 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if len(payload) != self._chunk_nbytes():
             raise ValueError(f"chunk holds {len(payload)} B, this engine expects {self._chunk_nbytes()}")
         src = self._chunk_view(payload, per)
+        ids = torch.tensor(item.block_ids, device=self._blocks[0].device)
         for layer, rows in enumerate(self._blocks):
-            ids = torch.tensor(item.block_ids, device=rows.device)
             rows.index_copy_(0, ids, src[layer, item.skip_blocks :].to(rows.device))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -292,8 +291,8 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _extract(self, item: SaveItem, payload: memoryview) -> None:
         dst = self._chunk_view(payload, len(item.block_ids))
+        ids = torch.tensor(item.block_ids, device=self._blocks[0].device)
         for layer, rows in enumerate(self._blocks):
-            ids = torch.tensor(item.block_ids, device=rows.device)
             if rows.device.type == "cpu":
                 torch.index_select(rows, 0, ids, out=dst[layer])
             else:
