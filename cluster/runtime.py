@@ -65,22 +65,23 @@ class RunState:
     agents: list[str] = field(default_factory=list)
 
     @staticmethod
-    def path() -> Path:
-        return pdserve_home() / "run" / "state.json"
+    def path(home: Path | None = None) -> Path:
+        """The state file under ``home`` (default: $PDSERVE_HOME)."""
+        return (home or pdserve_home()) / "run" / "state.json"
 
-    def save(self) -> None:
-        p = self.path()
+    def save(self, home: Path | None = None) -> None:
+        p = self.path(home)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls) -> RunState | None:
-        p = cls.path()
+    def load(cls, home: Path | None = None) -> RunState | None:
+        p = cls.path(home)
         return cls(**json.loads(p.read_text())) if p.is_file() else None
 
     @classmethod
-    def clear(cls) -> None:
-        cls.path().unlink(missing_ok=True)
+    def clear(cls, home: Path | None = None) -> None:
+        cls.path(home).unlink(missing_ok=True)
 
 
 # -- Redis --------------------------------------------------------------------------------

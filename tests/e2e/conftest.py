@@ -32,7 +32,9 @@ class Cluster:
     env: dict[str, str]
 
     def state(self) -> RunState:
-        return RunState(**json.loads((self.home / "run" / "state.json").read_text()))
+        state = RunState.load(self.home)
+        assert state is not None, f"no run state under {self.home}"
+        return state
 
 
 @pytest.fixture(scope="session")
@@ -66,14 +68,12 @@ def cluster(reference: dict, model_dir: Path, tmp_path_factory: pytest.TempPathF
     up = subprocess.run([*pdserve, "up", "--config", str(HERE / "cluster.yaml"), "--set", f"model={model_dir}"],
                         env=env, capture_output=True, text=True, timeout=600)
     match = re.search(r"OpenAI base URL (\S+)", up.stdout)
-    state_file = home / "run" / "state.json"
-    state = RunState(**json.loads(state_file.read_text())) if state_file.is_file() else None
+    state = RunState.load(home)
     try:
         assert up.returncode == 0 and match, f"pdserve up failed:\n{up.stdout[-3000:]}\n{up.stderr[-5000:]}"
         yield Cluster(match.group(1), home, env)
     finally:
-        if state_file.is_file():
-            state = RunState(**json.loads(state_file.read_text()))
+        state = RunState.load(home) or state  # a test may have changed it (restarted Redis)
         if state is not None and state.ray_temp_dir:  # keep the engines' logs for a post-mortem
             shutil.copytree(Path(state.ray_temp_dir) / "session_latest" / "logs", home / "ray-logs",
                             ignore=shutil.ignore_patterns("*.sock", "events", "export_events"),

@@ -12,7 +12,6 @@ import json
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +238,7 @@ def test_killed_redis_recomputes_and_stays_correct_then_the_store_heals(
                     "--daemonize", "yes", "--pidfile", str(pidfile)], check=True, stdout=subprocess.DEVNULL)
     new_pid = int(wait_until(lambda: pidfile.is_file() and pidfile.read_text().strip(), 10, "redis pidfile"))
     state.redis_pid = new_pid
-    (cluster.home / "run" / "state.json").write_text(json.dumps(asdict(state)))  # so `down` stops it
+    state.save(cluster.home)  # so `down` stops it
     wait_until(lambda: store(cluster).agents(), 15, "agents to re-register")
     # Healed: the first request after that is saved by prefill and loaded by decode again.
     # (A prompt the model answers past its first token, or decode never runs.)
