@@ -57,6 +57,7 @@ def engine_spec(cfg: ClusterConfig, pool: PoolConfig, role: str, model_dir: Path
         cpu_binding=tuple(pool.cpu_binding),
         redis_url=redis_url,
         store_prefix=cfg.kvstore.prefix,
+        store_transport=cfg.kvstore.transport,
         namespace=kv_namespace(cfg, model_dir),
     )
 

@@ -21,10 +21,8 @@ from cluster.runtime import (
     RunState,
     StartError,
     free_port,
-    start_agents,
     start_ray_head,
     start_redis,
-    stop_agents,
     stop_pid,
     stop_ray,
     wait_until,
@@ -69,7 +67,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             state.redis_url, state.redis_port, state.redis_pid = start_redis(pdserve_home() / "run")
         state.save()
         ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
-        state.agents = start_agents(state.redis_url, cfg.kvstore.capacity_mb, cfg.kvstore.prefix)
+        from cluster.store_nodes import StoreNodesSpec, start_store
+
+        kv = cfg.kvstore
+        state.agents = start_store(StoreNodesSpec(
+            state.redis_url, kv.capacity_mb << 20, kv.prefix, {"ttl_s": kv.ttl_s, "lease_s": kv.lease_s},
+        ))
         state.save()
         port = cfg.router.port or free_port()
         serve.start(http_options={"host": cfg.router.host, "port": port})
@@ -101,7 +104,9 @@ def _down(state: RunState) -> None:
             if state.app_name in serve.status().applications:
                 serve.delete(state.app_name)
             serve.shutdown()
-            stop_agents(state.agents)
+            from cluster.store_nodes import stop_store
+
+            stop_store()
         except Exception as e:
             log.warning("could not stop Serve / agents cleanly: %s", e)
         ray.shutdown()

@@ -54,6 +54,9 @@ class KVStoreConfig(_Strict):
     capacity_mb: int = Field(1024, ge=1, description="Shared-memory segment per node (MiB).")
     chunk_tokens: int = Field(32, ge=16, description="Tokens per stored chunk (whole blocks).")
     prefix: str = Field("pdkv", min_length=1, description="Redis key prefix of this store.")
+    transport: Literal["tcp", "grpc"] = Field("tcp", description="How chunks move between nodes.")
+    ttl_s: float = Field(0.0, ge=0, description="Idle chunks expire after this long; 0 = never.")
+    lease_s: float = Field(10.0, gt=0, description="A reader's unreleased lease lapses after this.")
 
 
 class RouterConfig(_Strict):

@@ -1,5 +1,5 @@
-"""Processes `pdserve up` starts and `pdserve down` stops: a Ray head, a Redis server, one
-Store Agent per node. Everything started is recorded in a state file, so `down` stops
+"""Processes `pdserve up` starts and `pdserve down` stops: a Ray head and a Redis server (the
+Store Agents are Ray actors: ``cluster.store_nodes``). Everything started is recorded in a state file, so `down` stops
 exactly that (by PID or by our own unique paths) and nothing else on the host.
 """
 
@@ -24,7 +24,6 @@ from cluster.log import get_logger
 
 log = get_logger(__name__)
 
-AGENT_NAMESPACE = "pdserve"
 T = TypeVar("T")
 
 
@@ -87,13 +86,13 @@ class RunState:
 # -- Redis --------------------------------------------------------------------------------
 
 
-def start_redis(run_dir: Path) -> tuple[str, int, int]:
-    """A private Redis on a free loopback port; returns (url, port, pid)."""
+def start_redis(run_dir: Path, port: int | None = None) -> tuple[str, int, int]:
+    """A private Redis on a loopback port (a free one by default); returns (url, port, pid)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise StartError("redis-server is not installed (apt-get install -y redis-server), "
                          "or set kvstore.redis_url to an existing Redis")
-    port = free_port()
+    port = port or free_port()
     pidfile = run_dir / f"redis-{port}.pid"
     run_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -192,45 +191,3 @@ def stop_ray(temp_dir: str) -> None:
         while pids and pids_mentioning(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.3)
     shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-# -- Store agents -------------------------------------------------------------------------
-
-
-def start_agents(redis_url: str, capacity_mb: int, prefix: str) -> list[str]:
-    """One detached Store Agent per alive node, pinned to it; returns the actor names."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from kvstore.agent_actor import StoreAgentActor
-
-    actor_cls = ray.remote(StoreAgentActor)
-    names, handles = [], []
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        name = f"pdkv-agent-{node['NodeID']}"
-        handle = actor_cls.options(
-            name=name, namespace=AGENT_NAMESPACE, lifetime="detached", num_cpus=0,
-            get_if_exists=True,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-        ).remote(redis_url, capacity_mb << 20, prefix)
-        names.append(name)
-        handles.append(handle)
-    ray.get([h.info.remote() for h in handles], timeout=60)
-    return names
-
-
-def stop_agents(names: list[str]) -> None:
-    import ray
-
-    for name in names:
-        try:
-            handle = ray.get_actor(name, namespace=AGENT_NAMESPACE)
-        except ValueError:
-            continue
-        try:
-            ray.get(handle.shutdown.remote(), timeout=10)
-        except Exception as e:
-            log.warning("agent %s did not shut down cleanly: %s", name, e)
-        ray.kill(handle)

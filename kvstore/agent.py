@@ -3,17 +3,23 @@
 It is the only process that allocates or frees slots and the only one that writes chunk
 metadata to Redis, so the segment and Redis never disagree about who owns a slot. Engines on
 the same node write and read slot payloads directly through the mapped segment; engines on
-other nodes pull payloads through ``read`` (a one-sided read: the reader names the slot, the
-agent does no bookkeeping for it).
+other nodes move slots through a transport (``kvstore.transport``), one-sided: they name the
+slot, the agent only pins it while it is on the wire.
 
 Slot life cycle:
 
-    allocate --> pending --commit--> committed --evict--> free
-                    |                                     ^
-                    +--------------abort------------------+
+    allocate --> pending --commit--> committed --evict / expire--> free
+                    |                   ^  |                       ^
+                    +--abort/timeout----|--|-----------------------+
+                                        lease (pins; eviction skips pinned slots)
 
-Eviction is oldest-committed-first when an allocation does not fit. Before a slot is reused
-its header is invalidated, so a reader that raced the eviction sees a mismatch and recomputes.
+Eviction is least-recently-used among unpinned slots: a lease or a remote read counts as a
+use. Idle chunks expire after ``ttl_s`` (0 = never). Before a slot is reused its header is
+invalidated, so a reader that raced the eviction sees a mismatch and recomputes.
+
+The agent also keeps Redis honest: it heartbeats a liveness key, re-publishes everything it
+holds when Redis forgot it (restart, or its chunks were reaped while it was unreachable), and
+drops the chunks of agents whose liveness expired (a node that left the cluster).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvstore.allocator import OutOfSpace, SlotAllocator
@@ -71,86 +78,136 @@ class CommitEntry:
     key: bytes
     offset: int
     length: int  # payload bytes (the slot is HEADER_BYTES longer)
-    crc32: int
+    checksum: int
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    ttl_s: float = 0.0  # idle chunks expire after this long; 0 = only evicted under pressure
+    lease_s: float = 10.0  # a lease a reader never released lapses after this long
+    pending_timeout_s: float = 60.0  # slots of a writer that never committed are reclaimed
+    alive_ttl_ms: int = 5000  # liveness key lifetime; other agents reap this node after it
 
 
 @dataclass
 class AgentStats:
-    capacity: int
-    used_bytes: int
-    chunks: int
-    pending: int
+    capacity: int = 0
+    used_bytes: int = 0
+    chunks: int = 0
+    pending: int = 0
+    pinned: int = 0
     allocated: int = 0
     committed: int = 0
     evicted: int = 0
+    expired: int = 0
     rejected: int = 0
-    bytes_read_remote: int = 0
+    leases: int = 0
+    lease_misses: int = 0
+    reclaimed_pending: int = 0
+    republished: int = 0
+    reaped_nodes: int = 0
+    bytes_out_tcp: int = 0
+    bytes_out_grpc: int = 0
+    bytes_in_tcp: int = 0
+    bytes_in_grpc: int = 0
+
+
+@dataclass
+class _Chunk:
+    key: bytes
+    loc: ChunkLocation
+    last_access: float
 
 
 class StoreAgent:
-    """Node-local store logic; the Ray actor and the gRPC service are thin shells around it."""
+    """Node-local store logic; the Ray actor and the servers are thin shells around it."""
 
     def __init__(
-        self, node_id: str, redis_url: str, capacity_bytes: int, prefix: str, address: str = ""
+        self, node_id: str, redis_url: str, capacity_bytes: int, prefix: str, address: str = "",
+        settings: AgentSettings | None = None,
     ) -> None:
         self.node_id = node_id
+        self.settings = settings or AgentSettings()
         self.meta = MetadataStore(connect(redis_url, timeout_s=2.0), prefix)
         reap_orphan_segments()
         self.segment = Segment.create(f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}", capacity_bytes)
         self.alloc = SlotAllocator(capacity_bytes)
         self._lock = threading.Lock()
-        self._pending: dict[int, float] = {}  # offset -> allocation time
-        self._committed: OrderedDict[int, tuple[bytes, ChunkLocation]] = OrderedDict()
-        self.stats = AgentStats(capacity=self.alloc.capacity, used_bytes=0, chunks=0, pending=0)
+        self._pending: dict[int, tuple[float, int]] = {}  # offset -> (allocated at, slot bytes)
+        self._committed: OrderedDict[int, _Chunk] = OrderedDict()  # LRU order, oldest first
+        self._pins: dict[int, list[float]] = {}  # offset -> expiry of each lease on it
+        self.stats = AgentStats(capacity=self.alloc.capacity)
         self.address = address
+        self.data_address = ""
+        self._ticks = 0
+        try:  # a previous agent of this node (crashed, restarted) left locations behind
+            self.meta.drop_node(node_id, keep_segment=self.segment.name)
+        except Exception as e:
+            log.warning("could not drop the previous agent's chunks: %s", e)
 
     def info(self) -> AgentInfo:
-        return AgentInfo(self.node_id, self.segment.name, self.alloc.capacity, self.address)
+        return AgentInfo(self.node_id, self.segment.name, self.alloc.capacity, self.address, self.data_address)
 
     def register(self) -> None:
-        self.meta.register_agent(self.info())
+        self.tick()
 
     # -- slots ----------------------------------------------------------------------------
 
     def allocate(self, payload_lengths: list[int]) -> list[int]:
-        """Offsets for as many of the requested payloads as fit, in order (prefix first)."""
+        """Offsets for as many of the requested payloads as fit, in order (prefix first).
+        Makes room by evicting least-recently-used unpinned chunks."""
         offsets: list[int] = []
+        victims: list[tuple[bytes, ChunkLocation]] = []
         with self._lock:
+            now = time.monotonic()
             for length in payload_lengths:
-                offset = self._allocate_one(HEADER_BYTES + length)
+                offset = self._allocate_one(HEADER_BYTES + length, now, victims)
                 if offset is None:
                     self.stats.rejected += len(payload_lengths) - len(offsets)
                     break
-                self._pending[offset] = time.monotonic()
+                self._pending[offset] = (now, HEADER_BYTES + length)
                 offsets.append(offset)
             self.stats.allocated += len(offsets)
+            self._forget(victims)  # before the caller writes a byte into a reused slot
         return offsets
 
-    def _allocate_one(self, slot_len: int) -> int | None:
+    def _allocate_one(self, slot_len: int, now: float, victims: list[tuple[bytes, ChunkLocation]]) -> int | None:
         while True:
             try:
                 return self.alloc.allocate(slot_len).offset
             except OutOfSpace:
-                if not self._committed:
+                victim = self._lru_unpinned(now)
+                if victim is None:
                     return None
-                self._evict_oldest()
+                victims.append(self._evict(victim))
+                self.stats.evicted += 1
 
-    def _evict_oldest(self) -> None:
-        offset, (key, loc) = self._committed.popitem(last=False)
-        try:
-            self.meta.remove([(key, loc)])
-        except Exception as e:  # Redis down: the header check below still protects readers
-            log.warning("could not remove metadata of evicted chunk: %s", e)
+    def _lru_unpinned(self, now: float) -> int | None:
+        for offset in self._committed:
+            if not self._pinned(offset, now):
+                return offset
+        return None
+
+    def _evict(self, offset: int) -> tuple[bytes, ChunkLocation]:
+        chunk = self._committed.pop(offset)
         self.segment.invalidate(offset)
         self.alloc.free(offset)
-        self.stats.evicted += 1
+        return chunk.key, chunk.loc
+
+    def _forget(self, removed: list[tuple[bytes, ChunkLocation]], counter: str = "evicted") -> None:
+        if not removed:
+            return
+        try:
+            self.meta.remove(removed, counter=counter)
+        except Exception as e:  # Redis down: the header check still protects readers
+            log.warning("could not remove metadata of %d dropped chunks: %s", len(removed), e)
 
     def commit(self, entries: list[CommitEntry]) -> int:
         """Publish written slots in Redis; returns how many were committed."""
         with self._lock:
             valid = [e for e in entries if e.offset in self._pending]
             located = [
-                (e.key, ChunkLocation(self.node_id, self.segment.name, e.offset, e.length, e.crc32))
+                (e.key, ChunkLocation(self.node_id, self.segment.name, e.offset, e.length, e.checksum))
                 for e in valid
             ]
             try:
@@ -159,9 +216,10 @@ class StoreAgent:
                 for e in valid:
                     self._release(e.offset)
                 raise
+            now = time.monotonic()
             for (key, loc), e in zip(located, valid, strict=True):
                 del self._pending[e.offset]
-                self._committed[e.offset] = (key, loc)
+                self._committed[e.offset] = _Chunk(key, loc, now)
             self.stats.committed += len(valid)
             return len(valid)
 
@@ -176,30 +234,155 @@ class StoreAgent:
         self.segment.invalidate(offset)
         self.alloc.free(offset)
 
-    def read(self, offset: int, slot_len: int) -> bytes:
-        """Raw slot bytes (header + payload) for a reader on another node."""
-        if offset < 0 or offset + slot_len > self.segment.size:
-            raise ValueError(f"slot {offset}+{slot_len} is outside the segment")
-        self.stats.bytes_read_remote += slot_len
-        return bytes(self.segment.buf[offset : offset + slot_len])
+    # -- leases ---------------------------------------------------------------------------
+
+    def _pinned(self, offset: int, now: float) -> bool:
+        expiries = self._pins.get(offset)
+        if not expiries:
+            return False
+        live = [t for t in expiries if t > now]
+        if live:
+            self._pins[offset] = live
+            return True
+        del self._pins[offset]
+        return False
+
+    def _pin(self, offset: int, now: float, duration_s: float) -> None:
+        self._pins.setdefault(offset, []).append(now + duration_s)
+        chunk = self._committed.get(offset)
+        if chunk is not None:
+            chunk.last_access = now
+            self._committed.move_to_end(offset)
+
+    def _unpin(self, offset: int) -> None:
+        expiries = self._pins.get(offset)
+        if expiries:
+            expiries.pop(0)
+            if not expiries:
+                del self._pins[offset]
+
+    def lease(self, slots: Sequence[tuple[int, bytes]]) -> list[bool]:
+        """Pin (offset, key) slots for a same-node reader; False where the slot no longer
+        holds that chunk. Counts as a use for LRU."""
+        now = time.monotonic()
+        granted = []
+        with self._lock:
+            for offset, key in slots:
+                chunk = self._committed.get(offset)
+                ok = chunk is not None and chunk.key == key
+                if ok:
+                    self._pin(offset, now, self.settings.lease_s)
+                granted.append(ok)
+            self.stats.leases += sum(granted)
+            self.stats.lease_misses += len(granted) - sum(granted)
+        return granted
+
+    def release(self, offsets: Sequence[int]) -> None:
+        with self._lock:
+            for offset in offsets:
+                self._unpin(offset)
+
+    # -- the transports' server side (SlotHost) -------------------------------------------
+
+    def _check_range(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        if len(offsets) != len(lengths):
+            raise ValueError("offsets and lengths differ in count")
+        for off, n in zip(offsets, lengths, strict=True):
+            if off < 0 or n <= 0 or off + n > self.segment.size:
+                raise ValueError(f"slot {off}+{n} is outside the segment")
+
+    def open_read(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        self._check_range(offsets, lengths)
+        now = time.monotonic()
+        with self._lock:
+            for off in offsets:
+                self._pin(off, now, self.settings.lease_s)
+
+    def close_read(self, offsets: Sequence[int]) -> None:
+        self.release(offsets)
+
+    def open_write(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
+        self._check_range(offsets, lengths)
+        with self._lock:
+            for off, n in zip(offsets, lengths, strict=True):
+                pending = self._pending.get(off)
+                if pending is None or n > pending[1]:
+                    raise ValueError(f"slot {off}+{n} is not allocated to a pending write")
+
+    def count_bytes(self, transport: str, direction: str, n: int) -> None:
+        name = f"bytes_{direction}_{transport}"
+        with self._lock:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    # -- upkeep ---------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Heartbeat and housekeeping; the actor calls it every second. Raises if Redis is
+        unreachable (the caller retries on the next tick)."""
+        self._ticks += 1
+        if not self.meta.heartbeat(self.info(), self.settings.alive_ttl_ms):
+            self._republish()
+        now = time.monotonic()
+        self._expire_idle(now)
+        self._reclaim_pending(now)
+        if self._ticks % 5 == 1:
+            reap_orphan_segments()  # of agents on this host that died without cleaning up
+            reaped = self.meta.reap_dead_nodes()
+            if reaped:
+                log.warning("dropped the chunks of departed store nodes: %s", reaped)
+                with self._lock:
+                    self.stats.reaped_nodes += len(reaped)
+
+    def _republish(self) -> None:
+        with self._lock:
+            entries = [(c.key, c.loc) for c in self._committed.values()]
+        for i in range(0, len(entries), 1000):
+            self.meta.commit(entries[i : i + 1000])
+        if entries:
+            log.warning("re-published %d chunks to a Redis that had lost them", len(entries))
+        with self._lock:
+            self.stats.republished += len(entries)
+
+    def _expire_idle(self, now: float) -> None:
+        if self.settings.ttl_s <= 0:
+            return
+        expired = []
+        with self._lock:
+            for offset, chunk in list(self._committed.items()):
+                if now - chunk.last_access < self.settings.ttl_s:
+                    break  # LRU order: everything after this was used more recently
+                if not self._pinned(offset, now):
+                    expired.append(self._evict(offset))
+            self.stats.expired += len(expired)
+            self._forget(expired, counter="expired")
+
+    def _reclaim_pending(self, now: float) -> None:
+        with self._lock:
+            stale = [off for off, (t, _) in self._pending.items() if now - t > self.settings.pending_timeout_s]
+            for off in stale:
+                self._release(off)
+            self.stats.reclaimed_pending += len(stale)
 
     def clear(self) -> int:
         """Drop every committed chunk (metadata first, then bytes)."""
         with self._lock:
-            n = len(self._committed)
-            while self._committed:
-                self._evict_oldest()
-            return n
+            dropped = [self._evict(off) for off in list(self._committed)]
+            self._pins.clear()
+            self._forget(dropped)
+            self.stats.evicted += len(dropped)
+            return len(dropped)
 
     def snapshot(self) -> AgentStats:
         with self._lock:
             self.stats.used_bytes = self.alloc.used_bytes
             self.stats.chunks = len(self._committed)
             self.stats.pending = len(self._pending)
+            self.stats.pinned = len(self._pins)
             return AgentStats(**vars(self.stats))
 
     def close(self) -> None:
         try:
+            self.meta.drop_node(self.node_id)
             self.meta.unregister_agent(self.node_id)
         except Exception as e:
             log.warning("could not unregister agent: %s", e)

@@ -1,8 +1,8 @@
 """The Store Agent as a Ray actor: one per node, pinned there by the control plane.
 
-A thin shell: it builds the node-local ``StoreAgent``, serves it over gRPC on the node's IP,
-and registers it in Redis so engines on this node find the segment and engines elsewhere
-find the address to pull from.
+A thin shell: it builds the node-local ``StoreAgent``, serves it (gRPC control + the tcp slot
+server) on the node's IP, and ticks it every second: heartbeat, re-publish after a Redis
+restart, TTL expiry, reclaiming abandoned writes, reaping departed nodes.
 """
 
 from __future__ import annotations
@@ -13,30 +13,38 @@ from typing import Any
 
 import ray
 
-from kvstore.agent import StoreAgent
-from kvstore.agent_rpc import serve
+from kvstore.agent import AgentSettings, StoreAgent
+from kvstore.agent_rpc import AgentServers
+from kvstore.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class StoreAgentActor:
-    def __init__(self, redis_url: str, capacity_bytes: int, prefix: str) -> None:
+    def __init__(
+        self, redis_url: str, capacity_bytes: int, prefix: str, settings: dict[str, Any] | None = None,
+    ) -> None:
         node_id = ray.get_runtime_context().get_node_id()
         host = ray.util.get_node_ip_address()
-        self._agent = StoreAgent(node_id, redis_url, capacity_bytes, prefix)
-        self._server, port = serve(self._agent, host)
-        self._agent.address = f"{host}:{port}"
-        self._agent.register()
-        # Re-register every second: a restarted (empty) Redis learns of the agent again
-        # instead of every save failing with "no agent on this node" until a restart.
+        self._agent = StoreAgent(node_id, redis_url, capacity_bytes, prefix, settings=AgentSettings(**(settings or {})))
+        self._servers: AgentServers | None = AgentServers(self._agent, host)
+        self._agent.tick()
         self._stop = threading.Event()
-        self._heartbeat = threading.Thread(target=self._register_loop, daemon=True)
-        self._heartbeat.start()
+        self._ticker = threading.Thread(target=self._tick_loop, name="pdkv-agent-tick", daemon=True)
+        self._ticker.start()
 
-    def _register_loop(self) -> None:
+    def _tick_loop(self) -> None:
+        failures = 0
         while not self._stop.wait(1.0):
             try:
-                self._agent.register()
-            except Exception:  # Redis down: keep trying, saves fail over to recompute
-                pass
+                self._agent.tick()
+                if failures:
+                    log.warning("store agent reaches Redis again after %d failed ticks", failures)
+                failures = 0
+            except Exception as e:  # Redis down: keep trying, saves fail over to recompute
+                if failures % 30 == 0:
+                    log.warning("store agent tick failed (%d in a row): %s", failures + 1, e)
+                failures += 1
 
     def info(self) -> dict[str, Any]:
         return asdict(self._agent.info())
@@ -48,9 +56,9 @@ class StoreAgentActor:
         return self._agent.clear()
 
     def shutdown(self) -> None:
-        """Stop serving, unregister and unlink the segment (idempotent)."""
+        """Stop serving, drop this node's chunks from Redis and unlink the segment (idempotent)."""
         self._stop.set()
-        if self._server is not None:
-            self._server.stop(grace=0.5).wait()
-            self._server = None
+        if self._servers is not None:
+            self._servers.stop()
+            self._servers = None
             self._agent.close()

@@ -1,13 +1,16 @@
-"""The Store Agent's wire: gRPC with msgpack bodies (no protoc step, no pickle).
+"""The Store Agent's control wire: gRPC with msgpack bodies (no protoc step, no pickle).
 
-Engines (spawned by vLLM, not Ray workers) reach their node's agent here to allocate and
-commit slots; engines on other nodes pull slot bytes with ``Read``. Every method is unary and
-carries msgpack maps; errors travel as gRPC status codes.
+Engines (spawned by vLLM, not Ray workers) reach their node's agent here to allocate, commit
+and lease slots. Slot bytes do not travel on these calls: same-node readers map the segment,
+other nodes use a transport (``kvstore.transport``: the tcp slot server, or the grpc
+transport's streaming methods, which share this server). Control methods are unary msgpack
+maps; errors travel as gRPC status codes.
 
     Allocate {lengths: [int]}                       -> {offsets: [int]}
-    Commit   {entries: [[key, off, len, crc]]}      -> {committed: int}
+    Commit   {entries: [[key, off, len, digest]]}   -> {committed: int}
     Abort    {offsets: [int]}                       -> {}
-    Read     {offset: int, length: int}             -> raw slot bytes
+    Lease    {slots: [[off, key]]}                  -> {granted: [bool]}
+    Release  {offsets: [int]}                       -> {}
     Stats    {}                                     -> AgentStats fields
     Clear    {}                                     -> {cleared: int}
 """
@@ -24,15 +27,10 @@ import msgpack
 
 from kvstore.agent import AgentStats, CommitEntry, StoreAgent
 from kvstore.logging import get_logger
+from kvstore.transport import TcpSlotServer, grpc_stream
+from kvstore.transport.grpc_stream import CHANNEL_OPTIONS, SERVICE
 
 log = get_logger(__name__)
-
-SERVICE = "pdserve.StoreAgent"
-_MAX_MSG = 256 * 1024 * 1024
-_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", _MAX_MSG),
-    ("grpc.max_receive_message_length", _MAX_MSG),
-]
 
 
 class AgentUnavailable(Exception):
@@ -46,7 +44,8 @@ def _handlers(agent: StoreAgent) -> dict[str, Callable[[dict[str, Any]], Any]]:
             "committed": agent.commit([CommitEntry(*e) for e in m["entries"]])
         },
         "Abort": lambda m: agent.abort(list(m["offsets"])) or {},
-        "Read": lambda m: agent.read(int(m["offset"]), int(m["length"])),
+        "Lease": lambda m: {"granted": agent.lease([(int(o), bytes(k)) for o, k in m["slots"]])},
+        "Release": lambda m: agent.release(list(m["offsets"])) or {},
         "Stats": lambda m: asdict(agent.snapshot()),
         "Clear": lambda m: {"cleared": agent.clear()},
     }
@@ -70,9 +69,8 @@ def serve(agent: StoreAgent, host: str, port: int = 0, threads: int = 8) -> tupl
         name: grpc.unary_unary_rpc_method_handler(wrap(fn))
         for name, fn in _handlers(agent).items()
     }
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=threads), options=_CHANNEL_OPTIONS
-    )
+    methods.update(grpc_stream.handlers(agent))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
@@ -81,13 +79,29 @@ def serve(agent: StoreAgent, host: str, port: int = 0, threads: int = 8) -> tupl
     return server, bound
 
 
+class AgentServers:
+    """The agent's two listeners: gRPC (control + grpc transport) and the tcp slot server.
+    Sets the agent's advertised addresses; ``stop`` closes both."""
+
+    def __init__(self, agent: StoreAgent, host: str) -> None:
+        self.grpc, port = serve(agent, host)
+        self.tcp = TcpSlotServer(agent, host)
+        agent.address = f"{host}:{port}"
+        agent.data_address = f"{host}:{self.tcp.port}"
+
+    def stop(self, grace_s: float = 0.5) -> None:
+        self.tcp.close()
+        self.grpc.stop(grace=grace_s).wait()
+
+
 class AgentClient:
     """Blocking client; every call has a deadline so a stuck agent becomes a miss."""
 
     def __init__(self, address: str, timeout_s: float = 2.0) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._releases: list[grpc.Future] = []
 
     def _call(self, method: str, body: dict[str, Any]) -> bytes:
         stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
@@ -101,14 +115,21 @@ class AgentClient:
         return list(msgpack.unpackb(self._call("Allocate", {"lengths": lengths}))["offsets"])
 
     def commit(self, entries: list[CommitEntry]) -> int:
-        rows = [[e.key, e.offset, e.length, e.crc32] for e in entries]
+        rows = [[e.key, e.offset, e.length, e.checksum] for e in entries]
         return int(msgpack.unpackb(self._call("Commit", {"entries": rows}))["committed"])
 
     def abort(self, offsets: list[int]) -> None:
         self._call("Abort", {"offsets": offsets})
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self._call("Read", {"offset": offset, "length": length})
+    def lease(self, slots: list[tuple[int, bytes]]) -> list[bool]:
+        reply = msgpack.unpackb(self._call("Lease", {"slots": [list(s) for s in slots]}))
+        return [bool(g) for g in reply["granted"]]
+
+    def release(self, offsets: list[int]) -> None:
+        """Fire and forget: a lost release only delays eviction until the lease lapses."""
+        stub = self._channel.unary_unary(f"/{SERVICE}/Release")
+        self._releases = [f for f in self._releases if not f.done()]
+        self._releases.append(stub.future(msgpack.packb({"offsets": offsets}), timeout=self.timeout_s))
 
     def stats(self) -> AgentStats:
         return AgentStats(**msgpack.unpackb(self._call("Stats", {})))
@@ -117,4 +138,9 @@ class AgentClient:
         return int(msgpack.unpackb(self._call("Clear", {}))["cleared"])
 
     def close(self) -> None:
+        for f in self._releases:  # closing the channel would cancel releases still in flight
+            try:
+                f.result(timeout=self.timeout_s)
+            except Exception:
+                pass  # the lease lapses on its own
         self._channel.close()

@@ -1,27 +1,44 @@
-"""What an engine process uses to reach the store: Redis for metadata, the node's agent for
-slots, and the mapped segment (or a remote pull) for bytes.
+"""What an engine process uses to reach the store: Redis for metadata, the agents for slots
+and leases, and a transport for bytes (the mapped segment on this node, tcp or grpc to
+others).
 
-Every method raises on trouble (``StoreError`` subclasses or the underlying client's error);
-the connector turns any of them into "recompute", never into a wrong answer.
+Batch calls work on the chunks of one request at a time: one Redis round trip to find them,
+one lease call per node, one streamed transfer per (node, contiguous run). ``batch_get``
+never raises for a chunk it could not deliver: it reports per chunk, and counts why, so the
+connector can turn exactly those chunks into recompute.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kvstore.agent import CommitEntry
-from kvstore.agent_rpc import AgentClient
+from kvstore.agent_rpc import AgentClient, AgentUnavailable
+from kvstore.logging import get_logger
 from kvstore.metadata import AgentInfo, ChunkLocation, MetadataStore, connect
-from kvstore.segment import HEADER_BYTES, Segment, SlotCorrupt, check_slot
+from kvstore.segment import HEADER_BYTES, ChecksumMismatch, SlotCorrupt, check_slot, seal_slot
+from kvstore.transport import REMOTE_TRANSPORTS, ShmTransport, Transport, TransportError
+from kvstore.transport.base import slot_spans
+
+log = get_logger(__name__)
+
+# Upper bounds (seconds) of the transfer latency histogram, Prometheus style (plus +Inf).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_INFO_TTL_S = 2.0
+
+Fill = Callable[[int, memoryview], None]  # fill(i, payload): write chunk i's bytes into payload
 
 
 class StoreError(Exception):
     pass
 
 
-class NoLocalAgent(StoreError):
-    """No Store Agent is registered for this node."""
+class NoAgent(StoreError):
+    """No Store Agent is registered for the node."""
+
+
 
 
 @dataclass(frozen=True)
@@ -30,79 +47,210 @@ class ChunkToSave:
     nbytes: int
 
 
+def histogram_fields(name: str, seconds: float) -> dict[str, int]:
+    """Counter increments that add one observation to a cumulative histogram stored as
+    plain counters (``<name>_bucket:<le>``, ``<name>_count``, ``<name>_sum_us``)."""
+    fields = {f"{name}_count": 1, f"{name}_sum_us": int(seconds * 1e6)}
+    for le in LATENCY_BUCKETS:
+        if seconds <= le:
+            fields[f"{name}_bucket:{le}"] = 1
+    fields[f"{name}_bucket:+Inf"] = 1
+    return fields
+
+
 class StoreClient:
-    def __init__(self, redis_url: str, prefix: str, node_id: str, timeout_s: float = 1.0) -> None:
+    def __init__(
+        self, redis_url: str, prefix: str, node_id: str, timeout_s: float = 1.0, transport: str = "tcp",
+    ) -> None:
+        if transport not in REMOTE_TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; choose from {sorted(REMOTE_TRANSPORTS)}")
         self.node_id = node_id
         self.meta = MetadataStore(connect(redis_url, timeout_s), prefix)
         self._timeout_s = timeout_s
         self._agents: dict[str, AgentClient] = {}
-        self._segments: dict[str, Segment] = {}
+        self._infos: dict[str, tuple[AgentInfo, float]] = {}
+        self.shm = ShmTransport()
+        self.remote: Transport = REMOTE_TRANSPORTS[transport](timeout_s=max(5.0, timeout_s))
+        self._staging = bytearray()
+        self.counters: dict[str, int] = {}
+
+    # -- counters -------------------------------------------------------------------------
+
+    def count(self, name: str, n: int = 1) -> None:
+        if n:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def drain_counters(self) -> dict[str, int]:
+        out, self.counters = self.counters, {}
+        return out
 
     # -- lookups --------------------------------------------------------------------------
 
     def lookup_prefix(self, keys: Sequence[bytes]) -> list[ChunkLocation]:
         return self.meta.prefix_hits(keys)
 
-    # -- saves ----------------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes]) -> list[ChunkLocation | None]:
+        return self.meta.lookup(keys)
 
-    def save(self, chunks: Sequence[ChunkToSave], fill: Callable[[int, memoryview], None]) -> int:
-        """Allocate slots on this node's agent, let ``fill(i, payload)`` write chunk i in
-        place, seal and commit. Returns how many chunks were stored (a prefix of ``chunks``
-        when the segment is full)."""
+    def batch_exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return self.meta.exists(keys)
+
+    # -- puts -----------------------------------------------------------------------------
+
+    def batch_put(
+        self, chunks: Sequence[ChunkToSave], fill: Fill, node_id: str | None = None,
+    ) -> int:
+        """Store chunks on ``node_id`` (default: this node). ``fill(i, payload)`` writes chunk
+        i's bytes: in place in the segment on this node, into a staging buffer that the
+        transport ships for another node. Returns how many were stored (a prefix of
+        ``chunks`` when the segment is full of pinned data)."""
         if not chunks:
             return 0
-        info, agent = self._local_agent()
-        segment = self._segment(info.segment)
+        target = node_id or self.node_id
+        info, agent = self._agent(target)
         offsets = agent.allocate([c.nbytes for c in chunks])
+        chunks = chunks[: len(offsets)]
         try:
-            entries = []
-            for i, offset in enumerate(offsets):
-                chunk = chunks[i]
-                fill(i, segment.payload(offset, chunk.nbytes))
-                crc = segment.seal(offset, chunk.key, chunk.nbytes)
-                entries.append(CommitEntry(chunk.key, offset, chunk.nbytes, crc))
+            if target == self.node_id:
+                entries = self._fill_in_place(info, chunks, offsets, fill)
+            else:
+                entries = self._fill_and_ship(info, chunks, offsets, fill)
             return agent.commit(entries)
         except BaseException:
-            agent.abort(offsets)
+            try:
+                agent.abort(offsets)
+            except AgentUnavailable:
+                pass  # the agent reclaims abandoned slots after its pending timeout
             raise
 
-    # -- loads ----------------------------------------------------------------------------
+    def _fill_in_place(
+        self, info: AgentInfo, chunks: Sequence[ChunkToSave], offsets: list[int], fill: Fill,
+    ) -> list[CommitEntry]:
+        segment = self.shm.segment(info.segment)
+        entries = []
+        for i, (chunk, offset) in enumerate(zip(chunks, offsets, strict=True)):
+            fill(i, segment.payload(offset, chunk.nbytes))
+            digest = segment.seal(offset, chunk.key, chunk.nbytes)
+            entries.append(CommitEntry(chunk.key, offset, chunk.nbytes, digest))
+        self.count("bytes_out_shm", sum(HEADER_BYTES + c.nbytes for c in chunks))
+        return entries
 
-    def load(self, key: bytes, loc: ChunkLocation, consume: Callable[[memoryview], None]) -> None:
-        """Hand the verified payload of one chunk to ``consume`` (which copies it out)."""
-        if loc.node_id == self.node_id:
-            segment = self._segment(loc.segment)
-            consume(segment.verify(loc.offset, key, loc.length, loc.crc32))
-            if not segment.still_holds(loc.offset, key):
-                raise SlotCorrupt(f"slot at {loc.offset} was reused while it was read")
-            return
-        raw = self._agent(loc.node_id)[1].read(loc.offset, HEADER_BYTES + loc.length)
-        consume(check_slot(memoryview(raw), 0, key, loc.length, loc.crc32))
+    def _fill_and_ship(
+        self, info: AgentInfo, chunks: Sequence[ChunkToSave], offsets: list[int], fill: Fill,
+    ) -> list[CommitEntry]:
+        lengths = [HEADER_BYTES + c.nbytes for c in chunks]
+        if len(self._staging) < sum(lengths):
+            self._staging = bytearray(sum(lengths))
+        staging = memoryview(self._staging)
+        entries = []
+        for i, (chunk, (a, _b)) in enumerate(zip(chunks, slot_spans(lengths), strict=True)):
+            fill(i, staging[a + HEADER_BYTES : a + HEADER_BYTES + chunk.nbytes])
+            digest = seal_slot(staging, a, chunk.key, chunk.nbytes)
+            entries.append(CommitEntry(chunk.key, offsets[i], chunk.nbytes, digest))
+        self.remote.write(info, offsets, lengths, staging)
+        self.count(f"bytes_out_{self.remote.name}", sum(lengths))
+        return entries
+
+    # -- gets -----------------------------------------------------------------------------
+
+    def batch_get(
+        self, keys: Sequence[bytes], locs: Sequence[ChunkLocation], on_chunk: Callable[[int, memoryview], None],
+        dest: memoryview | None = None,
+    ) -> list[bool]:
+        """Deliver each chunk's verified payload to ``on_chunk(i, payload)`` (a view valid
+        during the call). With ``dest`` (at least sum of HEADER_BYTES + length bytes), slot i
+        lands at its position in input order and its payload view points there. Returns,
+        per chunk, whether it was delivered; failures are counted, never raised."""
+        ok = [False] * len(keys)
+        spans = slot_spans([HEADER_BYTES + loc.length for loc in locs])
+        by_node: dict[str, list[int]] = {}
+        for i, loc in enumerate(locs):
+            by_node.setdefault(loc.node_id, []).append(i)
+        for node, idxs in by_node.items():
+            for run in _contiguous_runs(idxs):
+                run_dest = None if dest is None else dest[spans[run[0]][0] : spans[run[-1]][1]]
+                self._get_run(node, run, keys, locs, on_chunk, run_dest, ok)
+        return ok
+
+    def _get_run(
+        self, node: str, run: list[int], keys: Sequence[bytes], locs: Sequence[ChunkLocation],
+        on_chunk: Callable[[int, memoryview], None], dest: memoryview | None, ok: list[bool],
+    ) -> None:
+        local = node == self.node_id
+        transport = self.shm if local else self.remote
+        started = time.perf_counter()
+        try:
+            info, agent = self._agent(node)
+            if local:  # pin the slots so eviction cannot reuse them under the copy
+                granted = agent.lease([(locs[i].offset, keys[i]) for i in run])
+                self.count("slot_mismatches", granted.count(False))
+                run = [i for i, g in zip(run, granted, strict=True) if g]
+                if dest is not None and len(run) != len(granted):
+                    dest = None  # the run is no longer contiguous in dest: copy chunk by chunk
+            lengths = [HEADER_BYTES + locs[i].length for i in run]
+
+            def on_slot(j: int, slot: memoryview) -> None:
+                i = run[j]
+                loc = locs[i]
+                try:
+                    payload = check_slot(slot, 0, keys[i], loc.length, loc.checksum)
+                except ChecksumMismatch:
+                    self.count("checksum_failures")
+                    return
+                except SlotCorrupt:
+                    self.count("slot_mismatches")
+                    return
+                on_chunk(i, payload)
+                ok[i] = True
+
+            try:
+                transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
+            finally:
+                if local and run:
+                    agent.release([locs[i].offset for i in run])
+        except (StoreError, AgentUnavailable, TransportError, OSError) as e:
+            self._infos.pop(node, None)
+            self.count("get_failures", sum(1 for i in run if not ok[i]))
+            log.debug("get from node %s failed: %s", node, e)
+        source = "local" if local else "remote"
+        delivered = sum(1 for i in run if ok[i])
+        self.count(f"loaded_{source}_chunks", delivered)
+        self.count(f"bytes_in_{transport.name}", sum(HEADER_BYTES + locs[i].length for i in run if ok[i]))
+        if delivered:
+            for name, n in histogram_fields(f"get_seconds:{transport.name}", time.perf_counter() - started).items():
+                self.count(name, n)
 
     # -- plumbing -------------------------------------------------------------------------
 
     def _agent(self, node_id: str) -> tuple[AgentInfo, AgentClient]:
-        info = self.meta.agent(node_id)
-        if info is None:
-            raise NoLocalAgent(f"no store agent registered for node {node_id}")
+        now = time.monotonic()
+        cached = self._infos.get(node_id)
+        if cached is not None and now - cached[1] < _INFO_TTL_S:
+            info = cached[0]
+        else:
+            found = self.meta.agent(node_id)
+            if found is None:
+                raise NoAgent(f"no store agent registered for node {node_id}")
+            info = found
+            self._infos[node_id] = (info, now)
         client = self._agents.get(info.address)
         if client is None:
             client = self._agents[info.address] = AgentClient(info.address, self._timeout_s * 2)
         return info, client
 
-    def _local_agent(self) -> tuple[AgentInfo, AgentClient]:
-        return self._agent(self.node_id)
-
-    def _segment(self, name: str) -> Segment:
-        seg = self._segments.get(name)
-        if seg is None:
-            seg = self._segments[name] = Segment.attach(name)
-        return seg
-
     def close(self) -> None:
         for client in self._agents.values():
             client.close()
-        for seg in self._segments.values():
-            seg.close()
         self._agents.clear()
-        self._segments.clear()
+        self.shm.close()
+        self.remote.close()
+
+
+def _contiguous_runs(idxs: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in idxs:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs

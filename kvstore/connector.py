@@ -73,6 +73,7 @@ class ConnectorSettings:
     node_id: str
     instance: str
     namespace: KVNamespace
+    transport: str = "tcp"  # for chunks on other nodes; same-node chunks map the segment
 
     @classmethod
     def parse(cls, extra: dict[str, Any], vllm_config: VllmConfig) -> ConnectorSettings:
@@ -91,6 +92,7 @@ class ConnectorSettings:
             node_id=str(extra["node_id"]),
             instance=str(extra.get("instance", "engine")),
             namespace=KVNamespace(**ns),
+            transport=str(extra.get("transport", "tcp")),
         )
 
 
@@ -129,7 +131,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if not self._enabled:
             log.warning("models with several KV cache groups are not stored; always recompute")
         s = self.settings
-        self._store = StoreClient(s.redis_url, s.prefix, s.node_id)
+        self._store = StoreClient(s.redis_url, s.prefix, s.node_id, transport=s.transport)
         self._warn = _Warner()
         # scheduler side
         self._planner = StepPlanner(s.namespace.chunk_tokens, self._block_size, self._save_enabled)
@@ -244,16 +246,24 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if not isinstance(meta, StoreConnectorMetadata) or not meta.loads:
             return
         for _req_id, items in meta.loads:
-            for i, item in enumerate(items):
-                try:
-                    self._store.load(item.key, item.loc, lambda p, it=item: self._inject(p, it))
-                    self._count("loaded_chunks", 1)
-                except Exception as e:
-                    self._warn("load", e)
-                    for rest in items[i:]:
-                        self._failed_blocks.update(rest.block_ids)
-                    self._count("load_failures", len(items) - i)
-                    break
+            try:
+                ok = self._store.batch_get(
+                    [it.key for it in items], [it.loc for it in items],
+                    lambda i, payload, items=items: self._inject(payload, items[i]),  # type: ignore[misc]
+                )
+            except Exception as e:  # the engine copy itself failed: recompute all of it
+                self._warn("load", e)
+                ok = [False] * len(items)
+            # A request's KV must be a prefix: from the first missing chunk on, recompute.
+            first_bad = ok.index(False) if False in ok else len(items)
+            for rest in items[first_bad:]:
+                self._failed_blocks.update(rest.block_ids)
+            self._count("loaded_chunks", first_bad)
+            self._count("load_failures", len(items) - first_bad)
+            if first_bad < len(items):
+                self._warn("load", RuntimeError(f"{len(items) - first_bad} of {len(items)} chunks unavailable"))
+            else:
+                self._warn.ok("load")
         self._flush_counters()
 
     def _inject(self, payload: memoryview, item: LoadItem) -> None:
@@ -278,7 +288,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         nbytes = self._chunk_nbytes()
         items = meta.saves
         try:
-            stored = self._store.save(
+            stored = self._store.batch_put(
                 [ChunkToSave(it.key, nbytes) for it in items],
                 lambda i, payload: self._extract(items[i], payload),
             )
@@ -309,6 +319,8 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._counters[name] = self._counters.get(name, 0) + n
 
     def _flush_counters(self) -> None:
+        for name, n in self._store.drain_counters().items():
+            self._count(name, n)
         if not self._counters:
             return
         counters, self._counters = self._counters, {}

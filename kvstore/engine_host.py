@@ -73,6 +73,7 @@ class EngineHost:
             kv_connector_extra_config={
                 "redis_url": spec.redis_url,
                 "prefix": spec.store_prefix,
+                "transport": spec.store_transport,
                 "node_id": self.node_id,
                 "instance": replica_name,
                 "namespace": dict(spec.namespace),

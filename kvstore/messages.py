@@ -118,4 +118,5 @@ class EngineSpec:
     cpu_binding: tuple[str, ...]  # per local replica rank, e.g. ("0", "1"); empty = vLLM's default
     redis_url: str
     store_prefix: str
+    store_transport: str  # tcp | grpc, for chunks held by other nodes
     namespace: dict[str, Any]  # kvstore.hashing.KVNamespace fields (tp_rank set per worker)

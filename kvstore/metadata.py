@@ -2,14 +2,19 @@
 
 Keys (all under one prefix so a store can be listed or wiped without touching other data):
 
-    {prefix}:c:<key hex>      -> msgpack [node_id, segment, offset, length, crc32]
-    {prefix}:agent:<node_id>  -> msgpack AgentInfo fields
-    {prefix}:stats            -> hash of counters (saved, hits, misses, evicted)
-    {prefix}:events           -> pub/sub channel: msgpack ["stored"|"removed", node_id, [keys]]
+    {prefix}:c:<key hex>      -> msgpack ChunkLocation of the chunk's committed copy
+    {prefix}:n:<node_id>      -> set of chunk keys committed by that node's agent
+    {prefix}:agent:<node_id>  -> msgpack AgentInfo (where to find the agent)
+    {prefix}:alive:<node_id>  -> present while the agent heartbeats (expires on its own)
+    {prefix}:stats[:<inst>]   -> hash of counters (store totals, per engine instance)
+    {prefix}:events           -> stream of store changes: {op: stored|removed, node, keys}
 
-A batch of chunks is committed with MULTI/EXEC so a reader sees all of it or none of it; the
-removal of a chunk is compare-and-delete (a Lua script) so an agent never drops a location
-that another agent has since written for the same content.
+A batch of chunks is committed with MULTI/EXEC after its bytes are complete, so a reader sees
+all of it or none of it and never a location whose bytes are still being written. Removal is
+compare-and-delete (a Lua script): an agent never drops a location that another agent has
+since written for the same content. The change stream is a Redis stream, not pub/sub, so a
+consumer that was away (a restarted router) resumes from the last id it saw instead of
+silently missing changes.
 """
 
 from __future__ import annotations
@@ -23,15 +28,20 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 DEFAULT_PREFIX = "pdkv"
+EVENTS_MAXLEN = 100_000  # approximate cap on the change stream (XADD MAXLEN ~)
 
-# Delete each key only if it still holds the value this agent wrote.
+# Delete each key only if it still holds the value this agent wrote; drop it from the node's
+# set either way (the set only ever means "this node may hold it").
 _COMPARE_AND_DELETE = """
+-- KEYS: chunk names; ARGV[1]: the node's set; ARGV[2]: where the key hex starts in a chunk
+-- name; ARGV[2 + i]: the location KEYS[i] must still hold.
 local n = 0
 for i, k in ipairs(KEYS) do
-  if redis.call('GET', k) == ARGV[i] then
+  if redis.call('GET', k) == ARGV[i + 2] then
     redis.call('DEL', k)
     n = n + 1
   end
+  redis.call('SREM', ARGV[1], string.sub(k, tonumber(ARGV[2])))
 end
 return n
 """
@@ -42,16 +52,16 @@ class ChunkLocation:
     node_id: str
     segment: str
     offset: int
-    length: int
-    crc32: int
+    length: int  # payload bytes; the slot is HEADER_BYTES longer
+    checksum: int  # xxh3-64 of the payload
 
     def encode(self) -> bytes:
         return msgpack.packb(list(astuple(self)))
 
     @classmethod
     def decode(cls, raw: bytes) -> ChunkLocation:
-        node_id, segment, offset, length, crc32 = msgpack.unpackb(raw)
-        return cls(node_id, segment, offset, length, crc32)
+        node_id, segment, offset, length, digest = msgpack.unpackb(raw)
+        return cls(node_id, segment, offset, length, digest)
 
 
 @dataclass(frozen=True)
@@ -59,15 +69,23 @@ class AgentInfo:
     node_id: str
     segment: str
     capacity: int
-    address: str  # host:port of the agent's gRPC server
+    address: str  # host:port of the agent's gRPC server (control, and the grpc transport)
+    data_address: str = ""  # host:port of its raw TCP slot server (the tcp transport)
 
     def encode(self) -> bytes:
         return msgpack.packb(list(astuple(self)))
 
     @classmethod
     def decode(cls, raw: bytes) -> AgentInfo:
-        node_id, segment, capacity, address = msgpack.unpackb(raw)
-        return cls(node_id, segment, capacity, address)
+        return cls(*msgpack.unpackb(raw))
+
+
+@dataclass(frozen=True)
+class StoreEvent:
+    id: str
+    op: str  # "stored" | "removed"
+    node_id: str
+    keys: list[bytes]
 
 
 def connect(url: str, timeout_s: float = 1.0) -> redis.Redis:
@@ -89,21 +107,32 @@ class MetadataStore:
     def _chunk(self, key: bytes) -> str:
         return f"{self.prefix}:c:{key.hex()}"
 
+    def _node_set(self, node_id: str) -> str:
+        return f"{self.prefix}:n:{node_id}"
+
     @property
-    def events_channel(self) -> str:
+    def events_stream(self) -> str:
         return f"{self.prefix}:events"
+
+    def _event(self, pipe: redis.client.Pipeline, op: str, node_id: str, keys: list[bytes]) -> None:
+        pipe.xadd(
+            self.events_stream, {"op": op, "node": node_id, "keys": msgpack.packb(keys)},
+            maxlen=EVENTS_MAXLEN, approximate=True,
+        )
 
     # -- chunks ---------------------------------------------------------------------------
 
     def commit(self, entries: Sequence[tuple[bytes, ChunkLocation]]) -> None:
+        """Publish chunks of one node whose bytes are complete, all or nothing."""
         if not entries:
             return
+        node = entries[0][1].node_id
         pipe = self.client.pipeline(transaction=True)
         for key, loc in entries:
             pipe.set(self._chunk(key), loc.encode())
+        pipe.sadd(self._node_set(node), *[k.hex() for k, _ in entries])
         pipe.hincrby(f"{self.prefix}:stats", "saved", len(entries))
-        node = entries[0][1].node_id
-        pipe.publish(self.events_channel, msgpack.packb(["stored", node, [k for k, _ in entries]]))
+        self._event(pipe, "stored", node, [k for k, _ in entries])
         pipe.execute()
 
     def lookup(self, keys: Sequence[bytes]) -> list[ChunkLocation | None]:
@@ -111,6 +140,9 @@ class MetadataStore:
             return []
         raw = self.client.mget([self._chunk(k) for k in keys])
         return [None if r is None else ChunkLocation.decode(r) for r in raw]
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return [loc is not None for loc in self.lookup(keys)]
 
     def prefix_hits(self, keys: Sequence[bytes]) -> list[ChunkLocation]:
         """Locations of the longest stored prefix of ``keys`` (stops at the first miss)."""
@@ -121,18 +153,66 @@ class MetadataStore:
             found.append(loc)
         return found
 
-    def remove(self, entries: Iterable[tuple[bytes, ChunkLocation]]) -> int:
+    def remove(self, entries: Iterable[tuple[bytes, ChunkLocation]], *, counter: str = "evicted") -> int:
+        """Drop locations that still point where the caller says; returns how many did."""
         entries = list(entries)
         if not entries:
             return 0
-        names = [self._chunk(k) for k, _ in entries]
-        removed = int(self._cad(keys=names, args=[loc.encode() for _, loc in entries]))
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hincrby(f"{self.prefix}:stats", "evicted", removed)
         node = entries[0][1].node_id
-        pipe.publish(self.events_channel, msgpack.packb(["removed", node, [k for k, _ in entries]]))
+        names = [self._chunk(k) for k, _ in entries]
+        hex_start = len(self._chunk(b"")) + 1  # Lua strings are 1-based
+        args = [self._node_set(node), hex_start] + [loc.encode() for _, loc in entries]
+        removed = int(self._cad(keys=names, args=args))
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(f"{self.prefix}:stats", counter, removed)
+        self._event(pipe, "removed", node, [k for k, _ in entries])
         pipe.execute()
         return removed
+
+    def node_chunks(self, node_id: str) -> list[tuple[bytes, ChunkLocation]]:
+        """Every chunk whose committed location is on ``node_id``."""
+        hexes = [h.decode() for h in self.client.smembers(self._node_set(node_id))]
+        if not hexes:
+            return []
+        keys = [bytes.fromhex(h) for h in hexes]
+        return [(k, loc) for k, loc in zip(keys, self.lookup(keys), strict=True)
+                if loc is not None and loc.node_id == node_id]
+
+    def drop_node(self, node_id: str, keep_segment: str | None = None) -> int:
+        """Drop the locations of a node's chunks (all of them, or all but those in
+        ``keep_segment``: a restarted agent's fresh segment). Returns how many."""
+        stale = [(k, loc) for k, loc in self.node_chunks(node_id) if loc.segment != keep_segment]
+        removed = 0
+        for i in range(0, len(stale), 1000):
+            removed += self.remove(stale[i : i + 1000], counter="dropped")
+        if keep_segment is None:
+            self.client.delete(self._node_set(node_id))
+        return removed
+
+    def clear_chunks(self) -> int:
+        """Drop every chunk location (the bytes become unreachable; agents reclaim them)."""
+        n = 0
+        for name in self.client.scan_iter(f"{self.prefix}:c:*", count=1000):
+            n += int(self.client.delete(name))
+        for name in self.client.scan_iter(f"{self.prefix}:n:*", count=1000):
+            self.client.delete(name)
+        return n
+
+    # -- change stream --------------------------------------------------------------------
+
+    def read_events(self, after: str = "0-0", count: int = 1000, block_ms: int | None = None) -> list[StoreEvent]:
+        """Store changes after stream id ``after`` ("$" for only new ones when blocking)."""
+        reply = self.client.xread({self.events_stream: after}, count=count, block=block_ms)
+        events = []
+        for _stream, rows in reply or []:
+            for ident, fields in rows:
+                events.append(StoreEvent(
+                    ident.decode(), fields[b"op"].decode(), fields[b"node"].decode(),
+                    list(msgpack.unpackb(fields[b"keys"])),
+                ))
+        return events
+
+    # -- counters -------------------------------------------------------------------------
 
     def add_counters(self, instance: str, counters: dict[str, int], now: float) -> None:
         """Add an engine's counters to the store totals and to its own hash."""
@@ -148,20 +228,24 @@ class MetadataStore:
         raw = self.client.hgetall(name)
         return {k.decode(): int(v) for k, v in raw.items()}
 
-    def clear_chunks(self) -> int:
-        """Drop every chunk location (the bytes become unreachable; agents reclaim them)."""
-        n = 0
-        for name in self.client.scan_iter(f"{self.prefix}:c:*", count=1000):
-            n += int(self.client.delete(name))
-        return n
-
     # -- agents ---------------------------------------------------------------------------
+
+    def heartbeat(self, info: AgentInfo, ttl_ms: int) -> bool:
+        """Register the agent and renew its liveness; False if it was not alive before
+        (first beat, a restarted Redis, or beats missed long enough for the janitor to have
+        dropped its chunks): the agent then re-publishes what it holds."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.exists(f"{self.prefix}:alive:{info.node_id}")
+        pipe.set(f"{self.prefix}:agent:{info.node_id}", info.encode())
+        pipe.set(f"{self.prefix}:alive:{info.node_id}", info.segment, px=ttl_ms)
+        was_alive, _, _ = pipe.execute()
+        return bool(was_alive)
 
     def register_agent(self, info: AgentInfo) -> None:
         self.client.set(f"{self.prefix}:agent:{info.node_id}", info.encode())
 
     def unregister_agent(self, node_id: str) -> None:
-        self.client.delete(f"{self.prefix}:agent:{node_id}")
+        self.client.delete(f"{self.prefix}:agent:{node_id}", f"{self.prefix}:alive:{node_id}")
 
     def agent(self, node_id: str) -> AgentInfo | None:
         raw = self.client.get(f"{self.prefix}:agent:{node_id}")
@@ -169,4 +253,17 @@ class MetadataStore:
 
     def agents(self) -> list[AgentInfo]:
         names = list(self.client.scan_iter(f"{self.prefix}:agent:*", count=1000))
+        if not names:
+            return []
         return [AgentInfo.decode(r) for r in self.client.mget(names) if r is not None]
+
+    def reap_dead_nodes(self) -> dict[str, int]:
+        """Drop the chunks and registration of every agent whose liveness key expired (its
+        node left, or the agent died). Idempotent, so every live agent may run it."""
+        reaped: dict[str, int] = {}
+        for info in self.agents():
+            if self.client.exists(f"{self.prefix}:alive:{info.node_id}"):
+                continue
+            reaped[info.node_id] = self.drop_node(info.node_id)
+            self.client.delete(f"{self.prefix}:agent:{info.node_id}")
+        return reaped

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from cluster.runtime import wait_until
+from cluster.runtime import start_redis, wait_until
 from kvstore.agent_rpc import AgentClient
 from kvstore.metadata import MetadataStore, connect
 from router.tokenizer import PromptTokenizer
@@ -233,11 +233,7 @@ def test_killed_redis_recomputes_and_stays_correct_then_the_store_heals(
         assert res["pdserve"]["prefill_cached_tokens"] == 0 and res["pdserve"]["decode_cached_tokens"] == 0
         assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
     # Bring Redis back on the same port (empty): agents re-register, the store works again.
-    pidfile = cluster.home / "run" / "redis-restarted.pid"
-    subprocess.run(["redis-server", "--port", str(state.redis_port), "--bind", "127.0.0.1", "--save", "",
-                    "--daemonize", "yes", "--pidfile", str(pidfile)], check=True, stdout=subprocess.DEVNULL)
-    new_pid = int(wait_until(lambda: pidfile.is_file() and pidfile.read_text().strip(), 10, "redis pidfile"))
-    state.redis_pid = new_pid
+    _url, _port, state.redis_pid = start_redis(cluster.home / "run", port=state.redis_port)
     state.save(cluster.home)  # so `down` stops it
     wait_until(lambda: store(cluster).agents(), 15, "agents to re-register")
     # Healed: the first request after that is saved by prefill and loaded by decode again.

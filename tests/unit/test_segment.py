@@ -3,7 +3,7 @@ import uuid
 
 import pytest
 
-from kvstore.segment import HEADER_BYTES, Segment, SlotCorrupt, check_slot
+from kvstore.segment import HEADER_BYTES, ChecksumMismatch, Segment, SlotCorrupt, check_slot
 
 
 @pytest.fixture
@@ -17,10 +17,10 @@ def seg():  # type: ignore[no-untyped-def]
 def test_sealed_slot_reads_back_from_another_mapping(seg: Segment) -> None:
     key = b"k" * 16
     seg.payload(0, 5)[:] = b"hello"
-    crc = seg.seal(0, key, 5)
+    digest = seg.seal(0, key, 5)
     reader = Segment.attach(seg.name)
     try:
-        assert bytes(reader.verify(0, key, 5, crc)) == b"hello"
+        assert bytes(reader.verify(0, key, 5, digest)) == b"hello"
         assert reader.still_holds(0, key)
     finally:
         reader.close()
@@ -30,16 +30,16 @@ def test_sealed_slot_reads_back_from_another_mapping(seg: Segment) -> None:
 def test_wrong_key_torn_payload_and_invalidated_slot_are_rejected(seg: Segment) -> None:
     key = b"a" * 16
     seg.payload(128, 4)[:] = b"data"
-    crc = seg.seal(128, key, 4)
+    digest = seg.seal(128, key, 4)
     with pytest.raises(SlotCorrupt):
-        seg.verify(128, b"b" * 16, 4, crc)
+        seg.verify(128, b"b" * 16, 4, digest)
     seg.payload(128, 4)[:] = b"dat!"
-    with pytest.raises(SlotCorrupt):
-        seg.verify(128, key, 4, crc)
+    with pytest.raises(ChecksumMismatch):
+        seg.verify(128, key, 4, digest)
     seg.invalidate(128)
     assert not seg.still_holds(128, key)
     with pytest.raises(SlotCorrupt):
-        seg.verify(1 << 16, key, 4, crc)
+        seg.verify(1 << 16, key, 4, digest)
 
 
 def test_check_slot_on_pulled_bytes() -> None:
@@ -47,8 +47,8 @@ def test_check_slot_on_pulled_bytes() -> None:
     s = Segment.create(name, 4096)
     try:
         s.payload(0, 3)[:] = b"xyz"
-        crc = s.seal(0, b"q" * 16, 3)
+        digest = s.seal(0, b"q" * 16, 3)
         raw = bytes(s.buf[: HEADER_BYTES + 3])
     finally:
         s.close()
-    assert bytes(check_slot(memoryview(raw), 0, b"q" * 16, 3, crc)) == b"xyz"
+    assert bytes(check_slot(memoryview(raw), 0, b"q" * 16, 3, digest)) == b"xyz"

@@ -1,0 +1,154 @@
+"""Every transport through the same suite: put, get, exists, batches, small and large chunks,
+concurrent readers and writers, and the refusals that keep a wrong byte from being served.
+
+``shm`` runs as a same-node client of the agent; ``tcp`` and ``grpc`` as a client on another
+node (the same machine, but the client only reaches the agent through the transport).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kvstore.agent import StoreAgent
+from kvstore.client import ChunkToSave, StoreClient
+from kvstore.metadata import ChunkLocation
+from kvstore.segment import HEADER_BYTES
+from kvstore.transport import REMOTE_TRANSPORTS, ShmTransport, Transport, TransportError
+
+from .conftest import AgentFactory
+
+TRANSPORTS = ["shm", *REMOTE_TRANSPORTS]
+
+
+def content(key: bytes, n: int) -> bytes:
+    """Bytes derived from the key, so any chunk can be checked without remembering it."""
+    seed = hashlib.blake2b(key, digest_size=32).digest()
+    return (seed * (n // 32 + 1))[:n]
+
+
+def make_key(tag: str, i: int) -> bytes:
+    return hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=16).digest()
+
+
+@pytest.fixture
+def agent(make_agent: AgentFactory) -> StoreAgent:
+    return make_agent("node-A", capacity=96 << 20)
+
+
+@pytest.fixture(params=TRANSPORTS)
+def client(request: pytest.FixtureRequest, agent: StoreAgent, redis_url: str, prefix: str) -> Iterator[StoreClient]:
+    name = request.param
+    node = "node-A" if name == "shm" else "node-B"
+    c = StoreClient(redis_url, prefix, node, transport="tcp" if name == "shm" else name)
+    yield c
+    c.close()
+
+
+def put(c: StoreClient, keys: list[bytes], sizes: list[int]) -> int:
+    def fill(i: int, view: memoryview) -> None:
+        view[:] = content(keys[i], sizes[i])
+
+    return c.batch_put([ChunkToSave(k, n) for k, n in zip(keys, sizes, strict=True)], fill, node_id="node-A")
+
+
+def get(c: StoreClient, keys: list[bytes], dest: bool = False) -> dict[int, bytes]:
+    locs = c.lookup(keys)
+    assert all(loc is not None for loc in locs)
+    got: dict[int, bytes] = {}
+    buf = None
+    if dest:
+        buf = memoryview(bytearray(sum(HEADER_BYTES + loc.length for loc in locs if loc)))
+    ok = c.batch_get(keys, [loc for loc in locs if loc], lambda i, p: got.__setitem__(i, bytes(p)), buf)
+    assert ok == [i in got for i in range(len(keys))]
+    return got
+
+
+@pytest.mark.parametrize("sizes", [[1, 4096, (1 << 20) + 3, 64 << 10], [16 << 20]], ids=["mixed", "16MiB"])
+def test_put_exists_get(client: StoreClient, sizes: list[int]) -> None:
+    keys = [make_key("rt", i) for i in range(len(sizes))]
+    assert client.batch_exists(keys) == [False] * len(keys)
+    assert put(client, keys, sizes) == len(keys)
+    assert client.batch_exists(keys + [make_key("absent", 0)]) == [True] * len(keys) + [False]
+    for dest in (False, True):
+        got = get(client, keys, dest=dest)
+        assert got == {i: content(k, n) for i, (k, n) in enumerate(zip(keys, sizes, strict=True))}
+    transport = "shm" if client.node_id == "node-A" else client.remote.name
+    counters = client.drain_counters()
+    assert counters[f"bytes_in_{transport}"] == 2 * sum(HEADER_BYTES + n for n in sizes)
+    assert counters[f"get_seconds:{transport}_count"] == 2
+    source = "local" if transport == "shm" else "remote"
+    assert counters[f"loaded_{source}_chunks"] == 2 * len(keys)
+
+
+def test_a_wrong_location_is_a_counted_miss_never_wrong_bytes(client: StoreClient) -> None:
+    keys = [make_key("w", i) for i in range(3)]
+    put(client, keys, [4096] * 3)
+    locs = [loc for loc in client.lookup(keys) if loc]
+    bad_sum = ChunkLocation(**{**locs[1].__dict__, "checksum": locs[1].checksum ^ 1})
+    wrong_slot = ChunkLocation(**{**locs[2].__dict__, "offset": locs[0].offset})
+    got: dict[int, bytes] = {}
+    ok = client.batch_get(keys, [locs[0], bad_sum, wrong_slot], lambda i, p: got.__setitem__(i, bytes(p)))
+    assert ok == [True, False, False] and got == {0: content(keys[0], 4096)}
+    counters = client.drain_counters()
+    # A wrong checksum in the location: the header disagrees before the payload is hashed.
+    assert counters["slot_mismatches"] == 2
+    assert counters["loaded_local_chunks" if client.node_id == "node-A" else "loaded_remote_chunks"] == 1
+
+
+def test_corrupted_payload_fails_its_checksum(client: StoreClient, agent: StoreAgent) -> None:
+    key = make_key("rot", 0)
+    put(client, [key], [8192])
+    loc = client.lookup([key])[0]
+    assert loc is not None
+    agent.segment.buf[loc.offset + HEADER_BYTES + 100] ^= 0xFF  # one flipped bit-group in the bytes
+    ok = client.batch_get([key], [loc], lambda i, p: pytest.fail("corrupt bytes were delivered"))
+    assert ok == [False] and client.drain_counters()["checksum_failures"] == 1
+
+
+def test_concurrent_readers_and_writers(client: StoreClient, agent: StoreAgent, redis_url: str, prefix: str) -> None:
+    transport = "tcp" if client.node_id == "node-A" else client.remote.name
+    errors: list[str] = []
+    seeded = [make_key("seed", i) for i in range(8)]
+    put(client, seeded, [256 << 10] * 8)
+
+    def worker(w: int) -> None:
+        c = StoreClient(redis_url, prefix, client.node_id, transport=transport)
+        try:
+            for r in range(6):
+                keys = [make_key(f"w{w}r{r}", i) for i in range(4)]
+                if put(c, keys, [(64 << 10) * (1 + i) for i in range(4)]) != 4:
+                    errors.append(f"worker {w} stored fewer than 4 chunks")
+                for i, data in get(c, keys + seeded).items():
+                    k = (keys + seeded)[i]
+                    if data != content(k, len(data)):
+                        errors.append(f"worker {w} read wrong bytes for chunk {i}")
+        except Exception as e:
+            errors.append(f"worker {w}: {type(e).__name__}: {e}")
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert agent.snapshot().pending == 0 and agent.snapshot().pinned == 0
+
+
+@pytest.mark.parametrize("name", TRANSPORTS)
+def test_transport_refuses_slots_outside_the_segment(agent: StoreAgent, name: str) -> None:
+    t: Transport = ShmTransport() if name == "shm" else REMOTE_TRANSPORTS[name]()
+    try:
+        with pytest.raises(TransportError):
+            t.read(agent.info(), [agent.segment.size - 8], [64], lambda i, v: None)
+        if name != "shm":  # shm writes are the writer's own mapping; remote ones are checked
+            with pytest.raises(TransportError):
+                t.write(agent.info(), [0], [64], memoryview(bytes(64)))  # not allocated to a write
+            t.read(agent.info(), [0], [64], lambda i, v: None)  # a refusal leaves it usable
+    finally:
+        t.close()
