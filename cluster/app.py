@@ -72,7 +72,9 @@ def _pool(cls: type, name: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
         name=name,
         num_replicas=pool.replicas,
         max_ongoing_requests=pool.max_ongoing_requests,
-        ray_actor_options={"num_cpus": pool.cpus_per_replica, "num_gpus": pool.gpus_per_replica},
+        ray_actor_options={
+            "num_cpus": pool.cpus_per_replica, "num_gpus": pool.gpus_per_replica, "resources": dict(pool.resources),
+        },
         request_router_config=RequestRouterConfig(
             request_router_class=_REQUEST_ROUTER,
             request_router_kwargs={"policy": cfg.router.policy},
@@ -99,6 +101,8 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
         default_max_tokens=cfg.router.default_max_tokens,
         max_body_bytes=cfg.router.max_body_bytes,
         namespace=kv_namespace(cfg, model_dir),
+        redis_url=redis_url,
+        store_prefix=cfg.kvstore.prefix,
     )
     router = serve.deployment(Router, name="router", num_replicas=1,
                               ray_actor_options={"num_cpus": 0})

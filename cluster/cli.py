@@ -75,7 +75,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         ))
         state.save()
         port = cfg.router.port or free_port()
-        serve.start(http_options={"host": cfg.router.host, "port": port})
+        serve.start(http_options={"host": cfg.router.host, "port": port}, proxy_location=cfg.router.proxy_location)
         print("starting engines (about a minute on CPU) ...", flush=True)
         serve.run(build_app(cfg, model_dir, state.redis_url), name=cfg.app_name, route_prefix="/")
         host = "127.0.0.1" if cfg.router.host in ("0.0.0.0", "::") else cfg.router.host
@@ -148,10 +148,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             replicas = {_plain(k): n for k, n in dep.replica_states.items()}
             pools[name] = {"status": _plain(dep.status), "replicas": replicas}
     from kvstore.metadata import MetadataStore, connect
+    from kvstore.stats import collect
 
     try:
-        meta = MetadataStore(connect(state.redis_url))
-        out["store"] = {"agents": [a.address for a in meta.agents()], "stats": meta.stats()}
+        out["store"] = collect(MetadataStore(connect(state.redis_url))).to_dict()
     except Exception as e:
         out["store"] = {"error": str(e)}
     print(json.dumps(out, indent=2, default=str))

@@ -46,6 +46,10 @@ class PoolConfig(_Strict):
         description="Cores per local replica rank, e.g. ['0'] or ['0-3', '4-7']; empty = vLLM's default.",
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Serve's per-replica request cap.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per replica: pins the pool to nodes that offer them.",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
 
@@ -65,6 +69,9 @@ class RouterConfig(_Strict):
     policy: Literal["least_loaded"] = Field("least_loaded", description="Routing policy.")
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Larger bodies get 413.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the body has none.")
+    proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
+        "HeadOnly", description="Where Serve runs HTTP proxies (EveryNode needs a port free on every node).",
+    )
 
 
 class ClusterConfig(_Strict):

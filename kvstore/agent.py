@@ -277,6 +277,19 @@ class StoreAgent:
             self.stats.lease_misses += len(granted) - sum(granted)
         return granted
 
+    def discard(self, slots: Sequence[tuple[int, bytes]]) -> int:
+        """Drop chunks a reader found damaged (checksum mismatch), so no one reads them again
+        and the next save stores a good copy. Only a slot still holding that key is dropped."""
+        with self._lock:
+            dropped = []
+            for offset, key in slots:
+                chunk = self._committed.get(offset)
+                if chunk is not None and chunk.key == key:
+                    self._pins.pop(offset, None)
+                    dropped.append(self._evict(offset))
+            self._forget(dropped, counter="discarded")
+            return len(dropped)
+
     def release(self, offsets: Sequence[int]) -> None:
         with self._lock:
             for offset in offsets:

@@ -11,6 +11,7 @@ maps; errors travel as gRPC status codes.
     Abort    {offsets: [int]}                       -> {}
     Lease    {slots: [[off, key]]}                  -> {granted: [bool]}
     Release  {offsets: [int]}                       -> {}
+    Discard  {slots: [[off, key]]}                  -> {discarded: int}  (damaged chunks)
     Stats    {}                                     -> AgentStats fields
     Clear    {}                                     -> {cleared: int}
 """
@@ -46,6 +47,7 @@ def _handlers(agent: StoreAgent) -> dict[str, Callable[[dict[str, Any]], Any]]:
         "Abort": lambda m: agent.abort(list(m["offsets"])) or {},
         "Lease": lambda m: {"granted": agent.lease([(int(o), bytes(k)) for o, k in m["slots"]])},
         "Release": lambda m: agent.release(list(m["offsets"])) or {},
+        "Discard": lambda m: {"discarded": agent.discard([(int(o), bytes(k)) for o, k in m["slots"]])},
         "Stats": lambda m: asdict(agent.snapshot()),
         "Clear": lambda m: {"cleared": agent.clear()},
     }
@@ -124,6 +126,10 @@ class AgentClient:
     def lease(self, slots: list[tuple[int, bytes]]) -> list[bool]:
         reply = msgpack.unpackb(self._call("Lease", {"slots": [list(s) for s in slots]}))
         return [bool(g) for g in reply["granted"]]
+
+    def discard(self, slots: list[tuple[int, bytes]]) -> int:
+        reply = msgpack.unpackb(self._call("Discard", {"slots": [list(s) for s in slots]}))
+        return int(reply["discarded"])
 
     def release(self, offsets: list[int]) -> None:
         """Fire and forget: a lost release only delays eviction until the lease lapses."""

@@ -188,6 +188,7 @@ class StoreClient:
                 if dest is not None and len(run) != len(granted):
                     dest = None  # the run is no longer contiguous in dest: copy chunk by chunk
             lengths = [HEADER_BYTES + locs[i].length for i in run]
+            damaged: list[tuple[int, bytes]] = []
 
             def on_slot(j: int, slot: memoryview) -> None:
                 i = run[j]
@@ -196,6 +197,7 @@ class StoreClient:
                     payload = check_slot(slot, 0, keys[i], loc.length, loc.checksum)
                 except ChecksumMismatch:
                     self.count("checksum_failures")
+                    damaged.append((loc.offset, keys[i]))
                     return
                 except SlotCorrupt:
                     self.count("slot_mismatches")
@@ -208,6 +210,8 @@ class StoreClient:
             finally:
                 if local and run:
                     agent.release([locs[i].offset for i in run])
+            if damaged:  # drop them, so the next save stores a good copy
+                agent.discard(damaged)
         except (StoreError, AgentUnavailable, TransportError, OSError) as e:
             self._infos.pop(node, None)
             self.count("get_failures", sum(1 for i in run if not ok[i]))

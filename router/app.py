@@ -8,6 +8,7 @@ OpenAI-style JSON here, at the edge; nothing a client sends can take the process
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvstore.hashing import KVNamespace, chunk_keys
 from kvstore.logging import get_logger
 from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
+from kvstore.metadata import MetadataStore, connect
+from kvstore.stats import collect, render_prometheus
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
 from router.openai_format import ResponseBuilder
 from router.pipeline import Generation, Trace, first_token, rest
@@ -42,6 +45,8 @@ class RouterSpec:
     default_max_tokens: int
     max_body_bytes: int
     namespace: dict[str, Any]
+    redis_url: str = ""  # the store's metadata, for /metrics ("" = no store metrics)
+    store_prefix: str = "pdkv"
 
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
@@ -83,6 +88,22 @@ class Router:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """The KV store's metrics in Prometheus text format (engines' vLLM metrics and Serve's
+        own go through Ray's metrics export)."""
+        if not self.spec.redis_url:
+            return PlainTextResponse("", media_type="text/plain; version=0.0.4")
+        meta = MetadataStore(connect(self.spec.redis_url), self.spec.store_prefix)
+        try:
+            text = render_prometheus(await asyncio.to_thread(collect, meta))
+        except Exception as e:  # Redis down: say so in the scrape, do not 500 it
+            log.warning("store metrics unavailable: %s", e)
+            text = render_prometheus(None)
+        finally:
+            meta.client.close()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:

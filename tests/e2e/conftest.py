@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +61,13 @@ def reference(model_dir: Path, tokenizer: PromptTokenizer, tmp_path_factory: pyt
     return dict(zip(texts, json.loads((d / "out.json").read_text()), strict=True))
 
 
-@pytest.fixture(scope="session")
-def cluster(reference: dict, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("pdserve-home")
+@contextmanager
+def running_pdserve(home: Path, config: Path, sets: list[str]) -> Iterator[Cluster]:
+    """`pdserve up` with the real CLI, then `pdserve down` and a leak check."""
     env = {**os.environ, "PDSERVE_HOME": str(home)}
     pdserve = [sys.executable, "-m", "cluster.cli"]
-    up = subprocess.run([*pdserve, "up", "--config", str(HERE / "cluster.yaml"), "--set", f"model={model_dir}"],
+    args = [x for s in sets for x in ("--set", s)]
+    up = subprocess.run([*pdserve, "up", "--config", str(config), *args],
                         env=env, capture_output=True, text=True, timeout=600)
     match = re.search(r"OpenAI base URL (\S+)", up.stdout)
     state = RunState.load(home)
@@ -84,3 +86,9 @@ def cluster(reference: dict, model_dir: Path, tmp_path_factory: pytest.TempPathF
         if state is not None:
             assert not state.ray_temp_dir or not pids_mentioning(state.ray_temp_dir)
             assert not state.redis_pid or not Path(f"/proc/{state.redis_pid}").exists()
+
+
+@pytest.fixture(scope="module")  # down before the next module's cluster comes up: 2 cores
+def cluster(reference: dict, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_pdserve(tmp_path_factory.mktemp("pdserve-home"), HERE / "cluster.yaml", [f"model={model_dir}"]) as c:
+        yield c

@@ -7,78 +7,32 @@ Redis killed. Tests run in file order and share one cluster; the fault tests com
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from cluster.runtime import start_redis, wait_until
 from kvstore.agent_rpc import AgentClient
-from kvstore.metadata import MetadataStore, connect
+from kvstore.segment import HEADER_BYTES, Segment
 from router.tokenizer import PromptTokenizer
-from tests.e2e.conftest import MAX_TOKENS, Cluster
+from tests.e2e.conftest import Cluster
+from tests.e2e.helpers import (
+    CHUNK,
+    MODEL,
+    assert_matches_reference,
+    complete_all,
+    n_tokens,
+    role_counter,
+    store,
+)
 from tests.e2e.prompts import EQUIVALENCE, FRESH, LONG_PREFIX, SHARED_PREFIX
 
 pytestmark = pytest.mark.e2e
-
-MODEL = "SmolLM2-135M-Instruct"
-CHUNK = 32
-FP_TIE = 1e-3  # a divergence is accepted only where the reference's top-2 gap is below this
-
-
-async def _complete(client: httpx.AsyncClient, base: str, prompt: str) -> dict[str, Any]:
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            "return_token_ids": True}
-    r = await client.post(f"{base}/completions", json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def complete_all(cluster: Cluster, prompts: list[str], concurrency: int = 4) -> list[dict[str, Any]]:
-    async def run() -> list[dict[str, Any]]:
-        sem = asyncio.Semaphore(concurrency)
-        async with httpx.AsyncClient() as client:
-            async def one(p: str) -> dict[str, Any]:
-                async with sem:
-                    return await _complete(client, cluster.base_url, p)
-
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
-
-    return asyncio.run(run())
-
-
-def assert_matches_reference(prompt: str, got: list[int], ref: dict[str, Any]) -> None:
-    want = ref["token_ids"]
-    for i, (a, b) in enumerate(zip(got, want, strict=False)):
-        if a != b:
-            gap = ref["top2"][i][0] - ref["top2"][i][1]
-            assert gap < FP_TIE, (f"diverged at token {i} ({a} vs {b}) with a top-2 gap of {gap:.5f}: "
-                                  f"not floating-point order. prompt={prompt[:60]!r}")
-            return  # a near-tie proven: after it the two continuations legitimately differ
-    assert got == want, f"lengths differ for {prompt[:60]!r}: {len(got)} vs {len(want)}"
-
-
-def store(cluster: Cluster) -> MetadataStore:
-    return MetadataStore(connect(cluster.state().redis_url), "pdkv")
-
-
-def role_counter(meta: MetadataStore, role: str, name: str) -> int:
-    total = 0
-    for key in meta.client.scan_iter(f"pdkv:stats:{role}-*"):
-        total += int(meta.client.hget(key, name) or 0)
-    return total
-
-
-def n_tokens(tok: PromptTokenizer, prompt: str) -> int:
-    return len(tok.encode(prompt))
-
 
 # -- correctness, cold and warm ----------------------------------------------------------
 
@@ -197,7 +151,7 @@ def test_status_prints_pools_replicas_and_store(cluster: Cluster) -> None:
     assert status["app"] == "RUNNING" and status["url"] == cluster.base_url
     for pool in ("prefill", "decode", "router"):
         assert status["pools"][pool]["replicas"] == {"RUNNING": 1}, status["pools"]
-    assert len(status["store"]["agents"]) == 1 and status["store"]["stats"]["saved"] > 0
+    assert len(status["store"]["nodes"]) == 1 and status["store"]["totals"]["saved"] > 0
 
 
 # -- faults: nothing on the KV path may make an answer wrong -------------------------------
@@ -221,6 +175,27 @@ def test_emptied_store_recomputes_and_stays_correct(
         assert res["pdserve"]["prefill_cached_tokens"] == 0  # nothing left to load: recomputed
         assert res["pdserve"]["decode_cached_tokens"] == n_tokens(tokenizer, prompt) // CHUNK * CHUNK
         assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
+
+
+def test_corrupted_chunks_fail_their_checksum_are_recomputed_and_dropped(
+    cluster: Cluster, reference: dict, tokenizer: PromptTokenizer
+) -> None:
+    meta = store(cluster)
+    stored = [kl for agent in meta.agents() for kl in meta.node_chunks(agent.node_id)]
+    assert stored, "the tests before this one leave chunks in the store"
+    for _key, loc in stored:  # damage one byte of every stored chunk, headers left intact
+        seg = Segment.attach(loc.segment)
+        seg.buf[loc.offset + HEADER_BYTES + loc.length // 2] ^= 0x5A
+        seg.close()
+    failures_before = role_counter(meta, "prefill", "checksum_failures")
+    prompts = [p for p in EQUIVALENCE if n_tokens(tokenizer, p) > 2 * CHUNK][:4]
+    for prompt, res in zip(prompts, complete_all(cluster, prompts, concurrency=1), strict=True):
+        assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
+    assert role_counter(meta, "prefill", "checksum_failures") > failures_before
+    # Every damaged chunk that a reader met is gone from the store (or replaced by a good copy).
+    locs_now = meta.lookup([k for k, _ in stored])
+    met = [(k, loc) for (k, loc), now in zip(stored, locs_now, strict=True) if now != loc]
+    assert met, "no damaged chunk was dropped"
 
 
 def test_killed_redis_recomputes_and_stays_correct_then_the_store_heals(

@@ -107,6 +107,8 @@ def test_corrupted_payload_fails_its_checksum(client: StoreClient, agent: StoreA
     agent.segment.buf[loc.offset + HEADER_BYTES + 100] ^= 0xFF  # one flipped bit-group in the bytes
     ok = client.batch_get([key], [loc], lambda i, p: pytest.fail("corrupt bytes were delivered"))
     assert ok == [False] and client.drain_counters()["checksum_failures"] == 1
+    assert client.batch_exists([key]) == [False]  # the damaged chunk was dropped from the store
+    assert put(client, [key], [8192]) == 1 and get(client, [key]) == {0: content(key, 8192)}
 
 
 def test_concurrent_readers_and_writers(client: StoreClient, agent: StoreAgent, redis_url: str, prefix: str) -> None:

@@ -1,0 +1,64 @@
+"""Helpers shared by the e2e modules: completions against a running cluster, the reference
+check, and the store's counters."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from kvstore.metadata import MetadataStore, connect
+from router.tokenizer import PromptTokenizer
+from tests.e2e.conftest import MAX_TOKENS, Cluster
+
+MODEL = "SmolLM2-135M-Instruct"
+CHUNK = 32
+FP_TIE = 1e-3  # a divergence is accepted only where the reference's top-2 gap is below this
+
+
+async def _complete(client: httpx.AsyncClient, base: str, prompt: str) -> dict[str, Any]:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "return_token_ids": True}
+    r = await client.post(f"{base}/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def complete_all(cluster: Cluster, prompts: list[str], concurrency: int = 4) -> list[dict[str, Any]]:
+    async def run() -> list[dict[str, Any]]:
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient() as client:
+            async def one(p: str) -> dict[str, Any]:
+                async with sem:
+                    return await _complete(client, cluster.base_url, p)
+
+            return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    return asyncio.run(run())
+
+
+def assert_matches_reference(prompt: str, got: list[int], ref: dict[str, Any]) -> None:
+    want = ref["token_ids"]
+    for i, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            gap = ref["top2"][i][0] - ref["top2"][i][1]
+            assert gap < FP_TIE, (f"diverged at token {i} ({a} vs {b}) with a top-2 gap of {gap:.5f}: "
+                                  f"not floating-point order. prompt={prompt[:60]!r}")
+            return  # a near-tie proven: after it the two continuations legitimately differ
+    assert got == want, f"lengths differ for {prompt[:60]!r}: {len(got)} vs {len(want)}"
+
+
+def store(cluster: Cluster) -> MetadataStore:
+    return MetadataStore(connect(cluster.state().redis_url), "pdkv")
+
+
+def role_counter(meta: MetadataStore, role: str, name: str) -> int:
+    total = 0
+    for key in meta.client.scan_iter(f"pdkv:stats:{role}-*"):
+        total += int(meta.client.hget(key, name) or 0)
+    return total
+
+
+def n_tokens(tok: PromptTokenizer, prompt: str) -> int:
+    return len(tok.encode(prompt))
