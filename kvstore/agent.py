@@ -11,11 +11,14 @@ Slot life cycle:
     allocate --> pending --commit--> committed --evict / expire--> free
                     |                   ^  |                       ^
                     +--abort/timeout----|--|-----------------------+
-                                        lease (pins; eviction skips pinned slots)
+                                        readers pin (eviction skips pinned slots)
 
-Eviction is least-recently-used among unpinned slots: a lease or a remote read counts as a
-use. Idle chunks expire after ``ttl_s`` (0 = never). Before a slot is reused its header is
-invalidated, so a reader that raced the eviction sees a mismatch and recomputes.
+Readers on this node pin a slot with a shared byte-range lock on the segment file and stamp
+its header when they read it; remote reads are pinned here while they are on the wire. The
+agent evicts a slot only under the exclusive lock, choosing least-recently-used first with a
+CLOCK-style second chance: a slot whose header stamp is newer than what the agent last saw
+goes to the back of the queue. Idle chunks expire after ``ttl_s`` (0 = never). Before a slot
+is reused its header is invalidated, so a reader holding an old location sees a mismatch.
 
 The agent also keeps Redis honest: it heartbeats a liveness key, re-publishes everything it
 holds when Redis forgot it (restart, or its chunks were reaped while it was unreachable), and
@@ -84,7 +87,7 @@ class CommitEntry:
 @dataclass(frozen=True)
 class AgentSettings:
     ttl_s: float = 0.0  # idle chunks expire after this long; 0 = only evicted under pressure
-    lease_s: float = 10.0  # a lease a reader never released lapses after this long
+    lease_s: float = 10.0  # a remote read's pin lapses after this long (a stuck transfer)
     pending_timeout_s: float = 60.0  # slots of a writer that never committed are reclaimed
     alive_ttl_ms: int = 5000  # liveness key lifetime; other agents reap this node after it
 
@@ -101,8 +104,7 @@ class AgentStats:
     evicted: int = 0
     expired: int = 0
     rejected: int = 0
-    leases: int = 0
-    lease_misses: int = 0
+    remote_reads: int = 0
     reclaimed_pending: int = 0
     republished: int = 0
     reaped_nodes: int = 0
@@ -116,7 +118,11 @@ class AgentStats:
 class _Chunk:
     key: bytes
     loc: ChunkLocation
-    last_access: float
+    touched_ns: int  # last use the agent knows of (commit, remote read, a reader's stamp)
+
+    @property
+    def slot_len(self) -> int:
+        return HEADER_BYTES + self.loc.length
 
 
 class StoreAgent:
@@ -176,17 +182,39 @@ class StoreAgent:
             try:
                 return self.alloc.allocate(slot_len).offset
             except OutOfSpace:
-                victim = self._lru_unpinned(now)
+                victim = self._evict_lru(now)
                 if victim is None:
                     return None
-                victims.append(self._evict(victim))
+                victims.append(victim)
                 self.stats.evicted += 1
 
-    def _lru_unpinned(self, now: float) -> int | None:
-        for offset in self._committed:
-            if not self._pinned(offset, now):
-                return offset
+    def _evict_lru(self, now: float) -> tuple[bytes, ChunkLocation] | None:
+        """Evict the least recently used unpinned chunk (CLOCK-style: a chunk read since the
+        agent last looked gets a second chance at the back of the queue)."""
+        for _ in range(len(self._committed)):
+            offset, chunk = next(iter(self._committed.items()))
+            stamp = self.segment.touched_ns(offset)
+            if stamp > chunk.touched_ns:
+                chunk.touched_ns = stamp
+                self._committed.move_to_end(offset)
+                continue
+            victim = self._try_evict(offset, now)
+            if victim is not None:
+                return victim
+            self._committed.move_to_end(offset)  # pinned: look at the others first
         return None
+
+    def _try_evict(self, offset: int, now: float) -> tuple[bytes, ChunkLocation] | None:
+        """Evict the chunk at ``offset`` unless a reader holds it."""
+        if self._pinned(offset, now):
+            return None
+        n = self._committed[offset].slot_len
+        if not self.segment.locks.try_exclusive(offset, n):
+            return None
+        try:
+            return self._evict(offset)
+        finally:
+            self.segment.locks.unlock(offset, n)
 
     def _evict(self, offset: int) -> tuple[bytes, ChunkLocation]:
         chunk = self._committed.pop(offset)
@@ -216,10 +244,10 @@ class StoreAgent:
                 for e in valid:
                     self._release(e.offset)
                 raise
-            now = time.monotonic()
+            now_ns = time.monotonic_ns()
             for (key, loc), e in zip(located, valid, strict=True):
                 del self._pending[e.offset]
-                self._committed[e.offset] = _Chunk(key, loc, now)
+                self._committed[e.offset] = _Chunk(key, loc, now_ns)
             self.stats.committed += len(valid)
             return len(valid)
 
@@ -234,9 +262,11 @@ class StoreAgent:
         self.segment.invalidate(offset)
         self.alloc.free(offset)
 
-    # -- leases ---------------------------------------------------------------------------
+    # -- pins ---------------------------------------------------------------------------
 
     def _pinned(self, offset: int, now: float) -> bool:
+        """Whether a remote read through this agent holds the slot (same-node readers pin
+        with file locks instead: see ``_try_evict``)."""
         expiries = self._pins.get(offset)
         if not expiries:
             return False
@@ -247,13 +277,6 @@ class StoreAgent:
         del self._pins[offset]
         return False
 
-    def _pin(self, offset: int, now: float, duration_s: float) -> None:
-        self._pins.setdefault(offset, []).append(now + duration_s)
-        chunk = self._committed.get(offset)
-        if chunk is not None:
-            chunk.last_access = now
-            self._committed.move_to_end(offset)
-
     def _unpin(self, offset: int) -> None:
         expiries = self._pins.get(offset)
         if expiries:
@@ -261,39 +284,25 @@ class StoreAgent:
             if not expiries:
                 del self._pins[offset]
 
-    def lease(self, slots: Sequence[tuple[int, bytes]]) -> list[bool]:
-        """Pin (offset, key) slots for a same-node reader; False where the slot no longer
-        holds that chunk. Counts as a use for LRU."""
-        now = time.monotonic()
-        granted = []
-        with self._lock:
-            for offset, key in slots:
-                chunk = self._committed.get(offset)
-                ok = chunk is not None and chunk.key == key
-                if ok:
-                    self._pin(offset, now, self.settings.lease_s)
-                granted.append(ok)
-            self.stats.leases += sum(granted)
-            self.stats.lease_misses += len(granted) - sum(granted)
-        return granted
-
     def discard(self, slots: Sequence[tuple[int, bytes]]) -> int:
         """Drop chunks a reader found damaged (checksum mismatch), so no one reads them again
-        and the next save stores a good copy. Only a slot still holding that key is dropped."""
+        and the next save stores a good copy. Only a slot still holding that key is touched;
+        one that another reader holds right now loses its metadata at once and its bytes at
+        its next eviction."""
+        now = time.monotonic()
         with self._lock:
-            dropped = []
+            dropped, busy = [], []
             for offset, key in slots:
                 chunk = self._committed.get(offset)
-                if chunk is not None and chunk.key == key:
-                    self._pins.pop(offset, None)
-                    dropped.append(self._evict(offset))
-            self._forget(dropped, counter="discarded")
-            return len(dropped)
-
-    def release(self, offsets: Sequence[int]) -> None:
-        with self._lock:
-            for offset in offsets:
-                self._unpin(offset)
+                if chunk is None or chunk.key != key:
+                    continue
+                victim = self._try_evict(offset, now)
+                if victim is not None:
+                    dropped.append(victim)
+                else:
+                    busy.append((chunk.key, chunk.loc))
+            self._forget(dropped + busy, counter="discarded")
+            return len(dropped) + len(busy)
 
     # -- the transports' server side (SlotHost) -------------------------------------------
 
@@ -306,13 +315,20 @@ class StoreAgent:
 
     def open_read(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
         self._check_range(offsets, lengths)
-        now = time.monotonic()
+        now, now_ns = time.monotonic(), time.monotonic_ns()
         with self._lock:
             for off in offsets:
-                self._pin(off, now, self.settings.lease_s)
+                self._pins.setdefault(off, []).append(now + self.settings.lease_s)
+                chunk = self._committed.get(off)
+                if chunk is not None:
+                    chunk.touched_ns = now_ns
+                    self._committed.move_to_end(off)
+            self.stats.remote_reads += len(offsets)
 
     def close_read(self, offsets: Sequence[int]) -> None:
-        self.release(offsets)
+        with self._lock:
+            for offset in offsets:
+                self._unpin(offset)
 
     def open_write(self, offsets: Sequence[int], lengths: Sequence[int]) -> None:
         self._check_range(offsets, lengths)
@@ -359,13 +375,13 @@ class StoreAgent:
     def _expire_idle(self, now: float) -> None:
         if self.settings.ttl_s <= 0:
             return
+        cutoff = time.monotonic_ns() - int(self.settings.ttl_s * 1e9)
         expired = []
         with self._lock:
             for offset, chunk in list(self._committed.items()):
-                if now - chunk.last_access < self.settings.ttl_s:
-                    break  # LRU order: everything after this was used more recently
-                if not self._pinned(offset, now):
-                    expired.append(self._evict(offset))
+                chunk.touched_ns = max(chunk.touched_ns, self.segment.touched_ns(offset))
+                if chunk.touched_ns <= cutoff and (victim := self._try_evict(offset, now)) is not None:
+                    expired.append(victim)
             self.stats.expired += len(expired)
             self._forget(expired, counter="expired")
 
@@ -377,13 +393,19 @@ class StoreAgent:
             self.stats.reclaimed_pending += len(stale)
 
     def clear(self) -> int:
-        """Drop every committed chunk (metadata first, then bytes)."""
+        """Drop every chunk no reader holds; the metadata of all of them."""
+        now = time.monotonic()
         with self._lock:
-            dropped = [self._evict(off) for off in list(self._committed)]
-            self._pins.clear()
-            self._forget(dropped)
+            dropped, busy = [], []
+            for offset, chunk in list(self._committed.items()):
+                victim = self._try_evict(offset, now)
+                if victim is not None:
+                    dropped.append(victim)
+                else:
+                    busy.append((chunk.key, chunk.loc))
+            self._forget(dropped + busy)
             self.stats.evicted += len(dropped)
-            return len(dropped)
+            return len(dropped) + len(busy)
 
     def snapshot(self) -> AgentStats:
         with self._lock:

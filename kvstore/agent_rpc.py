@@ -1,16 +1,14 @@
 """The Store Agent's control wire: gRPC with msgpack bodies (no protoc step, no pickle).
 
-Engines (spawned by vLLM, not Ray workers) reach their node's agent here to allocate, commit
-and lease slots. Slot bytes do not travel on these calls: same-node readers map the segment,
-other nodes use a transport (``kvstore.transport``: the tcp slot server, or the grpc
-transport's streaming methods, which share this server). Control methods are unary msgpack
+Engines (spawned by vLLM, not Ray workers) reach their node's agent here to allocate and
+commit slots. Reads need no call here: same-node readers map the segment and pin slots with
+file locks; other nodes use a transport (``kvstore.transport``: the tcp slot server, or the
+grpc transport's streaming methods, which share this server). Control methods are unary msgpack
 maps; errors travel as gRPC status codes.
 
     Allocate {lengths: [int]}                       -> {offsets: [int]}
     Commit   {entries: [[key, off, len, digest]]}   -> {committed: int}
     Abort    {offsets: [int]}                       -> {}
-    Lease    {slots: [[off, key]]}                  -> {granted: [bool]}
-    Release  {offsets: [int]}                       -> {}
     Discard  {slots: [[off, key]]}                  -> {discarded: int}  (damaged chunks)
     Stats    {}                                     -> AgentStats fields
     Clear    {}                                     -> {cleared: int}
@@ -45,8 +43,6 @@ def _handlers(agent: StoreAgent) -> dict[str, Callable[[dict[str, Any]], Any]]:
             "committed": agent.commit([CommitEntry(*e) for e in m["entries"]])
         },
         "Abort": lambda m: agent.abort(list(m["offsets"])) or {},
-        "Lease": lambda m: {"granted": agent.lease([(int(o), bytes(k)) for o, k in m["slots"]])},
-        "Release": lambda m: agent.release(list(m["offsets"])) or {},
         "Discard": lambda m: {"discarded": agent.discard([(int(o), bytes(k)) for o, k in m["slots"]])},
         "Stats": lambda m: asdict(agent.snapshot()),
         "Clear": lambda m: {"cleared": agent.clear()},
@@ -103,7 +99,7 @@ class AgentClient:
         self.address = address
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._releases: list[grpc.Future] = []
+
 
     def _call(self, method: str, body: dict[str, Any]) -> bytes:
         stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
@@ -123,19 +119,9 @@ class AgentClient:
     def abort(self, offsets: list[int]) -> None:
         self._call("Abort", {"offsets": offsets})
 
-    def lease(self, slots: list[tuple[int, bytes]]) -> list[bool]:
-        reply = msgpack.unpackb(self._call("Lease", {"slots": [list(s) for s in slots]}))
-        return [bool(g) for g in reply["granted"]]
-
     def discard(self, slots: list[tuple[int, bytes]]) -> int:
         reply = msgpack.unpackb(self._call("Discard", {"slots": [list(s) for s in slots]}))
         return int(reply["discarded"])
-
-    def release(self, offsets: list[int]) -> None:
-        """Fire and forget: a lost release only delays eviction until the lease lapses."""
-        stub = self._channel.unary_unary(f"/{SERVICE}/Release")
-        self._releases = [f for f in self._releases if not f.done()]
-        self._releases.append(stub.future(msgpack.packb({"offsets": offsets}), timeout=self.timeout_s))
 
     def stats(self) -> AgentStats:
         return AgentStats(**msgpack.unpackb(self._call("Stats", {})))
@@ -144,9 +130,4 @@ class AgentClient:
         return int(msgpack.unpackb(self._call("Clear", {}))["cleared"])
 
     def close(self) -> None:
-        for f in self._releases:  # closing the channel would cancel releases still in flight
-            try:
-                f.result(timeout=self.timeout_s)
-            except Exception:
-                pass  # the lease lapses on its own
         self._channel.close()

@@ -1,9 +1,9 @@
-"""What an engine process uses to reach the store: Redis for metadata, the agents for slots
-and leases, and a transport for bytes (the mapped segment on this node, tcp or grpc to
-others).
+"""What an engine process uses to reach the store: Redis for metadata, the agents for slots,
+and a transport for bytes (the mapped segment on this node, tcp or grpc to others).
 
 Batch calls work on the chunks of one request at a time: one Redis round trip to find them,
-one lease call per node, one streamed transfer per (node, contiguous run). ``batch_get``
+one streamed transfer per (node, contiguous run); same-node reads pin their slots with file
+locks (no call to the agent). ``batch_get``
 never raises for a chunk it could not deliver: it reports per chunk, and counts why, so the
 connector can turn exactly those chunks into recompute.
 """
@@ -179,43 +179,42 @@ class StoreClient:
         local = node == self.node_id
         transport = self.shm if local else self.remote
         started = time.perf_counter()
+        pinned: list[int] = []
+        segment = None
         try:
             info, agent = self._agent(node)
             if local:  # pin the slots so eviction cannot reuse them under the copy
-                granted = agent.lease([(locs[i].offset, keys[i]) for i in run])
-                self.count("slot_mismatches", granted.count(False))
-                run = [i for i, g in zip(run, granted, strict=True) if g]
-                if dest is not None and len(run) != len(granted):
+                segment = self.shm.segment(info.segment)
+                pinned = [i for i in run if segment.locks.try_shared(locs[i].offset, HEADER_BYTES + locs[i].length)]
+                self.count("slot_busy", len(run) - len(pinned))  # being evicted right now
+                if dest is not None and len(pinned) != len(run):
                     dest = None  # the run is no longer contiguous in dest: copy chunk by chunk
+                run = pinned
             lengths = [HEADER_BYTES + locs[i].length for i in run]
             damaged: list[tuple[int, bytes]] = []
 
             def on_slot(j: int, slot: memoryview) -> None:
                 i = run[j]
-                loc = locs[i]
-                try:
-                    payload = check_slot(slot, 0, keys[i], loc.length, loc.checksum)
-                except ChecksumMismatch:
-                    self.count("checksum_failures")
-                    damaged.append((loc.offset, keys[i]))
+                verdict = self._deliver(i, keys[i], locs[i], slot, on_chunk)
+                if verdict == "ok":
+                    ok[i] = True
+                    if segment is not None:
+                        segment.touch(locs[i].offset)  # a use, for the agent's LRU
                     return
-                except SlotCorrupt:
-                    self.count("slot_mismatches")
-                    return
-                on_chunk(i, payload)
-                ok[i] = True
+                self.count(verdict)
+                if verdict == "checksum_failures":
+                    damaged.append((locs[i].offset, keys[i]))
 
-            try:
-                transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
-            finally:
-                if local and run:
-                    agent.release([locs[i].offset for i in run])
+            transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
             if damaged:  # drop them, so the next save stores a good copy
                 agent.discard(damaged)
         except (StoreError, AgentUnavailable, TransportError, OSError) as e:
             self._infos.pop(node, None)
             self.count("get_failures", sum(1 for i in run if not ok[i]))
             log.debug("get from node %s failed: %s", node, e)
+        finally:
+            for i in pinned:
+                segment.locks.unlock(locs[i].offset, HEADER_BYTES + locs[i].length)  # type: ignore[union-attr]
         source = "local" if local else "remote"
         delivered = sum(1 for i in run if ok[i])
         self.count(f"loaded_{source}_chunks", delivered)
@@ -223,6 +222,20 @@ class StoreClient:
         if delivered:
             for name, n in histogram_fields(f"get_seconds:{transport.name}", time.perf_counter() - started).items():
                 self.count(name, n)
+
+    @staticmethod
+    def _deliver(
+        i: int, key: bytes, loc: ChunkLocation, slot: memoryview, on_chunk: Callable[[int, memoryview], None],
+    ) -> str:
+        """Verify one slot and hand its payload over; returns the verdict's counter name."""
+        try:
+            payload = check_slot(slot, 0, key, loc.length, loc.checksum)
+        except ChecksumMismatch:
+            return "checksum_failures"
+        except SlotCorrupt:
+            return "slot_mismatches"
+        on_chunk(i, payload)
+        return "ok"
 
     # -- plumbing -------------------------------------------------------------------------
 

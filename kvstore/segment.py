@@ -8,32 +8,66 @@ it when that process exits, taking the agent's segment down with an engine.
 
 Slot layout (every slot starts 64-byte aligned; the payload stays aligned too):
 
-    0        8         24        32         40              64
-    | magic  | key(16) | length  | checksum |   reserved    | payload (length bytes) ...
+    0        8         24        32         40        48            64
+    | magic  | key(16) | length  | checksum | touched  | reserved   | payload (length bytes) ...
 
 The checksum is xxh3-64 of the payload: it runs near memory bandwidth (~50 GB/s in cache
 here, against ~3 GB/s for zlib's crc32), so verifying every read costs little next to the copy
 that a read makes anyway. A reader trusts a slot only if magic, key, length and checksum all
 match what it expects, so a slot that was evicted and reused under a reader is detected,
-never served.
+never served. ``touched`` is the last read's CLOCK_MONOTONIC time in ns, written by readers
+(outside the checksum) so the agent's LRU sees same-node reads without a round trip.
+
+Readers pin a slot with a shared byte-range lock on the segment file (``SlotLocks``: Linux
+open-file-description locks); the agent evicts a slot only after taking the exclusive lock.
+A lock costs two syscalls (~3 us), not an RPC, and dies with its process, so a crashed
+reader can never pin a slot forever.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import mmap
 import os
 import struct
+import time
 
 import xxhash
 
 HEADER_BYTES = 64
 _MAGIC = b"PDKV0001"
 _HEADER = struct.Struct("<8s16sQQ")  # magic, key, payload length, checksum
+_TOUCHED = struct.Struct("<Q")
+_TOUCHED_AT = 40
+# struct flock on Linux (x86_64 and aarch64): l_type, l_whence, l_start, l_len, l_pid
+_FLOCK = struct.Struct("hhxxxxqqixxxx")
 SHM_DIR = "/dev/shm"
 
 
 class SlotCorrupt(Exception):
     """The slot does not hold the chunk the reader expected (evicted, reused, torn)."""
+
+
+def copy_into(dst: memoryview, src: memoryview) -> None:
+    """``dst[:] = src`` at memcpy speed, and without holding the GIL.
+
+    A plain memoryview slice assignment out of (or into) an mmap of /dev/shm ran at half the
+    speed of memcpy here for 64 KiB pieces (per-copy overhead inside CPython); ctypes.memmove
+    on the same addresses runs at full speed and releases the GIL while it copies.
+    """
+    n = len(src)
+    if len(dst) != n:
+        raise ValueError(f"copy of {n} bytes into {len(dst)}")
+    if n < 4096 or dst.readonly or src.readonly:
+        dst[:] = src
+        return
+    ctypes.memmove(_address(dst), _address(src), n)
+
+
+def _address(view: memoryview) -> int:
+    anchor = ctypes.c_char.from_buffer(view)  # released as soon as it is collected
+    return ctypes.addressof(anchor)
 
 
 def checksum(data: memoryview | bytes) -> int:
@@ -63,6 +97,7 @@ class Segment:
         finally:
             os.close(fd)
         self.buf = memoryview(self._mmap)
+        self.locks = SlotLocks(self.path)
 
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
@@ -90,11 +125,18 @@ class Segment:
         magic, got_key, _, _ = _HEADER.unpack_from(self.buf, offset)
         return bool(magic == _MAGIC and got_key == key)
 
+    def touch(self, offset: int) -> None:
+        _TOUCHED.pack_into(self.buf, offset + _TOUCHED_AT, time.monotonic_ns())
+
+    def touched_ns(self, offset: int) -> int:
+        return int(_TOUCHED.unpack_from(self.buf, offset + _TOUCHED_AT)[0])
+
     def invalidate(self, offset: int) -> None:
         """Clear the header so no reader accepts the slot any more (called before reuse)."""
         self.buf[offset : offset + 8] = b"\0" * 8
 
     def close(self) -> None:
+        self.locks.close()
         self.buf.release()
         self._mmap.close()
         if self.owner:
@@ -104,10 +146,43 @@ class Segment:
                 pass
 
 
+class SlotLocks:
+    """Byte-range locks on one segment file, through a descriptor of their own (OFD locks
+    belong to the open file description, so they neither clash with nor vanish with other
+    descriptors of the same file in this process)."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_RDWR)
+
+    def _set(self, kind: int, offset: int, length: int) -> bool:
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, offset, length, 0))
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def try_shared(self, offset: int, length: int) -> bool:
+        """Pin for reading; False while the agent is evicting the slot."""
+        return self._set(fcntl.F_RDLCK, offset, length)
+
+    def try_exclusive(self, offset: int, length: int) -> bool:
+        """For eviction; False while any reader holds the slot."""
+        return self._set(fcntl.F_WRLCK, offset, length)
+
+    def unlock(self, offset: int, length: int) -> None:
+        self._set(fcntl.F_UNLCK, offset, length)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def seal_slot(buf: memoryview, offset: int, key: bytes, length: int) -> int:
     """Write the header of the slot at ``offset`` of ``buf`` (a segment or a staging buffer)
     once its payload is in place; returns the payload's checksum."""
     digest = checksum(buf[offset + HEADER_BYTES : offset + HEADER_BYTES + length])
+    _TOUCHED.pack_into(buf, offset + _TOUCHED_AT, 0)  # not the previous occupant's reads
     _HEADER.pack_into(buf, offset, _MAGIC, key, length, digest)
     return digest
 

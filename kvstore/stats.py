@@ -5,7 +5,7 @@ Two sources, because the store has two kinds of actors:
 - engine clients (``StoreClient`` inside each vLLM engine) count hits, misses, bytes pulled
   per transport, checksum failures and transfer latency, and flush those counters into Redis
   hashes every engine step (``{prefix}:stats`` for totals, ``{prefix}:stats:<instance>``);
-- agents own the segments: fill, chunks, leases, evictions, expiries, bytes they served,
+- agents own the segments: fill, chunks, pins, evictions, expiries, bytes they served,
   returned by their ``Stats`` call.
 
 Histograms travel as plain counters (``get_seconds:<transport>_bucket:<le>``, ``..._count``,
@@ -67,7 +67,7 @@ _NODE_GAUGES = {
     "capacity": ("pdserve_kvstore_segment_capacity_bytes", "Segment size."),
     "used_bytes": ("pdserve_kvstore_segment_used_bytes", "Bytes in allocated slots."),
     "chunks": ("pdserve_kvstore_segment_chunks", "Committed chunks held."),
-    "pinned": ("pdserve_kvstore_segment_pinned_chunks", "Chunks under a reader's lease."),
+    "pinned": ("pdserve_kvstore_segment_pinned_chunks", "Chunks pinned by a remote read in flight."),
 }
 _NODE_COUNTERS = {
     "evicted": ("pdserve_kvstore_evictions_total", "Chunks evicted for room (LRU)."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kvstore.metadata import AgentInfo
-from kvstore.segment import Segment
+from kvstore.segment import Segment, copy_into
 from kvstore.transport.base import OnSlot, Transport, TransportError, slot_spans
 
 
@@ -34,13 +34,13 @@ class ShmTransport(Transport):
                 on_slot(i, buf[off : off + n])
             return
         for i, (off, (a, b)) in enumerate(zip(offsets, slot_spans(lengths), strict=True)):
-            dest[a:b] = buf[off : off + b - a]
+            copy_into(dest[a:b], buf[off : off + b - a])
             on_slot(i, dest[a:b])
 
     def write(self, peer: AgentInfo, offsets: Sequence[int], lengths: Sequence[int], src: memoryview) -> None:
         buf = self._checked(peer, offsets, lengths)
         for off, (a, b) in zip(offsets, slot_spans(lengths), strict=True):
-            buf[off : off + b - a] = src[a:b]
+            copy_into(buf[off : off + b - a], src[a:b])
 
     def _checked(self, peer: AgentInfo, offsets: Sequence[int], lengths: Sequence[int]) -> memoryview:
         buf = self.segment(peer.segment).buf

@@ -34,6 +34,7 @@ READ, WRITE = 1, 2
 _MAX_SLOTS = 1 << 16
 _RECV_STEP = 4 << 20
 _SOCK_BUF = 4 << 20
+_SEND_STEP = 1 << 20
 
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -43,6 +44,37 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionError("peer closed the connection")
         pos += n
+
+
+def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
+    """Send buffers in calls of about _SEND_STEP bytes: small slots are gathered into one
+    sendmsg, large ones go alone. (Measured here: one gather of many MiB, or one sendall of
+    a whole batch, runs at half the speed of ~1 MiB calls.)"""
+    group: list[memoryview] = []
+    size = 0
+    for v in views:
+        if group and size + len(v) > _SEND_STEP:
+            _sendmsg_all(sock, group)
+            group, size = [], 0
+        group.append(v)
+        size += len(v)
+    if group:
+        _sendmsg_all(sock, group)
+
+
+def _sendmsg_all(sock: socket.socket, views: list[memoryview]) -> None:
+    if len(views) == 1:
+        big = views[0]
+        for a in range(0, len(big), _SEND_STEP):
+            sock.sendall(big[a : a + _SEND_STEP])
+        return
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def _tune(sock: socket.socket) -> None:
@@ -112,10 +144,9 @@ class TcpSlotServer:
             self._error(conn, str(e))
             return
         try:
-            conn.sendall(_REPLY.pack(0, 0))
             buf = self._host.segment.buf
-            for off, n in zip(offsets, lengths, strict=True):
-                conn.sendall(buf[off : off + n])
+            reply = memoryview(_REPLY.pack(0, 0))
+            _send_views(conn, [reply] + [buf[off : off + n] for off, n in zip(offsets, lengths, strict=True)])
         finally:
             self._host.close_read(offsets)
         self._host.count_bytes("tcp", "out", sum(lengths))
@@ -210,9 +241,7 @@ class TcpTransport(Transport):
                 sock = self._conn(address)
                 sock.sendall(self._request(sock, READ, offsets, lengths))
                 self._reply(sock, address)
-                for i, (a, b) in enumerate(slot_spans(lengths)):
-                    _recv_exact(sock, dest[a:b])
-                    on_slot(i, dest[a:b])
+                self._receive(sock, dest, slot_spans(lengths), on_slot)
             except TransportError:
                 self._drop(address)
                 raise
@@ -222,6 +251,21 @@ class TcpTransport(Transport):
             except BaseException:
                 self._drop(address)  # on_slot raised mid-stream: the socket is out of step
                 raise
+
+    @staticmethod
+    def _receive(sock: socket.socket, dest: memoryview, spans: list[tuple[int, int]], on_slot: OnSlot) -> None:
+        """Receive the slots back to back with large reads, handing each one over as soon as
+        its last byte is in (the next ones keep arriving in the socket buffer meanwhile)."""
+        total, pos, slot = spans[-1][1], 0, 0
+        while pos < total:
+            n = sock.recv_into(dest[pos:total], min(total - pos, _RECV_STEP))
+            if n == 0:
+                raise ConnectionError("peer closed the connection")
+            pos += n
+            while slot < len(spans) and spans[slot][1] <= pos:
+                a, b = spans[slot]
+                on_slot(slot, dest[a:b])
+                slot += 1
 
     def write(self, peer: AgentInfo, offsets: Sequence[int], lengths: Sequence[int], src: memoryview) -> None:
         if not offsets:

@@ -29,7 +29,7 @@ def test_collect_and_prometheus_export(make_agent: AgentFactory, redis_url: str,
     assert stats.totals["loaded_local_chunks"] == 3 and stats.totals["loaded_remote_chunks"] == 2
     assert stats.instances["engine-b"]["bytes_in_tcp"] == 2 * (HEADER_BYTES + 4096)
     node = stats.nodes["node-A"]
-    assert node["chunks"] == 3 and node["bytes_out_tcp"] == 2 * (HEADER_BYTES + 4096) and node["leases"] == 3
+    assert node["chunks"] == 3 and node["bytes_out_tcp"] == 2 * (HEADER_BYTES + 4096) and node["remote_reads"] == 2
 
     families = {f.name: f for f in text_string_to_metric_families(render_prometheus(stats))}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}

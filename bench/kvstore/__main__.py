@@ -1,0 +1,183 @@
+"""KV store data paths side by side, in one run: put/get bandwidth and single-chunk latency.
+
+    .venv/bin/python -m bench.kvstore [--quick] [--sizes 64K,1M,16M] [--batch-mib 64]
+                                      [--repeats 7] [--out bench/results/kvstore.json]
+
+Every get delivers the bytes into the caller's buffer and every put starts from the caller's
+bytes, so the methods do the same work:
+
+    memcpy      a plain copy of the same bytes (the limit on one node)
+    shm         pdserve, same node: pin, copy out of the mapped segment, verify xxh3
+    ray         Ray's object store on the same node (zero-copy view, then the copy out)
+    raw-tcp     a plain loopback socket to another process (the limit of the network path)
+    tcp         pdserve, other node: one-sided pull from the agent's slot server, verified
+    grpc        pdserve, other node: the gRPC streaming transport, verified
+    ray-remote  Ray's object store read from an actor on a second Ray node
+    redis       the chunk as a Redis value (SET / MGET, copied out)
+
+The machine is shared and noisy, so the methods take turns: every repeat times each method
+once, in a rotated order, and a ratio is the median of the per-repeat ratios. Agents and the
+socket server run in their own processes, as on a real node; chunks come from a pool larger
+than the CPU caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.kvstore.helpers import REPO, Workload, parse_size
+from bench.kvstore.methods import Fetcher, Memcpy, Method, RawTcp, RayObjects, RedisBlob, Store
+
+ORDER = ("memcpy", "shm", "ray", "raw-tcp", "tcp", "grpc", "ray-remote", "redis")
+# (numerator, denominator) pairs the store is held to: same node against its limit and the
+# peers, the network path against its limit and the peers.
+RATIOS = (
+    ("shm", "memcpy"), ("shm", "ray"), ("shm", "redis"),
+    ("tcp", "raw-tcp"), ("grpc", "raw-tcp"), ("tcp", "ray-remote"), ("tcp", "redis"),
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.kvstore", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="64K,256K,1M,4M,16M", help="chunk sizes")
+    p.add_argument("--batch-mib", type=int, default=64, help="bytes moved per timed batch")
+    p.add_argument("--repeats", type=int, default=7, help="timed turns per method")
+    p.add_argument("--latency-samples", type=int, default=15, help="single-chunk gets per method")
+    p.add_argument("--quick", action="store_true", help="two sizes, small batches (CI-sized)")
+    p.add_argument("--out", type=Path, default=REPO / "bench/results/kvstore.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.batch_mib, args.repeats, args.latency_samples = "64K,1M", 16, 3, 5
+    args.size_list = [parse_size(s) for s in args.sizes.split(",")]
+    return args
+
+
+def _timed(m: Method, what: str, k: int = 0) -> float:
+    if what == "put":
+        m.before_put()
+        t = time.perf_counter()
+        m.put()
+        return time.perf_counter() - t
+    m.before_get()
+    t = time.perf_counter()
+    own = m.get(k)
+    return own if own is not None else time.perf_counter() - t
+
+
+def measure(methods: list[Method], w: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved turns; per method the median figures, and per ratio the median of the
+    ratios taken within each turn."""
+    for m in methods:  # warm: connections, page faults, and data in place for the gets
+        m.before_put()
+        m.put()
+        m.get(w.n)
+    times: dict[str, dict[str, list[float]]] = {m.name: {"put": [], "get": [], "one": []} for m in methods}
+    for r in range(args.repeats):
+        turn = methods[r % len(methods):] + methods[: r % len(methods)]
+        for m in turn:
+            times[m.name]["put"].append(_timed(m, "put"))
+        for m in turn:
+            times[m.name]["get"].append(_timed(m, "get", w.n))
+    for _ in range(args.latency_samples):
+        for m in methods:
+            times[m.name]["one"].append(_timed(m, "get", 1))
+    figures = {
+        name: {
+            "get_gbps": w.total / statistics.median(t["get"]) / 1e9,
+            "put_gbps": w.total / statistics.median(t["put"]) / 1e9,
+            "get_latency_us": statistics.median(t["one"]) * 1e6,
+        }
+        for name, t in times.items()
+    }
+    def ratio(a: str, b: str, what: str = "get") -> float:  # a's bandwidth over b's
+        return round(statistics.median(tb / ta for ta, tb in zip(times[a][what], times[b][what], strict=True)), 2)
+
+    ratios = {f"{a}/{b}": ratio(a, b) for a, b in RATIOS}
+    ratios["shm_put/memcpy"] = ratio("shm", "memcpy", "put")
+    return {"figures": figures, "get_ratios": ratios}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from cluster.env import pin_ray_auth_mode
+
+    pin_ray_auth_mode()  # before Ray is imported: it reads the mode then
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster.runtime import start_redis, stop_pid
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="pdkv-bench-") as tmp:
+        redis_url, _port, redis_pid = start_redis(Path(tmp))
+        store_gib = 1 << 30
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store_gib})
+        cluster.add_node(num_cpus=1, resources={"bench_b": 1}, object_store_memory=store_gib)
+        try:
+            ray.init(address=cluster.address, log_to_driver=False)
+            cluster.wait_for_nodes()
+            for size in args.size_list:
+                w = Workload(size, args.batch_mib << 20)
+                print(f"chunk {w.label} x {w.n}", flush=True)
+                fetcher = ray.remote(Fetcher).options(resources={"bench_b": 0.01}, num_cpus=0).remote(w.total)
+                methods: list[Method] = [
+                    Memcpy(w), Store(w, redis_url, "shm"), RayObjects(w), RawTcp(w), Store(w, redis_url, "tcp"),
+                    Store(w, redis_url, "grpc"), RayObjects(w, fetcher), RedisBlob(w, redis_url),
+                ]
+                try:
+                    results[w.label] = measure(methods, w, args)
+                finally:
+                    for m in methods:
+                        m.close()
+                    ray.kill(fetcher)
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            stop_pid(redis_pid)
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    labels = list(results)
+    lines = ["| method | " + " | ".join(f"{lb}: get GB/s · put GB/s · 1-chunk get µs" for lb in labels) + " |",
+             "|---|" + "---:|" * len(labels)]
+    for name in ORDER:
+        cells = []
+        for lb in labels:
+            f = results[lb]["figures"][name]
+            cells.append(f"{f['get_gbps']:.2f} · {f['put_gbps']:.2f} · {f['get_latency_us']:.0f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ratio_names = list(results[labels[0]]["get_ratios"])
+    lines += ["", "| get bandwidth ratio | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for r in ratio_names:
+        lines.append(f"| {r} | " + " | ".join(f"{results[lb]['get_ratios'][r]:.2f}x" for lb in labels) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    text = table(results)
+    print(text)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "command": shlex.join([".venv/bin/python", "-m", "bench.kvstore", *(sys.argv[1:] if argv is None else argv)]),
+        "commit": commit.strip(), "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "results": results, "table": text,
+    }, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
