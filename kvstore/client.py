@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvstore.agent import CommitEntry
@@ -27,6 +28,10 @@ log = get_logger(__name__)
 # Upper bounds (seconds) of the transfer latency histogram, Prometheus style (plus +Inf).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _INFO_TTL_S = 2.0
+# Slots at least this large are verified (xxh3, which runs without the GIL) and handed over on
+# a helper thread while the next slot is copied (ctypes.memmove, also without the GIL) or
+# received; smaller ones inline, where a thread hand-off costs more than it hides.
+OVERLAP_MIN_BYTES = 512 << 10
 
 Fill = Callable[[int, memoryview], None]  # fill(i, payload): write chunk i's bytes into payload
 
@@ -72,6 +77,7 @@ class StoreClient:
         self.shm = ShmTransport()
         self.remote: Transport = REMOTE_TRANSPORTS[transport](timeout_s=max(5.0, timeout_s))
         self._staging = bytearray()
+        self._verifier = ThreadPoolExecutor(1, thread_name_prefix="pdkv-verify")
         self.counters: dict[str, int] = {}
 
     # -- counters -------------------------------------------------------------------------
@@ -160,7 +166,11 @@ class StoreClient:
         """Deliver each chunk's verified payload to ``on_chunk(i, payload)`` (a view valid
         during the call). With ``dest`` (at least sum of HEADER_BYTES + length bytes), slot i
         lands at its position in input order and its payload view points there. Returns,
-        per chunk, whether it was delivered; failures are counted, never raised."""
+        per chunk, whether it was delivered; failures are counted, never raised.
+
+        ``on_chunk`` runs on a helper thread when the slots are large (verification then
+        overlaps the next copy); its calls never overlap each other, and all have returned
+        when ``batch_get`` does."""
         ok = [False] * len(keys)
         spans = slot_spans([HEADER_BYTES + loc.length for loc in locs])
         by_node: dict[str, list[int]] = {}
@@ -192,10 +202,9 @@ class StoreClient:
                 run = pinned
             lengths = [HEADER_BYTES + locs[i].length for i in run]
             damaged: list[tuple[int, bytes]] = []
+            pending: list[tuple[int, Future[str]]] = []
 
-            def on_slot(j: int, slot: memoryview) -> None:
-                i = run[j]
-                verdict = self._deliver(i, keys[i], locs[i], slot, on_chunk)
+            def settle(i: int, verdict: str) -> None:
                 if verdict == "ok":
                     ok[i] = True
                     if segment is not None:
@@ -205,7 +214,26 @@ class StoreClient:
                 if verdict == "checksum_failures":
                     damaged.append((locs[i].offset, keys[i]))
 
-            transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
+            overlap = min(lengths, default=0) >= OVERLAP_MIN_BYTES  # whole run, so calls never overlap
+
+            def on_slot(j: int, slot: memoryview) -> None:
+                i = run[j]
+                if overlap:  # verify and hand over while the next slot is copied
+                    pending.append((i, self._verifier.submit(self._deliver, i, keys[i], locs[i], slot, on_chunk)))
+                else:
+                    settle(i, self._deliver(i, keys[i], locs[i], slot, on_chunk))
+
+            try:
+                transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
+            finally:  # every slot is settled before its pin or its buffer goes away
+                error = None
+                for i, fut in pending:
+                    try:
+                        settle(i, fut.result())
+                    except Exception as e:
+                        error = error or e
+                if error is not None:
+                    raise error
             if damaged:  # drop them, so the next save stores a good copy
                 agent.discard(damaged)
         except (StoreError, AgentUnavailable, TransportError, OSError) as e:
@@ -259,6 +287,7 @@ class StoreClient:
         for client in self._agents.values():
             client.close()
         self._agents.clear()
+        self._verifier.shutdown(wait=True)
         self.shm.close()
         self.remote.close()
 
