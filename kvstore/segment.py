@@ -125,6 +125,10 @@ class Segment:
         magic, got_key, _, _ = _HEADER.unpack_from(self.buf, offset)
         return bool(magic == _MAGIC and got_key == key)
 
+    def fileno(self) -> int:
+        """A descriptor of the segment file (for sendfile)."""
+        return self.locks.fileno()
+
     def touch(self, offset: int) -> None:
         _TOUCHED.pack_into(self.buf, offset + _TOUCHED_AT, time.monotonic_ns())
 
@@ -168,6 +172,9 @@ class SlotLocks:
     def try_exclusive(self, offset: int, length: int) -> bool:
         """For eviction; False while any reader holds the slot."""
         return self._set(fcntl.F_WRLCK, offset, length)
+
+    def fileno(self) -> int:
+        return self._fd
 
     def unlock(self, offset: int, length: int) -> None:
         self._set(fcntl.F_UNLCK, offset, length)

@@ -24,10 +24,15 @@ while True:
     agent.tick()
 """
 
-# The plainest socket server: op 1 = send n bytes, op 2 = receive n bytes and ack.
+# The plainest socket server: op 1 = send n bytes, op 2 = receive n bytes and ack. It sends
+# from distinct memory (a 256 MiB page-aligned buffer, walked through), as the store's agent
+# does: resending one cache-hot MiB would measure the cache, not the path.
 SOCKET_SERVER_SCRIPT = """
-import os, socket
-src = memoryview(bytearray(os.urandom(1 << 20) * 64))
+import mmap, os, socket
+m = mmap.mmap(-1, 256 << 20)
+m[:] = os.urandom(1 << 20) * 256
+src = memoryview(m)
+pos = 0
 srv = socket.create_server(("127.0.0.1", 0))
 print("ready", srv.getsockname()[1], flush=True)
 while True:
@@ -43,7 +48,10 @@ while True:
         op, n = head[0], int.from_bytes(head[1:], "little")
         if op == 1:  # in 1 MiB calls: one huge sendall runs at half the speed here
             while n:
-                k = min(n, 1 << 20); c.sendall(src[:k]); n -= k
+                k = min(n, 1 << 20, len(src) - pos)
+                c.sendall(src[pos:pos + k])
+                n -= k
+                pos = (pos + k) % len(src)
         else:
             while n:
                 n -= c.recv_into(sink, min(n, len(sink)))
