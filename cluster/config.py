@@ -60,7 +60,7 @@ class KVStoreConfig(_Strict):
     prefix: str = Field("pdkv", min_length=1, description="Redis key prefix of this store.")
     transport: Literal["tcp", "grpc"] = Field("tcp", description="How chunks move between nodes.")
     ttl_s: float = Field(0.0, ge=0, description="Idle chunks expire after this long; 0 = never.")
-    lease_s: float = Field(10.0, gt=0, description="A reader's unreleased lease lapses after this.")
+    lease_s: float = Field(10.0, gt=0, description="A remote read's pin lapses after this (stuck transfer).")
 
 
 class RouterConfig(_Strict):

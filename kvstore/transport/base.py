@@ -49,6 +49,7 @@ class SlotHost(Protocol):
 
 class Transport(ABC):
     name: ClassVar[str]
+    _scratch = bytearray()  # replaced per instance on first growth (see _landing)
 
     @abstractmethod
     def read(
@@ -65,6 +66,15 @@ class Transport(ABC):
 
     def close(self) -> None:
         return None
+
+    def _landing(self, dest: memoryview | None, total: int) -> memoryview:
+        """Where a network read lands: the caller's buffer, or this transport's own (grown
+        as needed and reused, so a steady load allocates nothing)."""
+        if dest is not None:
+            return dest
+        if len(self._scratch) < total:
+            self._scratch = bytearray(total)
+        return memoryview(self._scratch)
 
 
 def slot_spans(lengths: Sequence[int]) -> list[tuple[int, int]]:

@@ -84,7 +84,6 @@ class GrpcTransport(Transport):
     def __init__(self, timeout_s: float = 5.0) -> None:
         self.timeout_s = timeout_s
         self._channels: dict[str, grpc.Channel] = {}
-        self._scratch = bytearray()
 
     def _channel(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)
@@ -99,10 +98,7 @@ class GrpcTransport(Transport):
         if not offsets:
             return
         total = sum(lengths)
-        if dest is None:
-            if len(self._scratch) < total:
-                self._scratch = bytearray(total)
-            dest = memoryview(self._scratch)
+        dest = self._landing(dest, total)
         stub = self._channel(peer.address).unary_stream(f"/{SERVICE}/ReadSlots")
         body = msgpack.packb({"offsets": list(offsets), "lengths": list(lengths)})
         spans = slot_spans(lengths)

@@ -20,7 +20,8 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from kvstore.logging import get_logger
 from kvstore.metadata import AgentInfo
@@ -175,7 +176,6 @@ class TcpTransport(Transport):
         self.timeout_s = timeout_s
         self._conns: dict[str, socket.socket] = {}
         self._lock = threading.Lock()
-        self._scratch = bytearray()
 
     def _conn(self, address: str) -> socket.socket:
         sock = self._conns.get(address)
@@ -193,6 +193,24 @@ class TcpTransport(Transport):
         sock = self._conns.pop(address, None)
         if sock is not None:
             sock.close()
+
+    @contextmanager
+    def _session(self, address: str, what: str) -> Iterator[socket.socket]:
+        """One request on the peer's connection. Any failure drops the connection (a
+        half-done exchange leaves the stream out of step) and surfaces as TransportError;
+        an error of the caller's own (on_slot raised) passes through unchanged."""
+        with self._lock:
+            try:
+                yield self._conn(address)
+            except TransportError:
+                self._drop(address)
+                raise
+            except (OSError, ConnectionError) as e:
+                self._drop(address)
+                raise TransportError(f"{what} with {address} failed: {e}") from e
+            except BaseException:
+                self._drop(address)
+                raise
 
     def _request(self, sock: socket.socket, op: int, offsets: Sequence[int], lengths: Sequence[int]) -> bytes:
         table = b"".join(_SLOT.pack(o, n) for o, n in zip(offsets, lengths, strict=True))
@@ -214,26 +232,11 @@ class TcpTransport(Transport):
         if not offsets:
             return
         total = sum(lengths)
-        if dest is None:
-            if len(self._scratch) < total:
-                self._scratch = bytearray(total)
-            dest = memoryview(self._scratch)
-        address = peer.data_address
-        with self._lock:
-            try:
-                sock = self._conn(address)
-                sock.sendall(self._request(sock, READ, offsets, lengths))
-                self._reply(sock, address)
-                self._receive(sock, dest, slot_spans(lengths), on_slot)
-            except TransportError:
-                self._drop(address)
-                raise
-            except (OSError, ConnectionError) as e:
-                self._drop(address)
-                raise TransportError(f"read from {address} failed: {e}") from e
-            except BaseException:
-                self._drop(address)  # on_slot raised mid-stream: the socket is out of step
-                raise
+        dest = self._landing(dest, total)
+        with self._session(peer.data_address, "read") as sock:
+            sock.sendall(self._request(sock, READ, offsets, lengths))
+            self._reply(sock, peer.data_address)
+            self._receive(sock, dest, slot_spans(lengths), on_slot)
 
     @staticmethod
     def _receive(sock: socket.socket, dest: memoryview, spans: list[tuple[int, int]], on_slot: OnSlot) -> None:
@@ -253,21 +256,12 @@ class TcpTransport(Transport):
     def write(self, peer: AgentInfo, offsets: Sequence[int], lengths: Sequence[int], src: memoryview) -> None:
         if not offsets:
             return
-        address = peer.data_address
-        with self._lock:
-            try:
-                sock = self._conn(address)
-                sock.sendall(self._request(sock, WRITE, offsets, lengths))
-                total = sum(lengths)
-                for a in range(0, total, _SEND_STEP):
-                    sock.sendall(src[a : min(total, a + _SEND_STEP)])
-                self._reply(sock, address)
-            except TransportError:
-                self._drop(address)
-                raise
-            except (OSError, ConnectionError) as e:
-                self._drop(address)
-                raise TransportError(f"write to {address} failed: {e}") from e
+        with self._session(peer.data_address, "write") as sock:
+            sock.sendall(self._request(sock, WRITE, offsets, lengths))
+            total = sum(lengths)
+            for a in range(0, total, _SEND_STEP):
+                sock.sendall(src[a : min(total, a + _SEND_STEP)])
+            self._reply(sock, peer.data_address)
 
     def close(self) -> None:
         with self._lock:
