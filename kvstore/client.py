@@ -32,6 +32,7 @@ _INFO_TTL_S = 2.0
 # a helper thread while the next slot is copied (ctypes.memmove, also without the GIL) or
 # received; smaller ones inline, where a thread hand-off costs more than it hides.
 OVERLAP_MIN_BYTES = 512 << 10
+OVERLAP_GROUP_BYTES = 4 << 20  # slots handed over together: one thread hand-off per ~4 MiB
 
 Fill = Callable[[int, memoryview], None]  # fill(i, payload): write chunk i's bytes into payload
 
@@ -202,7 +203,7 @@ class StoreClient:
                 run = pinned
             lengths = [HEADER_BYTES + locs[i].length for i in run]
             damaged: list[tuple[int, bytes]] = []
-            pending: list[tuple[int, Future[str]]] = []
+            pending: list[Future[list[tuple[int, str]]]] = []
 
             def settle(i: int, verdict: str) -> None:
                 if verdict == "ok":
@@ -215,21 +216,31 @@ class StoreClient:
                     damaged.append((locs[i].offset, keys[i]))
 
             overlap = min(lengths, default=0) >= OVERLAP_MIN_BYTES  # whole run, so calls never overlap
+            group: list[tuple[int, memoryview]] = []
+
+            def hand_off() -> None:
+                if group:
+                    pending.append(self._verifier.submit(self._deliver_group, list(group), keys, locs, on_chunk))
+                    group.clear()
 
             def on_slot(j: int, slot: memoryview) -> None:
                 i = run[j]
-                if overlap:  # verify and hand over while the next slot is copied
-                    pending.append((i, self._verifier.submit(self._deliver, i, keys[i], locs[i], slot, on_chunk)))
-                else:
+                if not overlap:
                     settle(i, self._deliver(i, keys[i], locs[i], slot, on_chunk))
+                    return
+                group.append((i, slot))  # verified and handed over while the next ones copy
+                if sum(len(s) for _, s in group) >= OVERLAP_GROUP_BYTES:
+                    hand_off()
 
             try:
                 transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
-            finally:  # every slot is settled before its pin or its buffer goes away
+            finally:  # every complete slot is settled before its pin or its buffer goes away
+                hand_off()
                 error = None
-                for i, fut in pending:
+                for fut in pending:
                     try:
-                        settle(i, fut.result())
+                        for i, verdict in fut.result():
+                            settle(i, verdict)
                     except Exception as e:
                         error = error or e
                 if error is not None:
@@ -264,6 +275,13 @@ class StoreClient:
             return "slot_mismatches"
         on_chunk(i, payload)
         return "ok"
+
+    @classmethod
+    def _deliver_group(
+        cls, group: list[tuple[int, memoryview]], keys: Sequence[bytes], locs: Sequence[ChunkLocation],
+        on_chunk: Callable[[int, memoryview], None],
+    ) -> list[tuple[int, str]]:
+        return [(i, cls._deliver(i, keys[i], locs[i], slot, on_chunk)) for i, slot in group]
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -13,8 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.runtime import start_redis, wait_until
 from kvstore.agent_rpc import AgentClient
@@ -152,6 +154,15 @@ def test_status_prints_pools_replicas_and_store(cluster: Cluster) -> None:
     for pool in ("prefill", "decode", "router"):
         assert status["pools"][pool]["replicas"] == {"RUNNING": 1}, status["pools"]
     assert len(status["store"]["nodes"]) == 1 and status["store"]["totals"]["saved"] > 0
+
+
+def test_router_serves_the_store_metrics_to_prometheus(cluster: Cluster) -> None:
+    r = httpx.get(cluster.base_url.removesuffix("/v1") + "/metrics", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {s.name: s.value for f in text_string_to_metric_families(r.text) for s in f.samples}
+    assert samples["pdserve_kvstore_up"] == 1
+    assert samples["pdserve_kvstore_saved_chunks_total"] > 0 and samples["pdserve_kvstore_segment_chunks"] > 0
+    assert samples["pdserve_kvstore_get_seconds_count"] > 0  # decode loaded through the store
 
 
 # -- faults: nothing on the KV path may make an answer wrong -------------------------------
