@@ -212,6 +212,22 @@ class MetadataStore:
                 ))
         return events
 
+    def stream_bounds(self) -> tuple[str, str] | None:
+        """(first id, last id) still in the change stream; None if it is empty or absent.
+        A consumer whose last id is older than the first one has missed trimmed events."""
+        try:
+            info = self.client.xinfo_stream(self.events_stream)
+        except redis.ResponseError:  # no such key: nothing stored yet
+            return None
+        first, last = info.get("first-entry"), info.get("last-generated-id")
+        if not first:
+            return None
+        return first[0].decode(), last.decode() if isinstance(last, bytes) else str(last)
+
+    def node_chunk_keys(self, node_id: str) -> list[bytes]:
+        """Keys in a node's set (what it may hold: a resync's view, without the locations)."""
+        return [bytes.fromhex(h.decode()) for h in self.client.smembers(self._node_set(node_id))]
+
     # -- counters -------------------------------------------------------------------------
 
     def add_counters(self, instance: str, counters: dict[str, int], now: float) -> None:

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +28,7 @@ from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
 from kvstore.metadata import MetadataStore, connect
 from kvstore.stats import collect, render_prometheus
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
+from router.index import StoreIndex, StoreIndexFeed
 from router.openai_format import ResponseBuilder
 from router.pipeline import Generation, Trace, first_token, rest
 from router.policy import RoutingRequest
@@ -82,6 +83,17 @@ class Router:
         self._prefill = prefill
         self._decode = decode.options(stream=True)
         self._created = int(time.time())
+        # Which store nodes hold which chunks, kept current off the request path (the
+        # routing policy's input; see router/index).
+        self.store_index = StoreIndex()
+        self._index_feed: StoreIndexFeed | None = None
+        if self.spec.redis_url:
+            url, prefix = self.spec.redis_url, self.spec.store_prefix
+            # The feed blocks on XREAD for up to a second: its socket timeout must be longer.
+            self._index_feed = StoreIndexFeed(
+                self.store_index, lambda: MetadataStore(connect(url, timeout_s=5.0), prefix), block_ms=1000,
+            )
+            self._index_feed.start()
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -104,6 +116,12 @@ class Router:
         finally:
             meta.client.close()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/debug/store-index")
+    async def store_index_stats(self) -> JSONResponse:
+        stats = asdict(self.store_index.stats())
+        stats["feed_healthy"] = bool(self._index_feed and self._index_feed.healthy)
+        return JSONResponse(stats)
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:

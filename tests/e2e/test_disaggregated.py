@@ -163,6 +163,8 @@ def test_router_serves_the_store_metrics_to_prometheus(cluster: Cluster) -> None
     assert samples["pdserve_kvstore_up"] == 1
     assert samples["pdserve_kvstore_saved_chunks_total"] > 0 and samples["pdserve_kvstore_segment_chunks"] > 0
     assert samples["pdserve_kvstore_get_seconds_count"] > 0  # decode loaded through the store
+    index = httpx.get(cluster.base_url.removesuffix("/v1") + "/debug/store-index", timeout=30).json()
+    assert index["feed_healthy"] and index["chunks"] > 0 and index["nodes"] == 1  # the router's own view
 
 
 # -- faults: nothing on the KV path may make an answer wrong -------------------------------

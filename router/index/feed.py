@@ -1,0 +1,77 @@
+"""Keeps a ``StoreIndex`` current from the store's change stream, on its own thread.
+
+    start: resync (node sets in Redis) --> XREAD from the id the resync noted, blocking 1 s
+           --> apply each event --> ... ; on a gap (the stream was trimmed past our last id)
+           or after Redis was unreachable: resync again.
+
+Every router replica runs its own feed, so replicas agree without talking to each other, and
+no request ever waits on Redis. While Redis is down the index keeps its last state (routing
+degrades to stale preferences, answers stay right: the engines check the store themselves).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from kvstore.logging import get_logger
+from kvstore.metadata import MetadataStore
+from router.index.store_index import StoreIndex, stream_id_after
+
+log = get_logger(__name__)
+
+
+class StoreIndexFeed:
+    def __init__(
+        self, index: StoreIndex, meta_factory: Callable[[], MetadataStore], block_ms: int = 1000,
+        retry_s: float = 1.0,
+    ) -> None:
+        """``meta_factory``'s client needs a socket timeout longer than ``block_ms``."""
+        self.index = index
+        self._meta_factory = meta_factory
+        self._block_ms = block_ms
+        self._retry_s = retry_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.healthy = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pd-store-index", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        need_resync, failures = True, 0
+        meta: MetadataStore | None = None
+        while not self._stop.is_set():
+            try:
+                if meta is None:
+                    meta = self._meta_factory()
+                if need_resync or self._gap(meta):
+                    self.index.resync(meta)
+                    need_resync = False
+                self.index.apply(meta.read_events(after=self.index.last_id, count=1000, block_ms=self._block_ms))
+                if failures:
+                    log.warning("store index feed reconnected after %d failures", failures)
+                failures, self.healthy = 0, True
+            except Exception as e:  # Redis down: keep the last state, resync when it is back
+                if failures % 30 == 0:
+                    log.warning("store index feed failed (%d in a row): %s", failures + 1, e)
+                failures, self.healthy, need_resync = failures + 1, False, True
+                if meta is not None:
+                    meta.client.close()
+                    meta = None
+                self._stop.wait(self._retry_s)
+        if meta is not None:
+            meta.client.close()
+
+    def _gap(self, meta: MetadataStore) -> bool:
+        bounds = meta.stream_bounds()
+        if bounds is None or self.index.last_id == "0-0":
+            return False
+        first, _last = bounds
+        return stream_id_after(first, self.index.last_id) and first != self.index.last_id
