@@ -154,9 +154,6 @@ class StoreAgent:
     def info(self) -> AgentInfo:
         return AgentInfo(self.node_id, self.segment.name, self.alloc.capacity, self.address, self.data_address)
 
-    def register(self) -> None:
-        self.tick()
-
     # -- slots ----------------------------------------------------------------------------
 
     def allocate(self, payload_lengths: list[int]) -> list[int]:

@@ -257,9 +257,6 @@ class MetadataStore:
         was_alive, _, _ = pipe.execute()
         return bool(was_alive)
 
-    def register_agent(self, info: AgentInfo) -> None:
-        self.client.set(f"{self.prefix}:agent:{info.node_id}", info.encode())
-
     def unregister_agent(self, node_id: str) -> None:
         self.client.delete(f"{self.prefix}:agent:{node_id}", f"{self.prefix}:alive:{node_id}")
 

@@ -74,10 +74,6 @@ def checksum(data: memoryview | bytes) -> int:
     return int(xxhash.xxh3_64_intdigest(data))
 
 
-def slot_bytes(payload_bytes: int) -> int:
-    return HEADER_BYTES + payload_bytes
-
-
 class Segment:
     """A mapping of one shared-memory segment (owner or reader)."""
 
@@ -118,12 +114,6 @@ class Segment:
     def verify(self, offset: int, key: bytes, length: int, digest: int) -> memoryview:
         """Return the payload if the slot holds exactly this chunk, else raise SlotCorrupt."""
         return check_slot(self.buf, offset, key, length, digest)
-
-    def still_holds(self, offset: int, key: bytes) -> bool:
-        """Re-check after copying a payload out: eviction invalidates the header before it
-        reuses a slot, so an unchanged header means the copy was not torn by a reuse."""
-        magic, got_key, _, _ = _HEADER.unpack_from(self.buf, offset)
-        return bool(magic == _MAGIC and got_key == key)
 
     def fileno(self) -> int:
         """A descriptor of the segment file (for sendfile)."""

@@ -37,7 +37,7 @@ def test_remove_is_compare_and_delete(redis_url: str, prefix: str) -> None:
 def test_agents_and_counters(redis_url: str, prefix: str) -> None:
     meta = MetadataStore(connect(redis_url), prefix)
     info = AgentInfo("node-1", "seg", 1024, "127.0.0.1:1")
-    meta.register_agent(info)
+    meta.heartbeat(info, ttl_ms=60_000)
     assert meta.agent("node-1") == info and meta.agents() == [info]
     meta.add_counters("decode-x", {"loaded_chunks": 3}, 0.0)
     meta.add_counters("decode-x", {"loaded_chunks": 2}, 1.0)
