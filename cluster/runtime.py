@@ -95,6 +95,7 @@ def start_redis(run_dir: Path, port: int | None = None) -> tuple[str, int, int]:
     port = port or free_port()
     pidfile = run_dir / f"redis-{port}.pid"
     run_dir.mkdir(parents=True, exist_ok=True)
+    pidfile.unlink(missing_ok=True)  # a killed Redis on this port leaves its pid behind
     subprocess.run(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--daemonize", "yes", "--pidfile", str(pidfile), "--dir", str(run_dir)],

@@ -61,6 +61,18 @@ def reference(model_dir: Path, tokenizer: PromptTokenizer, tmp_path_factory: pyt
     return dict(zip(texts, json.loads((d / "out.json").read_text()), strict=True))
 
 
+def _pids_working_under(path: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if Path(os.readlink(proc / "cwd")).is_relative_to(path):
+                    found.append(int(proc.name))
+            except OSError:  # gone, or not ours to read
+                continue
+    return found
+
+
 @contextmanager
 def running_pdserve(home: Path, config: Path, sets: list[str]) -> Iterator[Cluster]:
     """`pdserve up` with the real CLI, then `pdserve down` and a leak check."""
@@ -82,10 +94,12 @@ def running_pdserve(home: Path, config: Path, sets: list[str]) -> Iterator[Clust
                             dirs_exist_ok=True)
         down = subprocess.run([*pdserve, "down"], env=env, capture_output=True, text=True, timeout=300)
         assert down.returncode == 0, down.stderr[-3000:]
-        # Leak check: nothing of what `up` started survives `down`.
+        # Leak check: nothing of what `up` started survives `down` (a Redis daemon runs in
+        # its run dir, so a restarted one whose pid the state lost is found by that too).
         if state is not None:
             assert not state.ray_temp_dir or not pids_mentioning(state.ray_temp_dir)
             assert not state.redis_pid or not Path(f"/proc/{state.redis_pid}").exists()
+        assert not _pids_working_under(home), f"processes left running in {home}"
 
 
 @pytest.fixture(scope="module")  # down before the next module's cluster comes up: 2 cores
