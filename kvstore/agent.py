@@ -43,6 +43,7 @@ from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
 log = get_logger(__name__)
 
 SEGMENT_PREFIX = "pdkv-"
+Located = tuple[bytes, ChunkLocation]  # a chunk key and where its committed copy lives
 
 
 def _alive(pid: int) -> bool:
@@ -286,20 +287,25 @@ class StoreAgent:
         and the next save stores a good copy. Only a slot still holding that key is touched;
         one that another reader holds right now loses its metadata at once and its bytes at
         its next eviction."""
-        now = time.monotonic()
         with self._lock:
-            dropped, busy = [], []
-            for offset, key in slots:
-                chunk = self._committed.get(offset)
-                if chunk is None or chunk.key != key:
-                    continue
-                victim = self._try_evict(offset, now)
-                if victim is not None:
-                    dropped.append(victim)
-                else:
-                    busy.append((chunk.key, chunk.loc))
+            offsets = [off for off, key in slots if (c := self._committed.get(off)) is not None and c.key == key]
+            dropped, busy = self._drop(offsets)
             self._forget(dropped + busy, counter="discarded")
             return len(dropped) + len(busy)
+
+    def _drop(self, offsets: Sequence[int]) -> tuple[list[Located], list[Located]]:
+        """Evict each committed chunk no reader holds; the held ones are returned apart (their
+        metadata can go now, their bytes at a later eviction). Caller holds the lock."""
+        now = time.monotonic()
+        dropped, busy = [], []
+        for offset in offsets:
+            chunk = self._committed[offset]
+            victim = self._try_evict(offset, now)
+            if victim is not None:
+                dropped.append(victim)
+            else:
+                busy.append((chunk.key, chunk.loc))
+        return dropped, busy
 
     # -- the transports' server side (SlotHost) -------------------------------------------
 
@@ -391,15 +397,8 @@ class StoreAgent:
 
     def clear(self) -> int:
         """Drop every chunk no reader holds; the metadata of all of them."""
-        now = time.monotonic()
         with self._lock:
-            dropped, busy = [], []
-            for offset, chunk in list(self._committed.items()):
-                victim = self._try_evict(offset, now)
-                if victim is not None:
-                    dropped.append(victim)
-                else:
-                    busy.append((chunk.key, chunk.loc))
+            dropped, busy = self._drop(list(self._committed))
             self._forget(dropped + busy)
             self.stats.evicted += len(dropped)
             return len(dropped) + len(busy)

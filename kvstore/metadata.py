@@ -171,10 +171,7 @@ class MetadataStore:
 
     def node_chunks(self, node_id: str) -> list[tuple[bytes, ChunkLocation]]:
         """Every chunk whose committed location is on ``node_id``."""
-        hexes = [h.decode() for h in self.client.smembers(self._node_set(node_id))]
-        if not hexes:
-            return []
-        keys = [bytes.fromhex(h) for h in hexes]
+        keys = self.node_chunk_keys(node_id)
         return [(k, loc) for k, loc in zip(keys, self.lookup(keys), strict=True)
                 if loc is not None and loc.node_id == node_id]
 
