@@ -66,10 +66,10 @@ def served_name(cfg: ClusterConfig, model_dir: Path) -> str:
     return cfg.served_model_name or model_dir.name
 
 
-def _pool(cls: type, name: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
+def _pool(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
     return serve.deployment(
         cls,
-        name=name,
+        name=role,
         num_replicas=pool.replicas,
         max_ongoing_requests=pool.max_ongoing_requests,
         ray_actor_options={
@@ -77,7 +77,7 @@ def _pool(cls: type, name: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
         },
         request_router_config=RequestRouterConfig(
             request_router_class=_REQUEST_ROUTER,
-            request_router_kwargs={"policy": cfg.router.policy},
+            request_router_kwargs={"policy": cfg.router.policy, "role": role},
             request_routing_stats_period_s=0.5,
         ),
         # Engine start takes tens of seconds on CPU; don't let Serve call it unhealthy.
@@ -103,6 +103,7 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
         namespace=kv_namespace(cfg, model_dir),
         redis_url=redis_url,
         store_prefix=cfg.kvstore.prefix,
+        prefill_prior_tps=cfg.router.prefill_prior_tps,
     )
     router = serve.deployment(Router, name="router", num_replicas=1,
                               ray_actor_options={"num_cpus": 0})

@@ -66,7 +66,13 @@ class KVStoreConfig(_Strict):
 class RouterConfig(_Strict):
     host: str = Field("127.0.0.1", description="HTTP bind address.")
     port: int = Field(0, ge=0, le=65535, description="HTTP port; 0 = a free one.")
-    policy: Literal["least_loaded"] = Field("least_loaded", description="Routing policy.")
+    policy: Literal["kv_aware", "prefix_tree_approx", "least_loaded", "round_robin"] = Field(
+        "kv_aware", description="Routing policy: kv_aware (estimated time to first token, every cache "
+        "counted), prefix_tree_approx (SGLang-style), least_loaded, round_robin.",
+    )
+    prefill_prior_tps: float = Field(
+        350.0, gt=0, description="Prefill tokens/s per replica assumed until its rate is measured.",
+    )
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Larger bodies get 413.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the body has none.")
     proxy_location: Literal["HeadOnly", "EveryNode"] = Field(

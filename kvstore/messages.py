@@ -6,7 +6,7 @@ changes which fields it uses (a prefill call always runs ``max_tokens=1``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -94,7 +94,9 @@ class ReplicaLoad:
     waiting: int = 0
     kv_usage: float = 0.0
     inflight: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+    queued_tokens: int = 0  # prompt tokens of the requests in flight (an upper bound of work)
+    computed_tokens: int = 0  # prompt tokens computed since start (not loaded): cumulative
+    busy_s: float = 0.0  # seconds with at least one request in flight: cumulative
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,11 @@ from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
 from kvstore.metadata import MetadataStore, connect
 from kvstore.stats import collect, render_prometheus
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
-from router.index import StoreIndex, StoreIndexFeed
+from router.index import StoreIndexFeed
 from router.openai_format import ResponseBuilder
 from router.pipeline import Generation, Trace, first_token, rest
-from router.policy import RoutingRequest
+from router.policy import RoutingRequest, RoutingState
+from router.policy import state as routing_state
 from router.protocol import ChatCompletionRequest, CompletionRequest, parse
 from router.tokenizer import PromptTokenizer
 
@@ -48,6 +49,7 @@ class RouterSpec:
     namespace: dict[str, Any]
     redis_url: str = ""  # the store's metadata, for /metrics ("" = no store metrics)
     store_prefix: str = "pdkv"
+    prefill_prior_tps: float = 350.0  # prefill tokens/s assumed until a replica's rate is measured
 
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
@@ -83,15 +85,18 @@ class Router:
         self._prefill = prefill
         self._decode = decode.options(stream=True)
         self._created = int(time.time())
-        # Which store nodes hold which chunks, kept current off the request path (the
-        # routing policy's input; see router/index).
-        self.store_index = StoreIndex()
+        # What the routing policy reads: which store nodes hold which chunks (kept current
+        # off the request path by a feed thread), what each replica computed, measured rates.
+        # The pools' request routers live in this process and pick it up (router/policy/state).
+        self.routing = RoutingState(self.namespace.chunk_tokens, self.spec.prefill_prior_tps)
+        routing_state.install(self.routing)
         self._index_feed: StoreIndexFeed | None = None
         if self.spec.redis_url:
             url, prefix = self.spec.redis_url, self.spec.store_prefix
             # The feed blocks on XREAD for up to a second: its socket timeout must be longer.
             self._index_feed = StoreIndexFeed(
-                self.store_index, lambda: MetadataStore(connect(url, timeout_s=5.0), prefix), block_ms=1000,
+                self.routing.store, lambda: MetadataStore(connect(url, timeout_s=5.0), prefix), block_ms=1000,
+                on_tick=lambda meta: self.routing.costs.update(meta.stats(), self.namespace.chunk_tokens),
             )
             self._index_feed.start()
 
@@ -119,9 +124,23 @@ class Router:
 
     @app.get("/debug/store-index")
     async def store_index_stats(self) -> JSONResponse:
-        stats = asdict(self.store_index.stats())
+        stats = asdict(self.routing.store.stats())
         stats["feed_healthy"] = bool(self._index_feed and self._index_feed.healthy)
         return JSONResponse(stats)
+
+    @app.get("/debug/routes")
+    async def routes(self, last: int = 20) -> JSONResponse:
+        """The last routing decisions of this router replica: candidates, scores, the rule."""
+        recent = self.routing.recent(max(1, min(last, 1000)))
+        return JSONResponse([{"request_id": rid, **{role: d.explain() for role, d in by_role.items()}}
+                             for rid, by_role in recent])
+
+    @app.get("/debug/routes/{request_id}")
+    async def route_of(self, request_id: str) -> JSONResponse:
+        found = self.routing.decisions(request_id)
+        if not found:
+            raise NotFound(f"no routing decision kept for request {request_id!r}")
+        return JSONResponse({"request_id": request_id, **{role: d.explain() for role, d in found.items()}})
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
@@ -190,8 +209,13 @@ class Router:
     # -- the disaggregated path -------------------------------------------------------------
 
     async def _call_prefill(self, req: EngineRequest, hint: RoutingRequest) -> EngineDelta:
-        raw = await self._prefill.prefill.remote(req.encode(), routing=hint.encode())
-        return EngineDelta.decode(raw)
+        try:
+            delta = EngineDelta.decode(await self._prefill.prefill.remote(req.encode(), routing=hint.encode()))
+        finally:
+            self.routing.finished(hint.request_id)
+        # The replica now holds the prompt's chunks in its own cache (computed or loaded).
+        self.routing.prefilled(delta.replica.removeprefix("prefill-"), hint.chunk_keys)
+        return delta
 
     async def _call_decode(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
         async for raw in self._decode.decode.remote(req.encode(), routing=hint.encode()):
@@ -208,22 +232,33 @@ class Router:
         # clean 503, streaming or not.
         try:
             first = await first_token(rid, ids, sampling, keys, self._call_prefill, gen.trace)
+            gen.trace.prefill_node = self.routing.node_of(gen.trace.prefill_replica.removeprefix("prefill-"))
         except APIError:
             raise
         except Exception as e:
             raise Unavailable(f"prefill failed: {type(e).__name__}: {e}") from None
         gen.add(first)
         tail = rest(rid, ids, sampling, keys, first, self._call_decode, gen.trace)
+        headers = {"x-pdserve-request-id": rid, "x-pdserve-route": self._route_header(rid)}
         if not stream:
             try:
                 async for delta in tail:
                     gen.add(delta)
             except Exception as e:
                 raise Unavailable(f"decode failed: {type(e).__name__}: {e}") from None
-            return JSONResponse(builder.full(gen))
+            return JSONResponse(builder.full(gen), headers=headers)
         include_usage = bool(stream_options and stream_options.include_usage)
         return StreamingResponse(self._events(builder, gen, first, tail, include_usage),
-                                 media_type="text/event-stream")
+                                 media_type="text/event-stream", headers=headers)
+
+    def _route_header(self, rid: str) -> str:
+        """The prefill decision in one line: policy, chosen replica, the rule, and the best
+        candidates' scores (all of them at /debug/routes/<request id>)."""
+        d = self.routing.decisions(rid).get("prefill")
+        if d is None:
+            return ""
+        best = ",".join(f"{s.replica}={s.score:.4g}" for s in d.scored[:4])
+        return f"policy={d.policy}; chosen={d.chosen}; why={d.why}; scores={best}"
 
     async def _events(self, builder: ResponseBuilder, gen: Generation, first: EngineDelta,
                       tail: AsyncIterator[EngineDelta], include_usage: bool) -> AsyncIterator[str]:

@@ -27,6 +27,7 @@ class Trace:
     decode_replica: str = ""
     prefill_cached_tokens: int = 0
     decode_cached_tokens: int = 0
+    prefill_node: str = ""  # where the prompt's KV was saved: decode prefers this node
 
 
 @dataclass
@@ -83,7 +84,7 @@ async def rest(
     ids = tuple(prompt) + first.token_ids
     left = sampling.max_tokens - len(first.token_ids)
     req = EngineRequest(f"{request_id}-d", ids, replace(sampling, max_tokens=left))
-    hint = RoutingRequest(request_id, "decode", len(ids), chunk_keys)
+    hint = RoutingRequest(request_id, "decode", len(ids), chunk_keys, prefer_node=trace.prefill_node)
     async for delta in decode(req, hint):
         if not trace.decode_replica:
             trace.decode_replica = delta.replica

@@ -2,9 +2,10 @@
 
 Configured on the prefill and decode deployments by the control plane (as the import path
 ``router.replica_router:PDRequestRouter``); Serve instantiates it inside whichever process
-holds the deployment handle, i.e. the router replica. Replica loads come from the workers'
-``record_routing_stats`` (refreshed every ``request_routing_stats_period_s``) plus Serve's
-own cache of each replica's queue length, which is fresher.
+holds the deployment handle, i.e. the router replica, where the ingress has installed the
+process's ``RoutingState``. Replica loads come from the workers' ``record_routing_stats``
+(refreshed every ``request_routing_stats_period_s``) plus Serve's own cache of each
+replica's queue length, which is fresher.
 """
 
 from __future__ import annotations
@@ -13,13 +14,19 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
+from kvstore.logging import get_logger
 from kvstore.messages import ReplicaLoad
 from router.policy import RoutingPolicy, RoutingRequest, make_policy
+from router.policy import state as routing_state
+
+log = get_logger(__name__)
 
 
-class PDRequestRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
-    def initialize_state(self, policy: str = "least_loaded", **kwargs: Any) -> None:
-        self._policy: RoutingPolicy = make_policy(policy)
+class PDRequestRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, policy: str = "kv_aware", role: str = "", **kwargs: Any) -> None:
+        self._state = routing_state.current()
+        self._role = role
+        self._policy: RoutingPolicy = make_policy(policy, self._state, role)
 
     def _load(self, replica: RunningReplica) -> ReplicaLoad:
         stats = replica.routing_stats or {}
@@ -31,6 +38,9 @@ class PDRequestRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
             waiting=int(stats.get("waiting", 0)),
             kv_usage=float(stats.get("kv_usage", 0.0)),
             inflight=int(queued if queued is not None else stats.get("inflight", 0)),
+            queued_tokens=int(stats.get("queued_tokens", 0)),
+            computed_tokens=int(stats.get("computed_tokens", 0)),
+            busy_s=float(stats.get("busy_s", 0.0)),
         )
 
     async def choose_replicas(
@@ -41,6 +51,11 @@ class PDRequestRouter(FIFOMixin, RequestRouter):  # type: ignore[misc]
             raw = pending_request.kwargs.get("routing")
             if isinstance(raw, bytes):
                 hint = RoutingRequest.decode(raw)
+        loads = [self._load(r) for r in candidate_replicas]
+        if self._state is not None:
+            self._state.observe(self._role, loads)
+        decision = self._policy.route(hint, loads)
+        if hint is not None and self._state is not None:
+            self._state.routed(hint, decision)
         by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ranked = self._policy.rank(hint, [self._load(r) for r in candidate_replicas])
-        return [[by_name[name] for name in group if name in by_name] for group in ranked]
+        return [[by_name[name] for name in group if name in by_name] for group in decision.groups]

@@ -12,6 +12,7 @@ degrades to stale preferences, answers stay right: the engines check the store t
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from kvstore.logging import get_logger
@@ -24,10 +25,13 @@ log = get_logger(__name__)
 class StoreIndexFeed:
     def __init__(
         self, index: StoreIndex, meta_factory: Callable[[], MetadataStore], block_ms: int = 1000,
-        retry_s: float = 1.0,
+        retry_s: float = 1.0, on_tick: Callable[[MetadataStore], None] | None = None, tick_s: float = 5.0,
     ) -> None:
-        """``meta_factory``'s client needs a socket timeout longer than ``block_ms``."""
+        """``meta_factory``'s client needs a socket timeout longer than ``block_ms``.
+        ``on_tick(meta)`` runs on this thread about every ``tick_s`` (slow-moving inputs of
+        the routing policy, such as the store's measured transfer costs)."""
         self.index = index
+        self._on_tick, self._tick_s, self._next_tick = on_tick, tick_s, 0.0
         self._meta_factory = meta_factory
         self._block_ms = block_ms
         self._retry_s = retry_s
@@ -55,6 +59,9 @@ class StoreIndexFeed:
                     self.index.resync(meta)
                     need_resync = False
                 self.index.apply(meta.read_events(after=self.index.last_id, count=1000, block_ms=self._block_ms))
+                if self._on_tick is not None and time.monotonic() >= self._next_tick:
+                    self._next_tick = time.monotonic() + self._tick_s
+                    self._on_tick(meta)
                 if failures:
                     log.warning("store index feed reconnected after %d failures", failures)
                 failures, self.healthy = 0, True

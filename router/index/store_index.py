@@ -10,19 +10,19 @@ Events are idempotent: a repeated ``stored`` or a ``removed`` of a chunk the ind
 change nothing, so a resync (rebuild from the node sets in Redis, then replay the stream from
 the id taken before the scan) can overlap the stream safely.
 
-Per chunk the index keeps one int, a bitmask over node slots (``_slot_of``), in an
-OrderedDict for the LRU order. One lock guards it: the feed thread writes, the event loop
-reads; no holder of the lock does I/O, so a query waits at most for one batch of events.
+The chunk -> nodes structure is ``OwnerIndex`` (one bitmask per chunk, LRU-bounded). One
+lock guards it: the feed thread writes, the event loop reads; no holder of the lock does
+I/O, so a query waits at most for one batch of events.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvstore.metadata import MetadataStore, StoreEvent
+from router.index.owners import OwnerIndex
 
 
 def _id_tuple(stream_id: str) -> tuple[int, int]:
@@ -47,12 +47,9 @@ class IndexStats:
 
 class StoreIndex:
     def __init__(self, max_chunks: int = 1_000_000) -> None:
-        self.max_chunks = max_chunks
-        self._chunks: OrderedDict[bytes, int] = OrderedDict()  # key -> bitmask of node slots
-        self._slot_of: dict[str, int] = {}
-        self._node_at: list[str | None] = []
+        self._owners = OwnerIndex(max_chunks)
         self.last_id = "0-0"  # the last stream event applied
-        self._applied = self._forgotten = self._resyncs = 0
+        self._applied = self._resyncs = 0
         self._lock = threading.Lock()
 
     # -- updates --------------------------------------------------------------------------
@@ -61,73 +58,25 @@ class StoreIndex:
         with self._lock:
             for event in events:
                 if event.op == "stored":
-                    self._stored(event.node_id, event.keys)
+                    self._owners.add(event.node_id, event.keys)
                 elif event.op == "removed":
-                    self._removed(event.node_id, event.keys)
+                    self._owners.remove(event.node_id, event.keys)
                 if stream_id_after(event.id, self.last_id):
                     self.last_id = event.id
                 self._applied += 1
 
     def stored(self, node_id: str, keys: Iterable[bytes]) -> None:
         with self._lock:
-            self._stored(node_id, keys)
+            self._owners.add(node_id, keys)
 
     def removed(self, node_id: str, keys: Iterable[bytes]) -> None:
         with self._lock:
-            self._removed(node_id, keys)
-
-    def _stored(self, node_id: str, keys: Iterable[bytes]) -> None:
-        bit = 1 << self._slot(node_id)
-        for key in keys:
-            self._chunks[key] = self._chunks.get(key, 0) | bit
-            self._chunks.move_to_end(key)
-        while len(self._chunks) > self.max_chunks:
-            self._chunks.popitem(last=False)
-            self._forgotten += 1
-
-    def _removed(self, node_id: str, keys: Iterable[bytes]) -> None:
-        slot = self._slot_of.get(node_id)
-        if slot is None:
-            return
-        bit = 1 << slot
-        for key in keys:
-            mask = self._chunks.get(key)
-            if mask is None:
-                continue
-            if mask & ~bit:
-                self._chunks[key] = mask & ~bit
-            else:
-                del self._chunks[key]
+            self._owners.remove(node_id, keys)
 
     def drop_node(self, node_id: str) -> None:
         """Forget a node (it left the cluster) and free its slot for a new one."""
         with self._lock:
-            self._drop_node(node_id)
-
-    def _drop_node(self, node_id: str) -> None:
-        slot = self._slot_of.pop(node_id, None)
-        if slot is None:
-            return
-        bit = 1 << slot
-        for key in [k for k, m in self._chunks.items() if m & bit]:
-            mask = self._chunks[key] & ~bit
-            if mask:
-                self._chunks[key] = mask
-            else:
-                del self._chunks[key]
-        self._node_at[slot] = None
-
-    def _slot(self, node_id: str) -> int:
-        slot = self._slot_of.get(node_id)
-        if slot is None:
-            free = [i for i, n in enumerate(self._node_at) if n is None]
-            slot = free[0] if free else len(self._node_at)
-            if slot == len(self._node_at):
-                self._node_at.append(node_id)
-            else:
-                self._node_at[slot] = node_id
-            self._slot_of[node_id] = slot
-        return slot
+            self._owners.drop_owner(node_id)
 
     def resync(self, meta: MetadataStore) -> None:
         """Rebuild from Redis: note where the stream ends, scan every live node's set, then
@@ -137,11 +86,9 @@ class StoreIndex:
         agents = meta.agents()
         chunks: dict[str, list[bytes]] = {a.node_id: meta.node_chunk_keys(a.node_id) for a in agents}
         with self._lock:  # the I/O is done: swap the contents in one go
-            self._chunks.clear()
-            self._slot_of.clear()
-            self._node_at.clear()
+            self._owners.clear()
             for node_id, keys in chunks.items():
-                self._stored(node_id, keys)
+                self._owners.add(node_id, keys)
             self.last_id = bounds[1] if bounds else "0-0"
             self._resyncs += 1
 
@@ -149,36 +96,27 @@ class StoreIndex:
 
     def holders(self, key: bytes) -> list[str]:
         with self._lock:
-            mask = self._chunks.get(key, 0)
-            return [n for n, slot in self._slot_of.items() if mask >> slot & 1]
+            return self._owners.holders(key)
 
     def prefix_by_node(self, keys: Sequence[bytes]) -> dict[str, int]:
         """For each node, how many leading chunks of ``keys`` it holds (contiguously)."""
-        out: dict[str, int] = {}
         with self._lock:
-            alive = (1 << len(self._node_at)) - 1
-            for i, key in enumerate(keys):
-                alive &= self._chunks.get(key, 0)
-                if not alive:
-                    break
-                for node, slot in self._slot_of.items():
-                    if alive >> slot & 1:
-                        out[node] = i + 1
-        return out
+            return self._owners.prefix_depths(keys)
+
+    def prefix_by_node_and_any(self, keys: Sequence[bytes]) -> tuple[dict[str, int], int]:
+        """``prefix_by_node`` and ``stored_prefix`` in one walk."""
+        with self._lock:
+            return self._owners.prefix_depths_and_any(keys)
 
     def stored_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading chunks of ``keys`` are held on some node (any mix of nodes)."""
-        n = 0
         with self._lock:
-            for key in keys:
-                if not self._chunks.get(key):
-                    break
-                n += 1
-            if n:
-                self._chunks.move_to_end(keys[0])  # the prefix's root is in use
-        return n
+            return self._owners.any_prefix(keys)
+
+    def __len__(self) -> int:
+        return len(self._owners)
 
     def stats(self) -> IndexStats:
         with self._lock:
-            return IndexStats(len(self._chunks), len(self._slot_of), self.last_id, self._applied,
-                              self._forgotten, self._resyncs)
+            o = self._owners
+            return IndexStats(len(o), o.owners(), self.last_id, self._applied, o.forgotten, self._resyncs)

@@ -1,6 +1,7 @@
 """The router's HTTP API through real Ray Serve, with fake engines (the engines are not the
 subject here): every kind of bad input gets an OpenAI-style error and the server keeps
-serving the next request."""
+serving the next request; the kv_aware policy routes through Serve's request router with
+what the ingress learned, and explains each decision."""
 
 from __future__ import annotations
 
@@ -21,16 +22,20 @@ from router.app import Router, RouterSpec
 
 MODEL = "tiny"
 ZERO = {"num_cpus": 0}  # the fakes must fit beside whatever else runs on a 2-core machine
-ROUTER = RequestRouterConfig(request_router_class="router.replica_router:PDRequestRouter",
-                             request_routing_stats_period_s=0.2)
+
+def request_router(role: str) -> RequestRouterConfig:
+    return RequestRouterConfig(request_router_class="router.replica_router:PDRequestRouter",
+                               request_router_kwargs={"policy": "kv_aware", "role": role},
+                               request_routing_stats_period_s=0.2)
 
 
 class FakePrefill:
     async def prefill(self, payload: bytes, routing: bytes | None = None) -> bytes:
         req = EngineRequest.decode(payload)
         assert req.sampling.max_tokens == 1 and routing is not None
+        name = f"prefill-{serve.get_replica_context().replica_tag}"  # as the real workers name themselves
         return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
-                           replica="fake-p").encode()
+                           replica=name).encode()
 
     def record_routing_stats(self) -> dict[str, Any]:
         return {"running": 0, "waiting": 0}
@@ -56,8 +61,10 @@ def base_url() -> Iterator[str]:
     spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=128,
                       default_max_tokens=8, max_body_bytes=64 * 1024,
                       namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32})
-    prefill = serve.deployment(FakePrefill, name="prefill", request_router_config=ROUTER, ray_actor_options=ZERO).bind()
-    decode = serve.deployment(FakeDecode, name="decode", request_router_config=ROUTER, ray_actor_options=ZERO).bind()
+    prefill = serve.deployment(FakePrefill, name="prefill", num_replicas=2,
+                               request_router_config=request_router("prefill"), ray_actor_options=ZERO).bind()
+    decode = serve.deployment(FakeDecode, name="decode", request_router_config=request_router("decode"),
+                              ray_actor_options=ZERO).bind()
     router = serve.deployment(Router, name="router", ray_actor_options=ZERO)
     serve.run(router.bind(spec.__dict__, prefill, decode), name="t")
     yield f"http://127.0.0.1:{port}"
@@ -79,7 +86,7 @@ def test_completion_and_chat_whole(base_url: str) -> None:
     body = r.json()
     assert body["choices"][0]["text"] == " Paris.." and body["choices"][0]["token_ids"] == [42, 43, 44]
     assert body["usage"]["completion_tokens"] == 3
-    assert body["pdserve"]["prefill_replica"] == "fake-p" and body["pdserve"]["decode_replica"] == "fake-d"
+    assert body["pdserve"]["prefill_replica"].startswith("prefill-") and body["pdserve"]["decode_replica"] == "fake-d"
     r = post(base_url, "/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
                                                  "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == " Paris."
@@ -93,6 +100,27 @@ def test_streaming_sends_first_token_then_decode_then_done(base_url: str) -> Non
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert [c["choices"][0]["text"] for c in chunks[:-1]] == [" Paris", ".", "."]
     assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_kv_aware_sends_a_repeated_prompt_where_its_kv_is_and_explains_why(base_url: str) -> None:
+    long_prompt = {**OK_COMPLETION, "prompt": "The history of the Roman Empire, told briefly: " * 9}
+    first = post(base_url, "/v1/completions", long_prompt)
+    assert first.status_code == 200, first.text
+    home = first.json()["pdserve"]["prefill_replica"]
+    for _ in range(4):  # the replica that computed it holds it in its own cache: it wins every time
+        again = post(base_url, "/v1/completions", long_prompt)
+        assert again.json()["pdserve"]["prefill_replica"] == home
+    header = again.headers["x-pdserve-route"]
+    assert header.startswith("policy=kv_aware; chosen=" + home.removeprefix("prefill-"))
+    rid = again.headers["x-pdserve-request-id"]
+    why = httpx.get(f"{base_url}/debug/routes/{rid}").json()
+    candidates = why["prefill"]["candidates"]
+    assert len(candidates) == 2 and why["decode"]["policy"] == "kv_aware"
+    best, other = candidates
+    assert best["replica"] == home.removeprefix("prefill-") and best["own_tokens"] >= 64 and other["own_tokens"] == 0
+    assert best["score"] < other["score"]
+    assert httpx.get(f"{base_url}/debug/routes/nope").status_code == 404
+    assert len(httpx.get(f"{base_url}/debug/routes?last=3").json()) == 3
 
 
 def test_models_and_health(base_url: str) -> None:

@@ -28,7 +28,7 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     "kvstore.chunk_tokens=48",  # not whole blocks of 32
     "decode.engine.block_size=64",  # KV not interchangeable with prefill's
     "decode.engine.dtype=bfloat16",
-    "router.policy=round_robin",
+    "router.policy=random",  # not a policy
     "prefill.bogus=1",  # typos are errors, not silently ignored
 ])
 def test_bad_values_are_rejected(override: str) -> None:

@@ -1,9 +1,8 @@
-import random
 from collections.abc import AsyncIterator
 
-from kvstore.messages import EngineDelta, EngineRequest, ReplicaLoad, SamplingSpec, TokenLogprob
+from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec, TokenLogprob
 from router.pipeline import Generation, Trace, first_token, rest
-from router.policy import LeastLoadedPolicy, RoutingRequest
+from router.policy import RoutingRequest
 
 KEYS = (b"k" * 16,)
 
@@ -50,13 +49,3 @@ def test_messages_roundtrip_msgpack() -> None:
     assert EngineDelta.decode(d.encode()) == d
     h = RoutingRequest("id", "prefill", 64, KEYS)
     assert RoutingRequest.decode(h.encode()) == h
-
-
-def test_least_loaded_prefers_idle_and_breaks_ties_randomly() -> None:
-    p = LeastLoadedPolicy(random.Random(0))
-    loads = [ReplicaLoad("busy", "n", running=3), ReplicaLoad("queued", "n", waiting=2),
-             ReplicaLoad("idle", "n")]
-    assert p.rank(None, loads)[0] == ["idle"]
-    firsts = {p.rank(None, [ReplicaLoad("a", "n"), ReplicaLoad("b", "n")])[0][0] for _ in range(50)}
-    assert firsts == {"a", "b"}
-    assert p.rank(None, []) == []

@@ -1,0 +1,113 @@
+"""The routing contract: which replica of a pool gets a request, and why.
+
+``RoutingPolicy.route`` is called by the Serve request router (``router.replica_router``) in
+the router replica's own process, once per routing attempt, on the event loop: it must not
+block or do I/O (everything it reads is in memory: the replicas' last load reports and the
+``RoutingState`` that feed threads keep current). The simulator (``bench/sim``) calls the
+same objects with simulated replicas.
+
+A decision is typed and explainable: the replicas in groups, best group first (Serve tries
+a group's replicas before the next group's), and every candidate's score with the terms it
+was made of.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from kvstore.messages import ReplicaLoad
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    """What the ingress tells the request router about one call (a handle-call kwarg)."""
+
+    request_id: str
+    role: str  # "prefill" | "decode"
+    num_prompt_tokens: int
+    chunk_keys: tuple[bytes, ...]
+    prefer_node: str = ""  # decode: the node of the prefill replica that saved the KV
+
+    def encode(self) -> bytes:
+        raw: bytes = msgpack.packb([self.request_id, self.role, self.num_prompt_tokens, list(self.chunk_keys),
+                                    self.prefer_node])
+        return raw
+
+    @classmethod
+    def decode(cls, raw: bytes) -> RoutingRequest:
+        rid, role, n, keys, node = msgpack.unpackb(raw)
+        return cls(rid, role, n, tuple(keys), node)
+
+
+@dataclass(frozen=True)
+class ScoredReplica:
+    replica: str
+    score: float  # lower is better, in the policy's unit (kv_aware: estimated seconds)
+    terms: dict[str, float] = field(default_factory=dict)  # what the score was made of
+
+
+# One candidate as a policy computes it on the hot path: (replica, score, term values), the
+# values in the order of the decision's ``term_names``. Objects and sorting wait until someone
+# asks for the explanation (``RouteDecision.scored``), so a decision stays in microseconds.
+Candidate = tuple[str, float, tuple[float, ...]]
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    policy: str
+    role: str
+    groups: list[list[str]]  # replica names, best group first
+    why: str = ""  # the rule that decided (e.g. "cache", "balance", "tie: power of two")
+    candidates: Sequence[Candidate] = ()
+    term_names: tuple[str, ...] = ()
+
+    @property
+    def chosen(self) -> str:
+        return self.groups[0][0] if self.groups and self.groups[0] else ""
+
+    @property
+    def scored(self) -> tuple[ScoredReplica, ...]:
+        """Every candidate, the chosen one first, then by score."""
+        chosen = self.chosen
+        ordered = sorted(self.candidates, key=lambda c: (c[0] != chosen, c[1]))
+        return tuple(ScoredReplica(name, score, dict(zip(self.term_names, terms, strict=True)))
+                     for name, score, terms in ordered)
+
+    def explain(self) -> dict[str, Any]:
+        """JSON-ready: the debug endpoint's and the log line's form."""
+        return {
+            "policy": self.policy, "role": self.role, "chosen": self.chosen, "why": self.why,
+            "candidates": [{"replica": s.replica, "score": round(s.score, 6),
+                            **{k: round(v, 6) for k, v in s.terms.items()}} for s in self.scored],
+        }
+
+
+def groups_of(ordered: Sequence[str]) -> list[list[str]]:
+    """The usual grouping: the best replica alone, then the rest as fallbacks."""
+    if not ordered:
+        return []
+    return [[ordered[0]], list(ordered[1:])] if len(ordered) > 1 else [[ordered[0]]]
+
+
+def best_then_rest(best: str, names: Sequence[str]) -> list[list[str]]:
+    """The chosen replica alone, then every other as a fallback (Serve picks among a group's
+    replicas itself, so the fallbacks need no order)."""
+    rest = [n for n in names if n != best]
+    return [[best], rest] if rest else [[best]]
+
+
+class RoutingPolicy(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def route(self, request: RoutingRequest | None, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
+        """Rank ``replicas`` for ``request`` (None for calls without a hint: health checks,
+        admin calls). Pure in-memory work, well under a millisecond."""
+
+    def rank(self, request: RoutingRequest | None, replicas: Sequence[ReplicaLoad]) -> list[list[str]]:
+        return self.route(request, replicas).groups

@@ -1,0 +1,124 @@
+"""``kv_aware`` (the default): each replica scored by when this request would get its first
+token there, with every cache in the cluster counted at what it is worth.
+
+Prefill, for replica r and a prompt of n tokens (chunk keys k1..km):
+
+    own     = leading tokens in r's own engine cache                    (free)
+    node    = next leading tokens in the store on r's node              (shared-memory load)
+    remote  = next leading tokens in the store on other nodes           (network pull)
+    compute = n - own - node - remote                                   (at least 1 token)
+
+    ttft(r) = queued(r) / rate(r) + compute / rate(r)
+              + node * same_node_s_per_token + remote * remote_s_per_token
+
+``rate(r)`` is r's measured prefill rate (tokens per busy second, from its own counters),
+``queued(r)`` the prompt tokens already waiting there (this router's in-flight work, or the
+replica's report when that is larger: other routers send work too), the transfer costs come
+from the store's measured get latencies. Replicas within ``tie_s`` (or ``tie_rel``) of the
+best are ties: two of them are drawn at random and the less loaded wins (power of two
+choices), so equal replicas share the load instead of herding.
+
+Decode, for replica r: free KV and running sequences decide, and a replica on the node
+whose store holds the prompt's KV (usually the prefill replica's node) is preferred by
+``locality`` sequences' worth of load: its load is a shared-memory copy, not a pull.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from kvstore.messages import ReplicaLoad
+from router.policy.interface import Candidate, RouteDecision, RoutingPolicy, RoutingRequest, best_then_rest
+from router.policy.simple import LeastLoadedPolicy, load_score
+from router.policy.state import RoutingState
+
+# Prefill candidates carry the inputs of their score (the score is the estimated TTFT, s).
+PREFILL_TERMS = ("queued_tokens", "rate_tps", "own_tokens", "node_tokens", "remote_tokens")
+DECODE_TERMS = ("load", "remote_kv")
+
+
+class KVAwarePolicy(RoutingPolicy):
+    name = "kv_aware"
+
+    def __init__(self, state: RoutingState, role: str = "", rng: random.Random | None = None,
+                 tie_s: float = 0.005, tie_rel: float = 0.05, locality: float = 1.0) -> None:
+        self.state, self.role = state, role
+        self.tie_s, self.tie_rel, self.locality = tie_s, tie_rel, locality
+        self._rng = rng or random.Random()
+        self._fallback = LeastLoadedPolicy(role, self._rng)
+
+    def route(self, request: RoutingRequest | None, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
+        if request is None or not replicas:
+            d = self._fallback.route(request, replicas)
+            return RouteDecision(self.name, d.role, d.groups, "no hint: load", d.candidates, d.term_names)
+        if request.role == "decode":
+            return self._decode(request, replicas)
+        return self._prefill(request, replicas)
+
+    # -- prefill ---------------------------------------------------------------------------
+
+    def _prefill(self, request: RoutingRequest, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
+        """One pass over the replicas with plain tuples (this runs for every request). Most
+        replicas hold nothing of the prompt on their node or in their cache: their score is
+        the "cold" one, computed with two lookups."""
+        st, ct, n, keys = self.state, self.state.chunk_tokens, request.num_prompt_tokens, request.chunk_keys
+        own_depth = st.engines.prefix_by_replica(keys) if keys else {}
+        node_depth, stored = st.store.prefix_by_node_and_any(keys) if keys else ({}, 0)
+        limit = max(n - 1, 0)  # an engine computes at least the prompt's last token
+        anywhere = min(stored * ct, limit)
+        rates, prior, queued_by = st.rates.table(), st.rates.prior_tps, st.queued_by_replica()
+        shm_cost, remote_cost = st.costs.same_node_s_per_token, st.costs.remote_s_per_token
+        cold_tokens, cold_load_s = n - anywhere, anywhere * remote_cost
+        cands: list[Candidate] = []
+        append = cands.append
+        for r in replicas:
+            name = r.replica
+            rate = rates.get(name, prior)
+            queued = queued_by.get(name, 0)
+            if r.queued_tokens > queued:
+                queued = r.queued_tokens
+            if name not in own_depth and r.node_id not in node_depth:
+                append((name, (queued + cold_tokens) / rate + cold_load_s, (queued, rate, 0, 0, anywhere)))
+                continue
+            own = own_depth.get(name, 0) * ct
+            own = own if own < limit else limit
+            node = node_depth.get(r.node_id, 0) * ct - own
+            node = 0 if node < 0 else (node if node < limit - own else limit - own)
+            remote = anywhere - own - node
+            remote = remote if remote > 0 else 0
+            score = (queued + n - own - node - remote) / rate + node * shm_cost + remote * remote_cost
+            append((name, score, (queued, rate, own, node, remote)))
+        return self._decide(request.role, cands, replicas, PREFILL_TERMS, self.tie_s)
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def _decode(self, request: RoutingRequest, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
+        kv_node = request.prefer_node
+        if not kv_node and request.chunk_keys:
+            by_node = self.state.store.prefix_by_node(request.chunk_keys)
+            kv_node = max(by_node, key=lambda node: by_node[node], default="")
+        cands: list[Candidate] = []
+        for r in replicas:
+            far = self.locality if kv_node and r.node_id != kv_node else 0.0
+            load = load_score(r) + 3.0 * r.kv_usage  # a nearly full KV cache soon preempts
+            cands.append((r.replica, load + far, (load, far)))
+        return self._decide(request.role, cands, replicas, DECODE_TERMS, 0.5)
+
+    # -- shared ------------------------------------------------------------------------------
+
+    def _decide(self, role: str, cands: list[Candidate], replicas: Sequence[ReplicaLoad],
+                terms: tuple[str, ...], tie_abs: float) -> RouteDecision:
+        """The lowest score wins; candidates within the tie margin of it are ties, settled by
+        power of two choices on load (random among exact equals)."""
+        best = min(c[1] for c in cands)
+        margin = best + max(tie_abs, abs(best) * self.tie_rel)
+        ties = [i for i, c in enumerate(cands) if c[1] <= margin]
+        if len(ties) == 1:
+            chosen, why = cands[ties[0]][0], "lowest score"
+        else:
+            a, b = self._rng.sample(ties, 2)
+            la, lb = load_score(replicas[a]), load_score(replicas[b])
+            chosen = cands[a][0] if (la, cands[a][1]) <= (lb, cands[b][1]) else cands[b][0]
+            why = f"tie of {len(ties)}: power of two choices"
+        return RouteDecision(self.name, role, best_then_rest(chosen, [c[0] for c in cands]), why, cands, terms)

@@ -1,0 +1,55 @@
+"""The floor policies: ``round_robin`` (no information at all) and ``least_loaded`` (the
+replicas' load reports only)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from kvstore.messages import ReplicaLoad
+from router.policy.interface import Candidate, RouteDecision, RoutingPolicy, RoutingRequest, best_then_rest
+
+
+def load_score(load: ReplicaLoad) -> float:
+    """Queued requests weigh double (they have not even started); a full KV cache is one
+    more sequence's worth of load."""
+    return 2.0 * load.waiting + load.running + load.inflight + load.kv_usage
+
+
+class RoundRobinPolicy(RoutingPolicy):
+    name = "round_robin"
+
+    def __init__(self, role: str = "") -> None:
+        self.role = role
+        self._turn = 0
+
+    def route(self, request: RoutingRequest | None, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
+        role = request.role if request else self.role
+        if not replicas:
+            return RouteDecision(self.name, role, [])
+        names = sorted(r.replica for r in replicas)  # a stable order as replicas come and go
+        best = names[self._turn % len(names)]
+        self._turn += 1
+        return RouteDecision(self.name, role, best_then_rest(best, names), "turn", [(best, 0.0, ())])
+
+
+class LeastLoadedPolicy(RoutingPolicy):
+    """Lowest ``load_score`` first; ties broken at random so equal replicas share the load."""
+
+    name = "least_loaded"
+    TERMS = ("running", "waiting", "inflight", "kv_usage")
+
+    def __init__(self, role: str = "", rng: random.Random | None = None) -> None:
+        self.role = role
+        self._rng = rng or random.Random()
+
+    def route(self, request: RoutingRequest | None, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
+        role = request.role if request else self.role
+        if not replicas:
+            return RouteDecision(self.name, role, [])
+        cands: list[Candidate] = [(r.replica, 2.0 * r.waiting + r.running + r.inflight + r.kv_usage,
+                                   (r.running, r.waiting, r.inflight, r.kv_usage)) for r in replicas]
+        low = min(c[1] for c in cands)
+        best = self._rng.choice([c[0] for c in cands if c[1] == low])
+        return RouteDecision(self.name, role, best_then_rest(best, [c[0] for c in cands]), "load", cands,
+                             self.TERMS)

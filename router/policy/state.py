@@ -1,0 +1,224 @@
+"""What one router process knows beyond the replicas' load reports, shared by the request
+routers of both pools and the ingress.
+
+    StoreIndex        which store node holds which chunk      (feed thread: store stream)
+    EngineCacheIndex  which replica's own cache holds which   (ingress: what each replica
+                      chunk                                    computed or loaded)
+    RateMeter         each replica's measured prefill rate    (load reports: tokens / busy s)
+    TransferCosts     seconds per token loaded, per path      (feed thread: store stats)
+    outstanding       prefill work this router has in flight  (request router + ingress)
+    decisions         the last routing decisions, to explain  (request router)
+
+Serve builds the request router inside the deployment handle, in the router replica's
+process, from import-path kwargs; it cannot be handed an object. So the ingress registers
+this state once per process (``install``) and the request routers pick it up (``current``).
+Everything here is memory only; writers from other threads take the indexes' locks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from kvstore.messages import ReplicaLoad
+from router.index import StoreIndex
+from router.index.owners import OwnerIndex
+from router.policy.interface import RouteDecision, RoutingRequest
+
+
+class EngineCacheIndex:
+    """Chunks each replica's own engine cache is likely to hold: what it computed or loaded,
+    recorded when its call returns, LRU-bounded. Exact keys; approximate residency (an engine
+    may have evicted a block since), which costs a missed preference, never a wrong answer."""
+
+    def __init__(self, max_chunks: int = 1_000_000) -> None:
+        self._owners = OwnerIndex(max_chunks)
+        self._lock = threading.Lock()
+
+    def record(self, replica: str, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            self._owners.add(replica, keys)
+
+    def forget(self, replica: str) -> None:
+        with self._lock:
+            self._owners.drop_owner(replica)
+
+    def replicas(self) -> list[str]:
+        with self._lock:
+            return self._owners.owner_names()
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+    def prefix_by_replica(self, keys: Sequence[bytes]) -> dict[str, int]:
+        with self._lock:
+            return self._owners.prefix_depths(keys)
+
+
+class RateMeter:
+    """Prefill rate per replica (prompt tokens computed per busy second), an EWMA over the
+    replica's own cumulative counters, so batching and the machine's real speed are in it."""
+
+    def __init__(self, prior_tps: float, alpha: float = 0.3, min_busy_s: float = 0.05) -> None:
+        self.prior_tps = prior_tps
+        self._alpha, self._min_busy = alpha, min_busy_s
+        self._last: dict[str, tuple[int, float]] = {}
+        self._rate: dict[str, float] = {}
+
+    def observe(self, load: ReplicaLoad) -> None:
+        last = self._last.get(load.replica)
+        if last is None or load.busy_s < last[1]:  # first report, or the replica restarted
+            self._last[load.replica] = (load.computed_tokens, load.busy_s)
+            return
+        d_tokens, d_busy = load.computed_tokens - last[0], load.busy_s - last[1]
+        if d_busy < self._min_busy or d_tokens <= 0:
+            return
+        sample = d_tokens / d_busy
+        old = self._rate.get(load.replica)
+        self._rate[load.replica] = sample if old is None else old + self._alpha * (sample - old)
+        self._last[load.replica] = (load.computed_tokens, load.busy_s)
+
+    def rate(self, replica: str) -> float:
+        return self._rate.get(replica, self.prior_tps)
+
+    def table(self) -> dict[str, float]:
+        """The measured rates (read-only for callers; replicas missing are at the prior)."""
+        return self._rate
+
+    def measured(self) -> dict[str, float]:
+        return dict(self._rate)
+
+
+@dataclass
+class TransferCosts:
+    """Seconds per prompt token loaded from the store, same node (shared memory) and from
+    another node; priors until the store's own transfer stats say otherwise."""
+
+    same_node_s_per_token: float = 2e-6
+    remote_s_per_token: float = 2e-5
+
+    def update(self, stats: Mapping[str, int], chunk_tokens: int) -> None:
+        """From the store's counters (``kvstore.stats``: per-transport get latency sums and
+        chunk counts), over the whole run so far."""
+        for attr, transport, chunks in (("same_node_s_per_token", "shm", "loaded_local_chunks"),
+                                        ("remote_s_per_token", None, "loaded_remote_chunks")):
+            n = stats.get(chunks, 0)
+            if transport is None:
+                us = sum(v for k, v in stats.items() if k.startswith("get_seconds:") and k.endswith("_sum_us")
+                         and not k.startswith("get_seconds:shm"))
+            else:
+                us = stats.get(f"get_seconds:{transport}_sum_us", 0)
+            if n >= 8 and us > 0:
+                setattr(self, attr, us * 1e-6 / (n * chunk_tokens))
+
+
+class RoutingState:
+    def __init__(self, chunk_tokens: int, prefill_prior_tps: float = 350.0, max_chunks: int = 1_000_000,
+                 keep_decisions: int = 1024) -> None:
+        self.chunk_tokens = chunk_tokens
+        self.store = StoreIndex(max_chunks)
+        self.engines = EngineCacheIndex(max_chunks)
+        self.rates = RateMeter(prefill_prior_tps)
+        self.costs = TransferCosts()
+        self._where: dict[str, tuple[str, int]] = {}  # request id -> (replica, tokens)
+        self._queued: dict[str, int] = {}  # replica -> prompt tokens in flight there
+        self._node_of: dict[str, str] = {}
+        self._prefill_pool: frozenset[str] = frozenset()
+        self._decisions: OrderedDict[str, dict[str, RouteDecision]] = OrderedDict()
+        self._keep = keep_decisions
+
+    # -- prefill work in flight (this router's own view: fresher than any report) -----------
+
+    def routed(self, request: RoutingRequest, decision: RouteDecision) -> None:
+        """A request router decided: keep the explanation; count a prefill's work against
+        the chosen replica until the ingress says it finished."""
+        self.decided(request.request_id, decision)
+        if request.role == "prefill" and decision.chosen:
+            tokens = request.num_prompt_tokens
+            terms = next((dict(zip(decision.term_names, c[2], strict=False)) for c in decision.candidates
+                          if c[0] == decision.chosen), {})
+            tokens -= int(sum(terms.get(k, 0) for k in ("own_tokens", "node_tokens", "remote_tokens")))
+            self.dispatched(decision.chosen, request.request_id, tokens)
+
+    def dispatched(self, replica: str, request_id: str, tokens: int) -> None:
+        self.finished(request_id)  # a retry routed elsewhere moves the work with it
+        self._where[request_id] = (replica, tokens)
+        self._queued[replica] = self._queued.get(replica, 0) + tokens
+
+    def finished(self, request_id: str) -> None:
+        where = self._where.pop(request_id, None)
+        if where is not None:
+            replica, tokens = where
+            self._queued[replica] = self._queued.get(replica, 0) - tokens
+
+    def queued_tokens(self, replica: str) -> int:
+        return self._queued.get(replica, 0)
+
+    def queued_by_replica(self) -> dict[str, int]:
+        """Prompt tokens in flight per replica (read-only for callers)."""
+        return self._queued
+
+    # -- what the replicas report -----------------------------------------------------------
+
+    def observe(self, role: str, loads: Sequence[ReplicaLoad]) -> None:
+        """A request router's view of its pool at routing time: rates, nodes, and which
+        replicas are gone (a restarted replica comes back with a new name, an empty cache)."""
+        for load in loads:
+            self._node_of[load.replica] = load.node_id
+            if role == "prefill":
+                self.rates.observe(load)
+        if role == "prefill":
+            names = frozenset(load.replica for load in loads)
+            if names != self._prefill_pool:
+                self._prefill_pool = names
+                self.retire(names)
+
+    def node_of(self, replica: str) -> str:
+        return self._node_of.get(replica, "")
+
+    # -- what replicas computed ----------------------------------------------------------
+
+    def prefilled(self, replica: str, keys: Sequence[bytes]) -> None:
+        """The replica's call returned: its own cache now holds the prompt's chunks."""
+        if keys:
+            self.engines.record(replica, keys)
+
+    def retire(self, live: Iterable[str]) -> None:
+        """Forget prefill replicas that are gone."""
+        alive = set(live)
+        for name in self.engines.replicas():
+            if name not in alive:
+                self.engines.forget(name)
+        for rid in [rid for rid, (r, _) in self._where.items() if r not in alive]:
+            self.finished(rid)
+        for name in [r for r in self._queued if r not in alive]:
+            del self._queued[name]
+
+    # -- explanations ----------------------------------------------------------------------
+
+    def decided(self, request_id: str, decision: RouteDecision) -> None:
+        self._decisions.setdefault(request_id, {})[decision.role] = decision
+        self._decisions.move_to_end(request_id)
+        while len(self._decisions) > self._keep:
+            self._decisions.popitem(last=False)
+
+    def decisions(self, request_id: str) -> dict[str, RouteDecision]:
+        return dict(self._decisions.get(request_id, {}))
+
+    def recent(self, n: int) -> list[tuple[str, dict[str, RouteDecision]]]:
+        return list(self._decisions.items())[-n:]
+
+
+_current: RoutingState | None = None
+
+
+def install(state: RoutingState) -> None:
+    """Make ``state`` this process's routing state (called by the ingress at start)."""
+    global _current
+    _current = state
+
+
+def current() -> RoutingState | None:
+    return _current

@@ -1,0 +1,189 @@
+"""Each routing policy's decisions on constructed states (no Ray, no engine)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvstore.messages import ReplicaLoad
+from router.index.owners import OwnerIndex
+from router.policy import (
+    POLICIES,
+    KVAwarePolicy,
+    LeastLoadedPolicy,
+    PrefixTreeApproxPolicy,
+    RoundRobinPolicy,
+    RoutingRequest,
+    RoutingState,
+    make_policy,
+)
+from router.policy.kv_aware import PREFILL_TERMS
+from router.policy.state import RateMeter, TransferCosts
+
+CT = 32  # tokens per chunk
+
+
+def keys(n: int, tag: int = 0) -> tuple[bytes, ...]:
+    return tuple(bytes([tag, i]) * 8 for i in range(n))
+
+
+def req(n_chunks: int, tag: int = 0, role: str = "prefill", rid: str = "r", node: str = "") -> RoutingRequest:
+    return RoutingRequest(rid, role, n_chunks * CT + 5, keys(n_chunks, tag), node)
+
+
+def load(name: str, node: str = "n1", **kw: float) -> ReplicaLoad:
+    return ReplicaLoad(name, node, **kw)  # type: ignore[arg-type]
+
+
+def test_every_configured_policy_is_constructible_and_unknown_names_fail() -> None:
+    state = RoutingState(CT)
+    for name in POLICIES:
+        d = make_policy(name, state, "prefill").route(req(2), [load("a"), load("b")])
+        assert d.chosen in {"a", "b"} and d.policy in (name, "least_loaded")
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        make_policy("random", state)
+
+
+def test_round_robin_takes_turns_in_a_stable_order() -> None:
+    p = RoundRobinPolicy("prefill")
+    picks = [p.route(req(1), [load("b"), load("a"), load("c")]).chosen for _ in range(6)]
+    assert picks == ["a", "b", "c", "a", "b", "c"]
+    assert p.route(req(1), []).groups == []
+
+
+def test_least_loaded_prefers_idle_and_breaks_ties_randomly() -> None:
+    p = LeastLoadedPolicy(rng=random.Random(0))
+    loads = [load("busy", running=3), load("queued", waiting=2), load("idle")]
+    assert p.rank(None, loads)[0] == ["idle"]
+    assert {p.route(None, [load("a"), load("b")]).chosen for _ in range(50)} == {"a", "b"}
+    assert p.rank(None, []) == []
+
+
+def test_prefix_tree_follows_the_longest_match_unless_imbalanced() -> None:
+    p = PrefixTreeApproxPolicy("prefill", random.Random(0), balance_abs=4)
+    loads = [load("a"), load("b")]
+    first = p.route(req(8, tag=1), loads)
+    assert first.why == "smallest tree"
+    again = p.route(req(8, tag=1, rid="r2"), loads)
+    assert again.chosen == first.chosen and again.why == "cache"
+    other = "b" if first.chosen == "a" else "a"
+    fresh = p.route(req(8, tag=2), loads)  # nothing matches: the replica that has seen less
+    assert fresh.chosen == other and fresh.why == "smallest tree"
+    busy = [load(first.chosen, running=10), load(other)]  # imbalance beats the cache
+    d = p.route(req(8, tag=1, rid="r3"), busy)
+    assert d.chosen == other and d.why == "balance"
+
+
+def test_kv_aware_counts_own_cache_then_node_store_then_remote_store() -> None:
+    st = RoutingState(CT)
+    p = KVAwarePolicy(st, "prefill", random.Random(0), tie_s=0.0, tie_rel=0.0)
+    r = req(10)
+    st.store.stored("n2", r.chunk_keys)  # the whole prompt is in the store on node n2
+    d = p.route(r, [load("a", "n1"), load("b", "n2")])
+    assert d.chosen == "b"  # same-node load beats a network pull
+    terms = {s.replica: s.terms for s in d.scored}
+    assert terms["b"]["node_tokens"] == 320 and terms["b"]["remote_tokens"] == 0  # 5 tokens left to compute
+    assert terms["a"]["remote_tokens"] == 320 and terms["a"]["node_tokens"] == 0
+    st.prefilled("a", r.chunk_keys)  # a's own cache holds it: free beats any load
+    d = p.route(r, [load("a", "n1"), load("b", "n2")])
+    assert d.chosen == "a" and {s.replica: s.terms for s in d.scored}["a"]["own_tokens"] == 320
+
+
+def test_kv_aware_always_leaves_a_token_to_compute() -> None:
+    st = RoutingState(CT)
+    r = RoutingRequest("r", "prefill", 4 * CT, keys(4))  # prompt is exactly 4 chunks
+    st.prefilled("a", r.chunk_keys)
+    d = KVAwarePolicy(st, "prefill").route(r, [load("a")])
+    assert d.scored[0].terms["own_tokens"] == 4 * CT - 1  # the last token is computed
+
+
+def test_kv_aware_weighs_queued_work_and_measured_rates_against_the_cache() -> None:
+    st = RoutingState(CT, prefill_prior_tps=100.0)
+    p = KVAwarePolicy(st, "prefill", random.Random(0), tie_s=0.0, tie_rel=0.0)
+    r = req(10)
+    st.prefilled("a", r.chunk_keys)
+    st.dispatched("a", "other", 5000)  # 50 s of work queued on a: worse than computing on b
+    d = p.route(r, [load("a"), load("b")])
+    slow = d.scored[-1]
+    assert d.chosen == "b" and slow.terms["queued_tokens"] == 5000 and slow.score > 50.0
+    st.finished("other")
+    assert st.queued_tokens("a") == 0 and p.route(r, [load("a"), load("b")]).chosen == "a"
+    # Rates come from each replica's own counters: a fast replica wins a cold prompt.
+    for t, slow, fast in ((0.0, 0, 0), (1.0, 100, 1000)):
+        pool = [load("slow", computed_tokens=slow, busy_s=t), load("fast", computed_tokens=fast, busy_s=t)]
+        st.observe("prefill", pool)
+    assert st.rates.rate("fast") == pytest.approx(1000.0)
+    assert p.route(req(10, tag=9), [load("slow"), load("fast")]).chosen == "fast"
+
+
+def test_kv_aware_ties_go_to_the_less_loaded_of_two() -> None:
+    st = RoutingState(CT)
+    p = KVAwarePolicy(st, "prefill", random.Random(1))
+    loads = [load("a", running=5), load("b")]  # same estimated TTFT (nothing queued by tokens)
+    picks = {p.route(req(3, rid=str(i)), loads).chosen for i in range(20)}
+    assert picks == {"b"}
+    assert "power of two" in p.route(req(3), loads).why
+
+
+def test_kv_aware_decode_prefers_free_kv_and_the_node_with_the_kv() -> None:
+    st = RoutingState(CT)
+    p = KVAwarePolicy(st, "decode", random.Random(0))
+    r = req(4, role="decode", node="n2")
+    assert p.route(r, [load("a", "n1"), load("b", "n2")]).chosen == "b"
+    assert p.route(r, [load("a", "n1"), load("b", "n2", kv_usage=0.95, running=3)]).chosen == "a"
+    st.store.stored("n1", r.chunk_keys)  # no prefill node given: the store says where the KV is
+    assert p.route(req(4, role="decode"), [load("a", "n1"), load("b", "n2")]).chosen == "a"
+
+
+def test_state_explains_retires_and_bounds_what_it_keeps() -> None:
+    st = RoutingState(CT, keep_decisions=3)
+    p = KVAwarePolicy(st, "prefill")
+    for i in range(5):
+        r = req(2, rid=f"r{i}")
+        st.routed(r, p.route(r, [load("a"), load("b")]))
+    assert [rid for rid, _ in st.recent(10)] == ["r2", "r3", "r4"] and st.decisions("r0") == {}
+    explained = st.decisions("r4")["prefill"].explain()
+    assert explained["policy"] == "kv_aware" and len(explained["candidates"]) == 2
+    assert set(PREFILL_TERMS) <= set(explained["candidates"][0])
+    assert st.queued_tokens("a") + st.queued_tokens("b") == 5 * (2 * CT + 5)
+    st.prefilled("a", keys(2))
+    st.observe("prefill", [load("b")])  # a is gone from the pool: its cache and work go too
+    assert st.engines.replicas() == [] and st.queued_tokens("a") == 0
+
+
+def test_rate_meter_and_transfer_costs_measure_online() -> None:
+    m = RateMeter(prior_tps=300.0, alpha=0.5)
+    assert m.rate("x") == 300.0
+    m.observe(load("x", computed_tokens=0, busy_s=10.0))
+    m.observe(load("x", computed_tokens=400, busy_s=11.0))
+    m.observe(load("x", computed_tokens=600, busy_s=12.0))
+    assert m.rate("x") == pytest.approx(300.0)  # 400, then halfway to 200
+    m.observe(load("x", computed_tokens=5, busy_s=0.1))  # restarted: a new baseline, no bogus sample
+    assert m.rate("x") == pytest.approx(300.0)
+    c = TransferCosts()
+    c.update({"loaded_local_chunks": 100, "get_seconds:shm_sum_us": 3200,
+              "loaded_remote_chunks": 10, "get_seconds:tcp_sum_us": 3200}, chunk_tokens=32)
+    assert c.same_node_s_per_token == pytest.approx(1e-6) and c.remote_s_per_token == pytest.approx(1e-5)
+
+
+def test_owner_index_prefix_depths_match_a_plain_walk() -> None:
+    rng = random.Random(7)
+    idx = OwnerIndex()
+    owners = [f"o{i}" for i in range(9)]
+    universe = keys(12)
+    held = {o: set(rng.sample(universe, rng.randint(0, 12))) for o in owners}
+    for o, ks in held.items():
+        idx.add(o, ks)
+    idx.drop_owner("o3")
+    del held["o3"]
+    for _ in range(50):
+        prompt = universe[: rng.randint(1, 12)]
+        want = {}
+        for o, ks in held.items():
+            depth = next((i for i, k in enumerate(prompt) if k not in ks), len(prompt))
+            if depth:
+                want[o] = depth
+        assert idx.prefix_depths(prompt) == want
+        depths, anywhere = idx.prefix_depths_and_any(prompt)
+        assert depths == want and anywhere == idx.any_prefix(prompt)
