@@ -9,13 +9,14 @@ the store into an engine (module path, node id, namespace) and it knows no app o
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
 from vllm import SamplingParams
-from vllm.config import KVTransferConfig
+from vllm.config import KVEventsConfig, KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
@@ -90,11 +91,25 @@ class WorkMeter:
         return self._busy_total + running
 
 
+def _kv_events(spec: EngineSpec, topic: str) -> tuple[KVEventsConfig | None, str]:
+    """A producer with a prefix cache publishes its cache's KV events (ZMQ, topic = the
+    replica's routing name) for the router's index; returns the config and the endpoint to
+    report ("" when there is nothing to publish)."""
+    if spec.kv_role == "kv_consumer" or not spec.enable_prefix_caching:
+        return None, ""
+    with socket.socket() as s:  # a free port; the engine binds it moments later
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=f"tcp://*:{port}", topic=topic)
+    return config, f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+
 class EngineHost:
-    def __init__(self, spec: EngineSpec, replica_name: str, local_rank: int) -> None:
+    def __init__(self, spec: EngineSpec, replica_name: str, local_rank: int, events_topic: str = "") -> None:
         self.spec = spec
         self.replica = replica_name
         self.node_id = ray.get_runtime_context().get_node_id()
+        events, self.kv_events_endpoint = _kv_events(spec, events_topic or replica_name)
         if spec.device == "cpu":
             _cpu_env(spec, local_rank)
         kv = KVTransferConfig(
@@ -123,6 +138,7 @@ class EngineHost:
             max_num_batched_tokens=spec.max_num_batched_tokens,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             kv_transfer_config=kv,
+            kv_events_config=events,
             disable_log_stats=False,
         )
         self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerGauge])
@@ -191,6 +207,7 @@ class EngineHost:
             queued_tokens=self.work.queued_tokens,
             computed_tokens=self.work.computed_tokens,
             busy_s=self.work.busy_s(),
+            kv_events=self.kv_events_endpoint,
         )
 
     async def reset_prefix_cache(self) -> bool:

@@ -26,7 +26,9 @@ class EngineReplica:
 
         ctx = serve.get_replica_context()
         rank = ctx.rank.local_rank if ctx.rank is not None else 0
-        self.host: EngineHost = EngineHost(EngineSpec(**spec), f"{self.role}-{ctx.replica_tag}", rank)
+        # The request router knows this replica by its Serve tag: its KV events carry that name.
+        self.host: EngineHost = EngineHost(EngineSpec(**spec), f"{self.role}-{ctx.replica_tag}", rank,
+                                           events_topic=ctx.replica_tag)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Called by Serve every request_routing_stats_period_s; read by PDRequestRouter."""

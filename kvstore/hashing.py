@@ -64,11 +64,22 @@ def chunk_keys(namespace: KVNamespace, token_ids: Sequence[int]) -> list[bytes]:
     keys: list[bytes] = []
     parent = namespace.seed()
     for i in range(n_full):
-        parent = hashlib.blake2b(
-            parent + raw[i * width : (i + 1) * width], digest_size=KEY_BYTES
-        ).digest()
+        parent = _chain(parent, raw[i * width : (i + 1) * width])
         keys.append(parent)
     return keys
+
+
+def next_key(namespace: KVNamespace, parent: bytes | None, chunk: Sequence[int]) -> bytes:
+    """The key of one full chunk after ``parent`` (None: the prompt's first chunk); equal to
+    the matching element of ``chunk_keys`` over the whole prompt. For callers that see a
+    prompt chunk by chunk (the router's view of engine KV events)."""
+    if len(chunk) != namespace.chunk_tokens:
+        raise ValueError(f"a chunk is {namespace.chunk_tokens} tokens, got {len(chunk)}")
+    return _chain(namespace.seed() if parent is None else parent, np.asarray(chunk, dtype="<u4").tobytes())
+
+
+def _chain(parent: bytes, chunk_bytes: bytes) -> bytes:
+    return hashlib.blake2b(parent + chunk_bytes, digest_size=KEY_BYTES).digest()
 
 
 def key_hex(key: bytes) -> str:

@@ -97,6 +97,7 @@ class ReplicaLoad:
     queued_tokens: int = 0  # prompt tokens of the requests in flight (an upper bound of work)
     computed_tokens: int = 0  # prompt tokens computed since start (not loaded): cumulative
     busy_s: float = 0.0  # seconds with at least one request in flight: cumulative
+    kv_events: str = ""  # where its engine publishes KV cache events ("" = no prefix cache)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
 from kvstore.metadata import MetadataStore, connect
 from kvstore.stats import collect, render_prometheus
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
-from router.index import StoreIndexFeed
+from router.index import EngineEventFeed, StoreIndexFeed
 from router.openai_format import ResponseBuilder
 from router.pipeline import Generation, Trace, first_token, rest
 from router.policy import RoutingRequest, RoutingState
@@ -89,6 +89,8 @@ class Router:
         # off the request path by a feed thread), what each replica computed, measured rates.
         # The pools' request routers live in this process and pick it up (router/policy/state).
         self.routing = RoutingState(self.namespace.chunk_tokens, self.spec.prefill_prior_tps)
+        self.routing.engine_feed = EngineEventFeed(self.routing.engines, self.namespace)
+        self.routing.engine_feed.start()
         routing_state.install(self.routing)
         self._index_feed: StoreIndexFeed | None = None
         if self.spec.redis_url:
@@ -210,12 +212,9 @@ class Router:
 
     async def _call_prefill(self, req: EngineRequest, hint: RoutingRequest) -> EngineDelta:
         try:
-            delta = EngineDelta.decode(await self._prefill.prefill.remote(req.encode(), routing=hint.encode()))
+            return EngineDelta.decode(await self._prefill.prefill.remote(req.encode(), routing=hint.encode()))
         finally:
             self.routing.finished(hint.request_id)
-        # The replica now holds the prompt's chunks in its own cache (computed or loaded).
-        self.routing.prefilled(delta.replica.removeprefix("prefill-"), hint.chunk_keys)
-        return delta
 
     async def _call_decode(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
         async for raw in self._decode.decode.remote(req.encode(), routing=hint.encode()):

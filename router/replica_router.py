@@ -41,6 +41,7 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
             queued_tokens=int(stats.get("queued_tokens", 0)),
             computed_tokens=int(stats.get("computed_tokens", 0)),
             busy_s=float(stats.get("busy_s", 0.0)),
+            kv_events=str(stats.get("kv_events", "")),
         )
 
     async def choose_replicas(

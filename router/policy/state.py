@@ -2,8 +2,8 @@
 routers of both pools and the ingress.
 
     StoreIndex        which store node holds which chunk      (feed thread: store stream)
-    EngineCacheIndex  which replica's own cache holds which   (ingress: what each replica
-                      chunk                                    computed or loaded)
+    EngineCacheIndex  which replica's own cache holds which   (feed thread: the engines'
+                      chunk                                    KV events)
     RateMeter         each replica's measured prefill rate    (load reports: tokens / busy s)
     TransferCosts     seconds per token loaded, per path      (feed thread: store stats)
     outstanding       prefill work this router has in flight  (request router + ingress)
@@ -24,14 +24,15 @@ from dataclasses import dataclass
 
 from kvstore.messages import ReplicaLoad
 from router.index import StoreIndex
+from router.index.engine_feed import EngineEventFeed
 from router.index.owners import OwnerIndex
 from router.policy.interface import RouteDecision, RoutingRequest
 
 
 class EngineCacheIndex:
-    """Chunks each replica's own engine cache is likely to hold: what it computed or loaded,
-    recorded when its call returns, LRU-bounded. Exact keys; approximate residency (an engine
-    may have evicted a block since), which costs a missed preference, never a wrong answer."""
+    """Chunks each prefill replica's own engine cache holds, from its KV events
+    (``router.index.EngineEventFeed``); empty for engines without a prefix cache. LRU-bounded;
+    an entry that is stale costs a missed preference, never a wrong answer."""
 
     def __init__(self, max_chunks: int = 1_000_000) -> None:
         self._owners = OwnerIndex(max_chunks)
@@ -40,6 +41,10 @@ class EngineCacheIndex:
     def record(self, replica: str, keys: Iterable[bytes]) -> None:
         with self._lock:
             self._owners.add(replica, keys)
+
+    def remove(self, replica: str, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            self._owners.remove(replica, keys)
 
     def forget(self, replica: str) -> None:
         with self._lock:
@@ -122,6 +127,7 @@ class RoutingState:
         self.engines = EngineCacheIndex(max_chunks)
         self.rates = RateMeter(prefill_prior_tps)
         self.costs = TransferCosts()
+        self.engine_feed: EngineEventFeed | None = None  # set by the ingress when it runs one
         self._where: dict[str, tuple[str, int]] = {}  # request id -> (replica, tokens)
         self._queued: dict[str, int] = {}  # replica -> prompt tokens in flight there
         self._node_of: dict[str, str] = {}
@@ -169,6 +175,8 @@ class RoutingState:
             self._node_of[load.replica] = load.node_id
             if role == "prefill":
                 self.rates.observe(load)
+                if load.kv_events and self.engine_feed is not None:
+                    self.engine_feed.watch(load.replica, load.kv_events)
         if role == "prefill":
             names = frozenset(load.replica for load in loads)
             if names != self._prefill_pool:
@@ -178,19 +186,19 @@ class RoutingState:
     def node_of(self, replica: str) -> str:
         return self._node_of.get(replica, "")
 
-    # -- what replicas computed ----------------------------------------------------------
-
-    def prefilled(self, replica: str, keys: Sequence[bytes]) -> None:
-        """The replica's call returned: its own cache now holds the prompt's chunks."""
-        if keys:
-            self.engines.record(replica, keys)
+    # -- replicas that went away -----------------------------------------------------------
 
     def retire(self, live: Iterable[str]) -> None:
-        """Forget prefill replicas that are gone."""
+        """Forget prefill replicas that are gone (a restarted replica comes back with a new
+        name and an empty cache)."""
         alive = set(live)
         for name in self.engines.replicas():
             if name not in alive:
                 self.engines.forget(name)
+        if self.engine_feed is not None:
+            for name in self.engine_feed.watched():
+                if name not in alive:
+                    self.engine_feed.retire(name)
         for rid in [rid for rid, (r, _) in self._where.items() if r not in alive]:
             self.finished(rid)
         for name in [r for r in self._queued if r not in alive]:

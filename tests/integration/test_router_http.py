@@ -5,18 +5,21 @@ what the ingress learned, and explains each decision."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgpack
 import pytest
 import ray
+import zmq
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from cluster.model import prepare_default_model
-from cluster.runtime import free_port
+from cluster.runtime import free_port, wait_until
 from kvstore.messages import EngineDelta, EngineRequest
 from router.app import Router, RouterSpec
 
@@ -30,15 +33,33 @@ def request_router(role: str) -> RequestRouterConfig:
 
 
 class FakePrefill:
+    """Answers one token and publishes what a vLLM engine with a prefix cache would: a
+    BlockStored event per 32-token block of the prompt (topic = its Serve tag, as the real
+    workers do), so the router's engine-cache index fills through the real feed."""
+
+    def __init__(self) -> None:
+        self.tag = serve.get_replica_context().replica_tag
+        self.sock = zmq.Context.instance().socket(zmq.PUB)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.seq = 0
+
     async def prefill(self, payload: bytes, routing: bytes | None = None) -> bytes:
         req = EngineRequest.decode(payload)
         assert req.sampling.max_tokens == 1 and routing is not None
-        name = f"prefill-{serve.get_replica_context().replica_tag}"  # as the real workers name themselves
+        hashes, parent = [], b""
+        for i in range(len(req.token_ids) // 32):
+            parent = hashlib.sha256(parent + msgpack.packb(req.token_ids[32 * i : 32 * i + 32])).digest()
+            hashes.append(parent)
+        if hashes:
+            event = {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": None,
+                     "token_ids": list(req.token_ids[: 32 * len(hashes)]), "block_size": 32}
+            self.sock.send_multipart((self.tag.encode(), self.seq.to_bytes(8, "big"), msgpack.packb([0.0, [event], 0])))
+            self.seq += 1
         return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
-                           replica=name).encode()
+                           replica=f"prefill-{self.tag}").encode()
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {"running": 0, "waiting": 0}
+        return {"running": 0, "waiting": 0, "kv_events": f"tcp://127.0.0.1:{self.port}"}
 
 
 class FakeDecode:
@@ -104,10 +125,16 @@ def test_streaming_sends_first_token_then_decode_then_done(base_url: str) -> Non
 
 def test_kv_aware_sends_a_repeated_prompt_where_its_kv_is_and_explains_why(base_url: str) -> None:
     long_prompt = {**OK_COMPLETION, "prompt": "The history of the Roman Empire, told briefly: " * 9}
-    first = post(base_url, "/v1/completions", long_prompt)
-    assert first.status_code == 200, first.text
-    home = first.json()["pdserve"]["prefill_replica"]
-    for _ in range(4):  # the replica that computed it holds it in its own cache: it wins every time
+
+    def cached_somewhere() -> bool:  # the engines' KV events have reached the router's index
+        r = post(base_url, "/v1/completions", long_prompt)
+        assert r.status_code == 200, r.text
+        why = httpx.get(f"{base_url}/debug/routes/{r.headers['x-pdserve-request-id']}").json()
+        return any(c["own_tokens"] > 0 for c in why["prefill"]["candidates"])
+
+    wait_until(cached_somewhere, 20, "KV events to reach the router")
+    home = post(base_url, "/v1/completions", long_prompt).json()["pdserve"]["prefill_replica"]
+    for _ in range(4):  # the replica whose own cache holds the prompt wins every time
         again = post(base_url, "/v1/completions", long_prompt)
         assert again.json()["pdserve"]["prefill_replica"] == home
     header = again.headers["x-pdserve-route"]

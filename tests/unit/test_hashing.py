@@ -1,6 +1,6 @@
 import pytest
 
-from kvstore.hashing import KVNamespace, chunk_keys
+from kvstore.hashing import KVNamespace, chunk_keys, next_key
 
 NS = KVNamespace(model="m", dtype="float32", layout="cpu/bs32", chunk_tokens=4)
 
@@ -36,3 +36,15 @@ def test_bad_namespace_is_rejected() -> None:
         KVNamespace("m", "f", "l", chunk_tokens=0)
     with pytest.raises(ValueError):
         KVNamespace("m", "f", "l", tp_rank=-1)
+
+
+def test_next_key_walks_the_same_chain() -> None:
+    ns = KVNamespace("m", "float32", "cpu/bs32", chunk_tokens=4)
+    ids = list(range(13))
+    keys, parent = [], None
+    for i in range(3):
+        parent = next_key(ns, parent, ids[4 * i : 4 * i + 4])
+        keys.append(parent)
+    assert keys == chunk_keys(ns, ids)
+    with pytest.raises(ValueError):
+        next_key(ns, None, [1, 2, 3])

@@ -85,7 +85,7 @@ def test_kv_aware_counts_own_cache_then_node_store_then_remote_store() -> None:
     terms = {s.replica: s.terms for s in d.scored}
     assert terms["b"]["node_tokens"] == 320 and terms["b"]["remote_tokens"] == 0  # 5 tokens left to compute
     assert terms["a"]["remote_tokens"] == 320 and terms["a"]["node_tokens"] == 0
-    st.prefilled("a", r.chunk_keys)  # a's own cache holds it: free beats any load
+    st.engines.record("a", r.chunk_keys)  # a's own cache holds it: free beats any load
     d = p.route(r, [load("a", "n1"), load("b", "n2")])
     assert d.chosen == "a" and {s.replica: s.terms for s in d.scored}["a"]["own_tokens"] == 320
 
@@ -93,7 +93,7 @@ def test_kv_aware_counts_own_cache_then_node_store_then_remote_store() -> None:
 def test_kv_aware_always_leaves_a_token_to_compute() -> None:
     st = RoutingState(CT)
     r = RoutingRequest("r", "prefill", 4 * CT, keys(4))  # prompt is exactly 4 chunks
-    st.prefilled("a", r.chunk_keys)
+    st.engines.record("a", r.chunk_keys)
     d = KVAwarePolicy(st, "prefill").route(r, [load("a")])
     assert d.scored[0].terms["own_tokens"] == 4 * CT - 1  # the last token is computed
 
@@ -102,7 +102,7 @@ def test_kv_aware_weighs_queued_work_and_measured_rates_against_the_cache() -> N
     st = RoutingState(CT, prefill_prior_tps=100.0)
     p = KVAwarePolicy(st, "prefill", random.Random(0), tie_s=0.0, tie_rel=0.0)
     r = req(10)
-    st.prefilled("a", r.chunk_keys)
+    st.engines.record("a", r.chunk_keys)
     st.dispatched("a", "other", 5000)  # 50 s of work queued on a: worse than computing on b
     d = p.route(r, [load("a"), load("b")])
     slow = d.scored[-1]
@@ -147,7 +147,7 @@ def test_state_explains_retires_and_bounds_what_it_keeps() -> None:
     assert explained["policy"] == "kv_aware" and len(explained["candidates"]) == 2
     assert set(PREFILL_TERMS) <= set(explained["candidates"][0])
     assert st.queued_tokens("a") + st.queued_tokens("b") == 5 * (2 * CT + 5)
-    st.prefilled("a", keys(2))
+    st.engines.record("a", keys(2))
     st.observe("prefill", [load("b")])  # a is gone from the pool: its cache and work go too
     assert st.engines.replicas() == [] and st.queued_tokens("a") == 0
 
