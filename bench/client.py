@@ -108,6 +108,10 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                     continue
                 if event.get("usage"):
                     res.usage_completion_tokens = event["usage"].get("completion_tokens")
+                if event.get("pdserve"):
+                    res.trace = event["pdserve"]
+                for c in event.get("choices") or []:
+                    res.output_ids += c.get("token_ids") or []
                 n = sum(_chunk_tokens(c) for c in event.get("choices") or [])
                 if n:
                     res.token_events.append((now, n))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 # Figures every system summary carries; the ratio block and the table iterate over these.
 FIGURES: tuple[str, ...] = (
@@ -33,6 +34,8 @@ class RequestResult:
     token_events: list[tuple[float, int]] = field(default_factory=list)
     e2e_s: float = 0.0
     usage_completion_tokens: int | None = None  # the server's own count, when it sends usage
+    output_ids: list[int] = field(default_factory=list)  # the tokens, when the server sends ids
+    trace: dict[str, Any] = field(default_factory=dict)  # pdserve's routing trace, when it sends one
 
     @property
     def n_out(self) -> int:

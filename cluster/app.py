@@ -105,6 +105,6 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
         store_prefix=cfg.kvstore.prefix,
         prefill_prior_tps=cfg.router.prefill_prior_tps,
     )
-    router = serve.deployment(Router, name="router", num_replicas=1,
+    router = serve.deployment(Router, name="router", num_replicas=cfg.router.replicas,
                               ray_actor_options={"num_cpus": 0})
     return router.bind(asdict(spec), prefill, decode)

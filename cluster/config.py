@@ -70,6 +70,9 @@ class RouterConfig(_Strict):
         "kv_aware", description="Routing policy: kv_aware (estimated time to first token, every cache "
         "counted), prefix_tree_approx (SGLang-style), least_loaded, round_robin.",
     )
+    replicas: int = Field(
+        1, ge=1, description="Router replicas; each keeps its own indexes from the same streams (no shared lock).",
+    )
     prefill_prior_tps: float = Field(
         350.0, gt=0, description="Prefill tokens/s per replica assumed until its rate is measured.",
     )

@@ -187,3 +187,16 @@ def test_owner_index_prefix_depths_match_a_plain_walk() -> None:
         assert idx.prefix_depths(prompt) == want
         depths, anywhere = idx.prefix_depths_and_any(prompt)
         assert depths == want and anywhere == idx.any_prefix(prompt)
+
+
+def test_two_routers_fed_the_same_streams_agree_without_talking() -> None:
+    """Router replicas share no state: each builds its own from the same store stream and
+    engine events. Fed the same, with the same loads, they make the same choices."""
+    routers = [RoutingState(CT) for _ in range(2)]
+    for st in routers:
+        st.store.stored("n2", keys(6, tag=3))
+        st.engines.record("a", keys(3, tag=4))
+    pool = [load("a", "n1"), load("b", "n2"), load("c", "n2", running=4)]
+    for tag in (3, 4, 5):
+        picks = {KVAwarePolicy(st, "prefill", random.Random(9)).route(req(6, tag=tag), pool).chosen for st in routers}
+        assert len(picks) == 1

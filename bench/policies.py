@@ -1,0 +1,159 @@
+"""Routing policies side by side on real engines: 2 prefill + 1 decode replicas, a
+shared-prefix multi-turn chat workload, one cluster per policy, the same requests for each.
+
+    .venv/bin/python -m bench.policies [--policies kv_aware,prefix_tree_approx,round_robin,least_loaded]
+                                       [--conversations 8] [--turns 4] [--concurrency 4]
+                                       [--out bench/results/policies.json]
+
+The workload: each conversation opens with one of a few long system prompts and resends its
+whole history every turn (earlier user turns and the model's own answers, as token ids),
+so most of every prompt was computed before, by some prefill replica, and is in that
+replica's own cache and in the node's store. The cores (2 here) are split so the two prefill
+replicas are unequal: prefill 0 has core 0 to itself, prefill 1 shares core 1 with decode:
+a policy that measures replicas sees that, one that counts requests does not.
+
+Per policy: TTFT p50/p90 (the routing decides where the prompt is computed, so TTFT is where
+policies differ), prefix hit rate (prompt tokens the prefill replica took from its own cache
+or the store instead of computing) and how requests split over the prefill replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import random
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.client import Prompt, request_body, stream_one, wordlike_vocab
+from bench.servers import pdserve_system
+from bench.stats import RequestResult, percentile
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUT = [  # 2 prefill replicas (core 0, core 1) + 1 decode replica (core 1); prefix caches on
+    "prefill.replicas=2", "prefill.cpu_binding=['0','1']", "decode.cpu_binding=['1']",
+    "prefill.engine.max_model_len=2048", "decode.engine.max_model_len=2048",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.policies", description=__doc__.split("\n")[0])
+    p.add_argument("--policies", default="kv_aware,prefix_tree_approx,round_robin,least_loaded")
+    p.add_argument("--conversations", type=int, default=8)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--system-prompts", type=int, default=2)
+    p.add_argument("--system-len", type=int, default=320, help="tokens per system prompt")
+    p.add_argument("--user-len", type=int, default=48, help="tokens per user turn")
+    p.add_argument("--output-len", type=int, default=24)
+    p.add_argument("--concurrency", type=int, default=4, help="conversations in flight")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="checkpoint dir (default: the default model)")
+    p.add_argument("--out", type=Path, default=REPO / "bench/results/policies.json")
+    return p.parse_args(argv)
+
+
+def conversations(args: argparse.Namespace, vocab: list[int]) -> list[tuple[list[int], list[list[int]]]]:
+    """(system prompt, user turns) per conversation, fixed by the seed."""
+    rng = random.Random(args.seed)
+    systems = [[rng.choice(vocab) for _ in range(args.system_len)] for _ in range(args.system_prompts)]
+    return [(systems[i % len(systems)], [[rng.choice(vocab) for _ in range(args.user_len)]
+                                         for _ in range(args.turns)]) for i in range(args.conversations)]
+
+
+async def run_workload(base_url: str, model: str, convs: list[tuple[list[int], list[list[int]]]],
+                       output_len: int, concurrency: int) -> list[RequestResult]:
+    """Each conversation's turns in order (a turn needs the previous answer); up to
+    ``concurrency`` conversations at once."""
+    url = base_url.rstrip("/") + "/completions"
+    results: list[RequestResult] = []
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(client: httpx.AsyncClient, system: list[int], turns: list[list[int]]) -> None:
+        async with sem:
+            history = list(system)
+            for user in turns:
+                history += user
+                res = await stream_one(client, url, request_body(model, Prompt(list(history), output_len)), 600)
+                results.append(res)
+                if not res.ok:
+                    return
+                history += res.output_ids
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(one(client, s, t) for s, t in convs))
+    return results
+
+
+def summarize(results: list[RequestResult]) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    prompt = sum(r.prompt_tokens for r in ok)
+    cached = sum(int(r.trace.get("prefill_cached_tokens", 0)) for r in ok)
+    split = Counter(str(r.trace.get("prefill_replica", "?")) for r in ok)
+    return {
+        "requests": len(results), "failed": len(results) - len(ok),
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
+        "prefix_hit_rate": cached / prompt if prompt else None,
+        "prefill_split": sorted(split.values(), reverse=True),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = report["policies"]
+    lines = ["| policy | TTFT p50 ms | TTFT p90 ms | prefix hit rate | requests per prefill replica | failed |",
+             "|---|---:|---:|---:|---|---:|"]
+    for name, s in rows.items():
+        if "error" in s:
+            lines.append(f"| {name} | error: {s['error'][:60]} | | | | |")
+            continue
+        lines.append(f"| {name} | {s['ttft_p50_s'] * 1e3:.0f} | {s['ttft_p90_s'] * 1e3:.0f} | "
+                     f"{s['prefix_hit_rate']:.1%} | {' / '.join(map(str, s['prefill_split']))} | {s['failed']} |")
+    base = rows.get("kv_aware")
+    if base and "error" not in base:
+        lines += ["", "| kv_aware / policy | TTFT p50 | TTFT p90 |", "|---|---:|---:|"]
+        for name, s in rows.items():
+            if name != "kv_aware" and "error" not in s:
+                lines.append(f"| {name} | {base['ttft_p50_s'] / s['ttft_p50_s']:.2f}x | "
+                             f"{base['ttft_p90_s'] / s['ttft_p90_s']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.model import prepare_default_model
+
+    args = parse_args(argv)
+    model_dir = Path(args.model) if args.model else prepare_default_model()
+    convs = conversations(args, wordlike_vocab(model_dir))
+    report: dict[str, Any] = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                                       capture_output=True, text=True).stdout.strip(),
+                              "args": {k: str(v) for k, v in vars(args).items()}, "policies": {}}
+    for policy in args.policies.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"pdbench-{policy}-") as logs:
+            t0 = time.monotonic()
+            try:
+                with pdserve_system(model_dir, model_dir.name, Path(logs),
+                                    [*LAYOUT, f"router.policy={policy}"]) as running:
+                    results = asyncio.run(run_workload(running.base_url, model_dir.name, convs,
+                                                       args.output_len, args.concurrency))
+                report["policies"][policy] = {**summarize(results), "wall_s": round(time.monotonic() - t0, 1)}
+            except Exception as e:  # one policy failing still reports the others
+                report["policies"][policy] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[policies] {policy}: {report['policies'][policy]}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
