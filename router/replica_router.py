@@ -26,12 +26,18 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, policy: str = "kv_aware", role: str = "", **kwargs: Any) -> None:
         self._state = routing_state.current()
         self._role = role
+        # replica -> (the stats dict it came from, Serve's queue length, the load): a load is
+        # rebuilt only when either changed (stats refresh every period; queue length per call).
+        self._loads: dict[str, tuple[object, int | None, ReplicaLoad]] = {}
         self._policy: RoutingPolicy = make_policy(policy, self._state, role)
 
-    def _load(self, replica: RunningReplica) -> ReplicaLoad:
+    def _load(self, replica: RunningReplica, changed: list[ReplicaLoad]) -> ReplicaLoad:
         stats = replica.routing_stats or {}
         queued = self._replica_queue_len_cache.get(replica.replica_id)
-        return ReplicaLoad(
+        cached = self._loads.get(replica.replica_id.unique_id)
+        if cached is not None and cached[0] is stats and cached[1] == queued:
+            return cached[2]
+        load = ReplicaLoad(
             replica=replica.replica_id.unique_id,
             node_id=str(replica.node_id or stats.get("node_id", "")),
             running=int(stats.get("running", 0)),
@@ -43,6 +49,9 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
             busy_s=float(stats.get("busy_s", 0.0)),
             kv_events=str(stats.get("kv_events", "")),
         )
+        self._loads[load.replica] = (stats, queued, load)
+        changed.append(load)
+        return load
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -52,9 +61,14 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
             raw = pending_request.kwargs.get("routing")
             if isinstance(raw, bytes):
                 hint = RoutingRequest.decode(raw)
-        loads = [self._load(r) for r in candidate_replicas]
-        if self._state is not None:
-            self._state.observe(self._role, loads)
+        changed: list[ReplicaLoad] = []
+        loads = [self._load(r, changed) for r in candidate_replicas]
+        if len(self._loads) != len(loads):  # a replica left: drop its cached load
+            live = {load.replica for load in loads}
+            self._loads = {name: v for name, v in self._loads.items() if name in live}
+            changed = changed or loads[:1]  # membership changed: let the state see it
+        if self._state is not None and changed:
+            self._state.observe(self._role, loads, changed)
         decision = self._policy.route(hint, loads)
         if hint is not None and self._state is not None:
             self._state.routed(hint, decision)

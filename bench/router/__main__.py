@@ -8,8 +8,9 @@ The real policy objects (``router.policy``) decide over constructed states: ``--
 chunks indexed in the store index (spread over the nodes, 8 replicas a node, as on GPU
 nodes) and in the replicas' engine-cache index; prompts of ``--prompt-chunks`` chunks drawn
 from shared prefixes, so the indexes answer real matches. Each decision is timed alone
-(perf_counter_ns), the policies take turns in rotated order (the machine is shared), and
-``round_robin`` is the floor: the cost of any decision at all. Memory per chunk is measured
+(perf_counter_ns) as the request router runs it (new load reports into the state, the
+policy's decision, the decision recorded), the policies take turns in rotated order (the
+machine is shared), and ``round_robin`` is the floor: the cost of any decision at all. Memory per chunk is measured
 with tracemalloc while the indexes are filled.
 """
 
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +85,22 @@ def loads(rng: random.Random, n: int) -> list[ReplicaLoad]:
             for i in range(n)]
 
 
-def time_policy(policy: RoutingPolicy, wl: Workload, pool: list[ReplicaLoad], n: int) -> list[float]:
+def time_policy(policy: RoutingPolicy, state: RoutingState, wl: Workload, pool: list[ReplicaLoad],
+                n: int) -> list[float]:
+    """What the request router does per decision, timed: the pool's new reports go to the
+    state (one replica's, as when the last request landed there), then the policy decides
+    and the decision is recorded."""
     out = []
+    rng = wl.rng
     for i in range(n):
         request = wl.prompt(f"r{i}")
+        j = rng.randrange(len(pool))
+        pool[j] = replace(pool[j], inflight=rng.randint(0, 8), queued_tokens=rng.randint(0, 8000))
         t0 = time.perf_counter_ns()
-        policy.route(request, pool)
+        state.observe("prefill", pool, [pool[j]])
+        decision = policy.route(request, pool)
+        state.routed(request, decision)
+        state.finished(request.request_id)
         out.append((time.perf_counter_ns() - t0) / 1000)
     return out
 
@@ -115,7 +127,7 @@ def run_size(n_replicas: int, args: argparse.Namespace) -> dict[str, Any]:
     for turn in range(rounds):
         order = list(POLICIES[turn % len(POLICIES):] + POLICIES[: turn % len(POLICIES)])
         for name in order:
-            samples[name] += time_policy(policies[name], wl, pool, args.decisions // rounds)
+            samples[name] += time_policy(policies[name], state, wl, pool, args.decisions // rounds)
     floor = statistics.median(samples["round_robin"])
     result: dict[str, Any] = {
         "replicas": n_replicas, "store_chunks": store_chunks, "engine_chunks": engine_chunks,

@@ -168,20 +168,25 @@ class RoutingState:
 
     # -- what the replicas report -----------------------------------------------------------
 
-    def observe(self, role: str, loads: Sequence[ReplicaLoad]) -> None:
-        """A request router's view of its pool at routing time: rates, nodes, and which
-        replicas are gone (a restarted replica comes back with a new name, an empty cache)."""
-        for load in loads:
+    def observe(self, role: str, loads: Sequence[ReplicaLoad],
+                changed: Sequence[ReplicaLoad] | None = None) -> None:
+        """A request router's view of its pool at routing time: ``loads`` is the whole pool
+        (membership: a replica that is gone is forgotten; a restarted one comes back with a
+        new name and an empty cache), ``changed`` the reports that are new since the last
+        call (default: all of them) for rates, nodes and event feeds."""
+        fresh = loads if changed is None else changed
+        for load in fresh:
             self._node_of[load.replica] = load.node_id
-            if role == "prefill":
-                self.rates.observe(load)
-                if load.kv_events and self.engine_feed is not None:
-                    self.engine_feed.watch(load.replica, load.kv_events)
-        if role == "prefill":
-            names = frozenset(load.replica for load in loads)
-            if names != self._prefill_pool:
-                self._prefill_pool = names
-                self.retire(names)
+        if role != "prefill":
+            return
+        for load in fresh:
+            self.rates.observe(load)
+            if load.kv_events and self.engine_feed is not None:
+                self.engine_feed.watch(load.replica, load.kv_events)
+        members = self._prefill_pool  # a new replica always comes with a new report
+        if len(loads) != len(members) or any(load.replica not in members for load in fresh):
+            self._prefill_pool = frozenset(load.replica for load in loads)
+            self.retire(self._prefill_pool)
 
     def node_of(self, replica: str) -> str:
         return self._node_of.get(replica, "")
