@@ -15,7 +15,6 @@ never a wrong answer (the engines check their caches and the store themselves).
 from __future__ import annotations
 
 import queue
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,6 +23,7 @@ import zmq
 from kvstore.hashing import KVNamespace
 from kvstore.logging import get_logger
 from router.index.engine_events import BlockTranslator, decode_batch
+from router.index.thread import FeedThread
 
 log = get_logger(__name__)
 
@@ -38,9 +38,12 @@ class CacheSink(Protocol):
     def forget(self, replica: str) -> None: ...
 
 
-class EngineEventFeed:
+class EngineEventFeed(FeedThread):
+    thread_name = "pd-engine-events"
+
     def __init__(self, sink: CacheSink, namespace: KVNamespace, poll_ms: int = 200,
                  context: Callable[[], zmq.Context[Any]] = zmq.Context.instance) -> None:
+        super().__init__()
         self.sink, self.namespace = sink, namespace
         self._poll_ms = poll_ms
         self._context = context
@@ -48,8 +51,6 @@ class EngineEventFeed:
         self._watched: dict[str, str] = {}  # replica -> endpoint (written by callers)
         self._translators: dict[str, BlockTranslator] = {}
         self._seq: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.batches = self.gaps = 0
 
     # -- any thread ----------------------------------------------------------------------
@@ -67,15 +68,6 @@ class EngineEventFeed:
         endpoint = self._watched.pop(replica, None)
         if endpoint is not None:
             self._requests.put(("retire", replica, endpoint))
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pd-engine-events", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     # -- the feed thread -------------------------------------------------------------------
 

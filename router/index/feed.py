@@ -11,18 +11,20 @@ degrades to stale preferences, answers stay right: the engines check the store t
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
 from kvstore.logging import get_logger
 from kvstore.metadata import MetadataStore
 from router.index.store_index import StoreIndex, stream_id_after
+from router.index.thread import FeedThread
 
 log = get_logger(__name__)
 
 
-class StoreIndexFeed:
+class StoreIndexFeed(FeedThread):
+    thread_name = "pd-store-index"
+
     def __init__(
         self, index: StoreIndex, meta_factory: Callable[[], MetadataStore], block_ms: int = 1000,
         retry_s: float = 1.0, on_tick: Callable[[MetadataStore], None] | None = None, tick_s: float = 5.0,
@@ -30,23 +32,13 @@ class StoreIndexFeed:
         """``meta_factory``'s client needs a socket timeout longer than ``block_ms``.
         ``on_tick(meta)`` runs on this thread about every ``tick_s`` (slow-moving inputs of
         the routing policy, such as the store's measured transfer costs)."""
+        super().__init__()
         self.index = index
         self._on_tick, self._tick_s, self._next_tick = on_tick, tick_s, 0.0
         self._meta_factory = meta_factory
         self._block_ms = block_ms
         self._retry_s = retry_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.healthy = False
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pd-store-index", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         need_resync, failures = True, 0
