@@ -104,6 +104,7 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
         redis_url=redis_url,
         store_prefix=cfg.kvstore.prefix,
         prefill_prior_tps=cfg.router.prefill_prior_tps,
+        router_replicas=cfg.router.replicas,
     )
     router = serve.deployment(Router, name="router", num_replicas=cfg.router.replicas,
                               ray_actor_options={"num_cpus": 0})

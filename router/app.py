@@ -50,6 +50,7 @@ class RouterSpec:
     redis_url: str = ""  # the store's metadata, for /metrics ("" = no store metrics)
     store_prefix: str = "pdkv"
     prefill_prior_tps: float = 350.0  # prefill tokens/s assumed until a replica's rate is measured
+    router_replicas: int = 1
 
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
@@ -88,7 +89,8 @@ class Router:
         # What the routing policy reads: which store nodes hold which chunks (kept current
         # off the request path by a feed thread), what each replica computed, measured rates.
         # The pools' request routers live in this process and pick it up (router/policy/state).
-        self.routing = RoutingState(self.namespace.chunk_tokens, self.spec.prefill_prior_tps)
+        self.routing = RoutingState(self.namespace.chunk_tokens, self.spec.prefill_prior_tps,
+                                    shared_routers=self.spec.router_replicas > 1)
         self.routing.engine_feed = EngineEventFeed(self.routing.engines, self.namespace)
         self.routing.engine_feed.start()
         routing_state.install(self.routing)

@@ -12,15 +12,17 @@ Prefill, for replica r and a prompt of n tokens (chunk keys k1..km):
               + node * same_node_s_per_token + remote * remote_s_per_token
 
 ``rate(r)`` is r's measured prefill rate (tokens per busy second, from its own counters),
-``queued(r)`` the prompt tokens already waiting there (this router's in-flight work, or the
-replica's report when that is larger: other routers send work too), the transfer costs come
-from the store's measured get latencies. Replicas within ``tie_s`` (or ``tie_rel``) of the
-best are ties: two of them are drawn at random and the less loaded wins (power of two
-choices), so equal replicas share the load instead of herding.
+``queued(r)`` the work this router has in flight there, in token-equivalents (the tokens
+each request computes plus its blocking store loads at r's rate). The replica's own report
+of queued tokens is a stats period old and counts whole prompts: it is used only when
+several routers share the pool (``shared_routers``), to see the others' work. The transfer
+costs come from the store's measured get latencies. Replicas within ``tie_s`` (or
+``tie_rel``) of the best are ties: two of them are drawn at random and the one with fewer
+requests in flight wins (power of two choices), so equal replicas share the load.
 
-Decode, for replica r: free KV and running sequences decide, and a replica on the node
-whose store holds the prompt's KV (usually the prefill replica's node) is preferred by
-``locality`` sequences' worth of load: its load is a shared-memory copy, not a pull.
+Decode, for replica r: requests in flight and KV usage decide; a replica off the node
+whose store holds the prompt's KV (usually the prefill replica's node) pays
+``locality * (1 + its load)``: it pulls the KV over the network while its batch waits.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class KVAwarePolicy(RoutingPolicy):
         limit = max(n - 1, 0)  # an engine computes at least the prompt's last token
         anywhere = min(stored * ct, limit)
         rates, prior, queued_by = st.rates.table(), st.rates.prior_tps, st.queued_by_replica()
+        shared = st.shared_routers
         shm_cost, remote_cost = st.costs.same_node_s_per_token, st.costs.remote_s_per_token
         cold_tokens, cold_load_s = n - anywhere, anywhere * remote_cost
         cands: list[Candidate] = []
@@ -76,7 +79,7 @@ class KVAwarePolicy(RoutingPolicy):
             name = r.replica
             rate = rates.get(name, prior)
             queued = queued_by.get(name, 0)
-            if r.queued_tokens > queued:
+            if shared and r.queued_tokens > queued:  # other routers' work, seen a period late
                 queued = r.queued_tokens
             if name not in own_depth and r.node_id not in node_depth:
                 append((name, (queued + cold_tokens) / rate + cold_load_s, (queued, rate, 0, 0, anywhere)))
@@ -100,8 +103,10 @@ class KVAwarePolicy(RoutingPolicy):
             kv_node = max(by_node, key=lambda node: by_node[node], default="")
         cands: list[Candidate] = []
         for r in replicas:
-            far = self.locality if kv_node and r.node_id != kv_node else 0.0
             load = load_score(r) + 3.0 * r.kv_usage  # a nearly full KV cache soon preempts
+            # Off the KV's node the prompt's KV is pulled over the network, stalling every
+            # sequence the replica is running: the penalty grows with its batch.
+            far = self.locality * (1.0 + load) if kv_node and r.node_id != kv_node else 0.0
             cands.append((r.replica, load + far, (load, far)))
         return self._decide(request.role, cands, replicas, DECODE_TERMS, 0.5)
 
@@ -118,7 +123,7 @@ class KVAwarePolicy(RoutingPolicy):
             chosen, why = cands[ties[0]][0], "lowest score"
         else:
             a, b = self._rng.sample(ties, 2)
-            la, lb = load_score(replicas[a]), load_score(replicas[b])
+            la, lb = load_score(replicas[a]), load_score(replicas[b])  # exact in-flight counts
             chosen = cands[a][0] if (la, cands[a][1]) <= (lb, cands[b][1]) else cands[b][0]
             why = f"tie of {len(ties)}: power of two choices"
         return RouteDecision(self.name, role, best_then_rest(chosen, [c[0] for c in cands]), why, cands, terms)

@@ -11,9 +11,12 @@ from router.policy.interface import Candidate, RouteDecision, RoutingPolicy, Rou
 
 
 def load_score(load: ReplicaLoad) -> float:
-    """Queued requests weigh double (they have not even started); a full KV cache is one
-    more sequence's worth of load."""
-    return 2.0 * load.waiting + load.running + load.inflight + load.kv_usage
+    """Requests in flight at the replica (Serve's own count: exact, updated on every send and
+    completion) plus KV usage (a full cache is one more request's worth). The engine's
+    running/waiting counts are not added: they arrive every stats period, so they are up to
+    a period old and count the same requests again (the simulator showed them herding load
+    onto replicas that last reported idle)."""
+    return load.inflight + load.kv_usage
 
 
 class RoundRobinPolicy(RoutingPolicy):
@@ -34,7 +37,8 @@ class RoundRobinPolicy(RoutingPolicy):
 
 
 class LeastLoadedPolicy(RoutingPolicy):
-    """Lowest ``load_score`` first; ties broken at random so equal replicas share the load."""
+    """Lowest ``load_score`` first; ties broken at random so equal replicas share the load
+    (running and waiting are shown in the explanation, not scored)."""
 
     name = "least_loaded"
     TERMS = ("running", "waiting", "inflight", "kv_usage")
@@ -47,7 +51,7 @@ class LeastLoadedPolicy(RoutingPolicy):
         role = request.role if request else self.role
         if not replicas:
             return RouteDecision(self.name, role, [])
-        cands: list[Candidate] = [(r.replica, 2.0 * r.waiting + r.running + r.inflight + r.kv_usage,
+        cands: list[Candidate] = [(r.replica, r.inflight + r.kv_usage,
                                    (r.running, r.waiting, r.inflight, r.kv_usage)) for r in replicas]
         low = min(c[1] for c in cands)
         best = self._rng.choice([c[0] for c in cands if c[1] == low])

@@ -121,8 +121,11 @@ class TransferCosts:
 
 class RoutingState:
     def __init__(self, chunk_tokens: int, prefill_prior_tps: float = 350.0, max_chunks: int = 1_000_000,
-                 keep_decisions: int = 1024) -> None:
+                 keep_decisions: int = 1024, shared_routers: bool = False) -> None:
         self.chunk_tokens = chunk_tokens
+        # Several router replicas send to the same pools: a replica's report of its queued
+        # work (a period old) is then the only view of the other routers' requests.
+        self.shared_routers = shared_routers
         self.store = StoreIndex(max_chunks)
         self.engines = EngineCacheIndex(max_chunks)
         self.rates = RateMeter(prefill_prior_tps)
@@ -141,12 +144,19 @@ class RoutingState:
         """A request router decided: keep the explanation; count a prefill's work against
         the chosen replica until the ingress says it finished."""
         self.decided(request.request_id, decision)
-        if request.role == "prefill" and decision.chosen:
-            tokens = request.num_prompt_tokens
-            terms = next((dict(zip(decision.term_names, c[2], strict=False)) for c in decision.candidates
-                          if c[0] == decision.chosen), {})
-            tokens -= int(sum(terms.get(k, 0) for k in ("own_tokens", "node_tokens", "remote_tokens")))
-            self.dispatched(decision.chosen, request.request_id, tokens)
+        chosen = decision.chosen
+        if request.role == "prefill" and chosen:
+            self.dispatched(chosen, request.request_id, self._work_tokens(request, decision, chosen))
+
+    def _work_tokens(self, request: RoutingRequest, decision: RouteDecision, chosen: str) -> int:
+        """What the request will occupy the replica for, in its prompt tokens: the tokens it
+        computes, plus its store loads (they block the engine step) at the replica's rate."""
+        terms = next((dict(zip(decision.term_names, c[2], strict=False)) for c in decision.candidates
+                      if c[0] == chosen), {})
+        node, remote = terms.get("node_tokens", 0), terms.get("remote_tokens", 0)
+        compute = request.num_prompt_tokens - terms.get("own_tokens", 0) - node - remote
+        load_s = node * self.costs.same_node_s_per_token + remote * self.costs.remote_s_per_token
+        return int(compute + load_s * self.rates.rate(chosen))
 
     def dispatched(self, replica: str, request_id: str, tokens: int) -> None:
         self.finished(request_id)  # a retry routed elsewhere moves the work with it

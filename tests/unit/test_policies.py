@@ -54,8 +54,8 @@ def test_round_robin_takes_turns_in_a_stable_order() -> None:
 
 def test_least_loaded_prefers_idle_and_breaks_ties_randomly() -> None:
     p = LeastLoadedPolicy(rng=random.Random(0))
-    loads = [load("busy", running=3), load("queued", waiting=2), load("idle")]
-    assert p.rank(None, loads)[0] == ["idle"]
+    loads = [load("busy", inflight=3), load("full", kv_usage=0.9), load("idle", running=4)]
+    assert p.rank(None, loads)[0] == ["idle"]  # engine running/waiting are a period old: not scored
     assert {p.route(None, [load("a"), load("b")]).chosen for _ in range(50)} == {"a", "b"}
     assert p.rank(None, []) == []
 
@@ -120,7 +120,7 @@ def test_kv_aware_weighs_queued_work_and_measured_rates_against_the_cache() -> N
 def test_kv_aware_ties_go_to_the_less_loaded_of_two() -> None:
     st = RoutingState(CT)
     p = KVAwarePolicy(st, "prefill", random.Random(1))
-    loads = [load("a", running=5), load("b")]  # same estimated TTFT (nothing queued by tokens)
+    loads = [load("a", inflight=5), load("b")]  # same estimated TTFT (nothing queued by tokens)
     picks = {p.route(req(3, rid=str(i)), loads).chosen for i in range(20)}
     assert picks == {"b"}
     assert "power of two" in p.route(req(3), loads).why
@@ -131,7 +131,7 @@ def test_kv_aware_decode_prefers_free_kv_and_the_node_with_the_kv() -> None:
     p = KVAwarePolicy(st, "decode", random.Random(0))
     r = req(4, role="decode", node="n2")
     assert p.route(r, [load("a", "n1"), load("b", "n2")]).chosen == "b"
-    assert p.route(r, [load("a", "n1"), load("b", "n2", kv_usage=0.95, running=3)]).chosen == "a"
+    assert p.route(r, [load("a", "n1"), load("b", "n2", kv_usage=0.95, inflight=3)]).chosen == "a"
     st.store.stored("n1", r.chunk_keys)  # no prefill node given: the store says where the KV is
     assert p.route(req(4, role="decode"), [load("a", "n1"), load("b", "n2")]).chosen == "a"
 
@@ -196,7 +196,23 @@ def test_two_routers_fed_the_same_streams_agree_without_talking() -> None:
     for st in routers:
         st.store.stored("n2", keys(6, tag=3))
         st.engines.record("a", keys(3, tag=4))
-    pool = [load("a", "n1"), load("b", "n2"), load("c", "n2", running=4)]
+    pool = [load("a", "n1"), load("b", "n2"), load("c", "n2", inflight=4)]
     for tag in (3, 4, 5):
         picks = {KVAwarePolicy(st, "prefill", random.Random(9)).route(req(6, tag=tag), pool).chosen for st in routers}
         assert len(picks) == 1
+
+
+def test_queued_work_counts_blocking_loads_and_reports_only_when_routers_share_the_pool() -> None:
+    st = RoutingState(CT, prefill_prior_tps=100.0)
+    st.costs.remote_s_per_token = 1e-3
+    r = req(10)
+    st.store.stored("n9", r.chunk_keys)  # all of it remote for a replica on n1
+    p = KVAwarePolicy(st, "prefill", random.Random(0))
+    st.routed(r, p.route(r, [load("a", "n1")]))
+    assert st.queued_tokens("a") == 5 + 32  # 5 computed + 0.32 s of pulls at 100 tok/s
+    stale = [load("a", "n1", queued_tokens=90_000), load("b", "n1")]  # a's report: a period old
+    terms = {s.replica: s.terms for s in KVAwarePolicy(st, "prefill").route(req(3, tag=7), stale).scored}
+    assert terms["a"]["queued_tokens"] == 37 and terms["b"]["queued_tokens"] == 0
+    shared = RoutingState(CT, shared_routers=True)
+    d = KVAwarePolicy(shared, "prefill", random.Random(0)).route(req(3, tag=7), stale)
+    assert d.chosen == "b"  # another router's work, seen in a's report
