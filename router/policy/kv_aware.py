@@ -113,17 +113,20 @@ class KVAwarePolicy(RoutingPolicy):
     # -- shared ------------------------------------------------------------------------------
 
     def _decide(self, role: str, cands: list[Candidate], replicas: Sequence[ReplicaLoad],
-                terms: tuple[str, ...], tie_abs: float) -> RouteDecision:
+                 terms: tuple[str, ...], tie_abs: float) -> RouteDecision:
         """The lowest score wins; candidates within the tie margin of it are ties, settled by
         power of two choices on load (random among exact equals)."""
-        best = min(c[1] for c in cands)
+        best = min([c[1] for c in cands])
         margin = best + max(tie_abs, abs(best) * self.tie_rel)
         ties = [i for i, c in enumerate(cands) if c[1] <= margin]
         if len(ties) == 1:
             chosen, why = cands[ties[0]][0], "lowest score"
         else:
-            a, b = self._rng.sample(ties, 2)
+            k = len(ties)
+            x = self._rng.randrange(k)
+            y = self._rng.randrange(k - 1)
+            a, b = ties[x], ties[y + (y >= x)]  # two distinct ties, drawn at random
             la, lb = load_score(replicas[a]), load_score(replicas[b])  # exact in-flight counts
             chosen = cands[a][0] if (la, cands[a][1]) <= (lb, cands[b][1]) else cands[b][0]
-            why = f"tie of {len(ties)}: power of two choices"
+            why = f"tie of {k}: power of two choices"
         return RouteDecision(self.name, role, best_then_rest(chosen, [c[0] for c in cands]), why, cands, terms)
