@@ -14,9 +14,9 @@ was made of.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import msgpack
 
@@ -57,6 +57,32 @@ class ScoredReplica:
 Candidate = tuple[str, float, tuple[float, ...]]
 
 
+class ScoreTable(Sequence[Candidate]):
+    """Candidates held as columns (names, scores, and a function that builds row i's term
+    values), made into ``Candidate`` tuples only when read: a policy that scores hundreds of
+    replicas per request skips building hundreds of tuples that only an explanation reads."""
+
+    def __init__(self, names: list[str], scores: list[float], row: Callable[[int], tuple[float, ...]]) -> None:
+        self.names, self.scores, self._row = names, scores, row
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @overload
+    def __getitem__(self, i: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Candidate]: ...
+
+    def __getitem__(self, i: int | slice) -> Candidate | Sequence[Candidate]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.names[i], self.scores[i], self._row(i)
+
+    def terms_at(self, replica: str) -> tuple[float, ...]:
+        return self._row(self.names.index(replica))
+
+
 @dataclass(frozen=True)
 class RouteDecision:
     policy: str
@@ -69,6 +95,15 @@ class RouteDecision:
     @property
     def chosen(self) -> str:
         return self.groups[0][0] if self.groups and self.groups[0] else ""
+
+    def terms_of(self, replica: str) -> dict[str, float]:
+        """One candidate's terms, without reading the others."""
+        if isinstance(self.candidates, ScoreTable):
+            return dict(zip(self.term_names, self.candidates.terms_at(replica), strict=False))
+        for name, _score, terms in self.candidates:
+            if name == replica:
+                return dict(zip(self.term_names, terms, strict=False))
+        return {}
 
     @property
     def scored(self) -> tuple[ScoredReplica, ...]:

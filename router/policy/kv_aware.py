@@ -29,9 +29,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from itertools import repeat
 
 from kvstore.messages import ReplicaLoad
-from router.policy.interface import Candidate, RouteDecision, RoutingPolicy, RoutingRequest, best_then_rest
+from router.policy.interface import (
+    Candidate,
+    RouteDecision,
+    RoutingPolicy,
+    RoutingRequest,
+    ScoreTable,
+    best_then_rest,
+)
 from router.policy.simple import LeastLoadedPolicy, load_score
 from router.policy.state import RoutingState
 
@@ -49,6 +57,9 @@ class KVAwarePolicy(RoutingPolicy):
         self.tie_s, self.tie_rel, self.locality = tie_s, tie_rel, locality
         self._rng = rng or random.Random()
         self._fallback = LeastLoadedPolicy(role, self._rng)
+        self._pool_names: list[str] = []
+        self._by_name: dict[str, int] = {}
+        self._by_node: dict[str, list[int]] = {}
 
     def route(self, request: RoutingRequest | None, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
         if request is None or not replicas:
@@ -61,38 +72,62 @@ class KVAwarePolicy(RoutingPolicy):
     # -- prefill ---------------------------------------------------------------------------
 
     def _prefill(self, request: RoutingRequest, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
-        """One pass over the replicas with plain tuples (this runs for every request). Most
-        replicas hold nothing of the prompt on their node or in their cache: their score is
-        the "cold" one, computed with two lookups."""
+        """Runs for every request, over every replica: the common case (a replica that holds
+        nothing of the prompt on its node or in its own cache) is scored in whole-column
+        passes (C-level map / comprehension), the few warm replicas one by one after."""
         st, ct, n, keys = self.state, self.state.chunk_tokens, request.num_prompt_tokens, request.chunk_keys
         own_depth = st.engines.prefix_by_replica(keys) if keys else {}
         node_depth, stored = st.store.prefix_by_node_and_any(keys) if keys else ({}, 0)
         limit = max(n - 1, 0)  # an engine computes at least the prompt's last token
         anywhere = min(stored * ct, limit)
-        rates, prior, queued_by = st.rates.table(), st.rates.prior_tps, st.queued_by_replica()
-        shared = st.shared_routers
         shm_cost, remote_cost = st.costs.same_node_s_per_token, st.costs.remote_s_per_token
+        names, by_name, by_node = self._pool(replicas)
+        k = len(names)
+        rates = list(map(st.rates.table().get, names, repeat(st.rates.prior_tps, k)))
+        queued = list(map(st.queued_by_replica().get, names, repeat(0, k)))
+        if st.shared_routers:  # other routers' work, seen a stats period late
+            queued = list(map(max, queued, [r.queued_tokens for r in replicas]))
         cold_tokens, cold_load_s = n - anywhere, anywhere * remote_cost
-        cands: list[Candidate] = []
-        append = cands.append
-        for r in replicas:
-            name = r.replica
-            rate = rates.get(name, prior)
-            queued = queued_by.get(name, 0)
-            if shared and r.queued_tokens > queued:  # other routers' work, seen a period late
-                queued = r.queued_tokens
-            if name not in own_depth and r.node_id not in node_depth:
-                append((name, (queued + cold_tokens) / rate + cold_load_s, (queued, rate, 0, 0, anywhere)))
+        scores = [(q + cold_tokens) / rate + cold_load_s for q, rate in zip(queued, rates, strict=True)]
+        # Replicas on a node whose store holds a prefix of the prompt: one term set per node.
+        on_node: dict[str, tuple[int, int, int]] = {}
+        for nd, depth in node_depth.items():
+            node_t = min(depth * ct, limit)
+            remote_t = max(anywhere - node_t, 0)
+            on_node[nd] = (0, node_t, remote_t)
+            work, load_s = n - node_t - remote_t, node_t * shm_cost + remote_t * remote_cost
+            for i in by_node.get(nd, ()):
+                scores[i] = (queued[i] + work) / rates[i] + load_s
+        # Replicas whose own cache holds a prefix: each on its own.
+        own_terms: dict[int, tuple[int, int, int]] = {}
+        for name, depth in own_depth.items():
+            i = by_name.get(name, -1)
+            if i < 0:
                 continue
-            own = own_depth.get(name, 0) * ct
-            own = own if own < limit else limit
-            node = node_depth.get(r.node_id, 0) * ct - own
-            node = 0 if node < 0 else (node if node < limit - own else limit - own)
-            remote = anywhere - own - node
-            remote = remote if remote > 0 else 0
-            score = (queued + n - own - node - remote) / rate + node * shm_cost + remote * remote_cost
-            append((name, score, (queued, rate, own, node, remote)))
-        return self._decide(request.role, cands, replicas, PREFILL_TERMS, self.tie_s)
+            own = min(depth * ct, limit)
+            node = min(max(node_depth.get(replicas[i].node_id, 0) * ct - own, 0), limit - own)
+            remote = max(anywhere - own - node, 0)
+            own_terms[i] = (own, node, remote)
+            scores[i] = (queued[i] + n - own - node - remote) / rates[i] + node * shm_cost + remote * remote_cost
+        cold = (0, 0, anywhere)
+
+        def row(i: int) -> tuple[float, ...]:
+            terms = own_terms.get(i) or on_node.get(replicas[i].node_id, cold)
+            return (queued[i], rates[i], *terms)
+
+        table = ScoreTable(names, scores, row)
+        return self._decide(request.role, table, replicas, PREFILL_TERMS, self.tie_s)
+
+    def _pool(self, replicas: Sequence[ReplicaLoad]) -> tuple[list[str], dict[str, int], dict[str, list[int]]]:
+        """Names, name -> position, node -> positions; rebuilt only when the pool changes."""
+        names = [r.replica for r in replicas]
+        if names != self._pool_names:
+            self._pool_names = names
+            self._by_name = {name: i for i, name in enumerate(names)}
+            self._by_node = {}
+            for i, r in enumerate(replicas):
+                self._by_node.setdefault(r.node_id, []).append(i)
+        return self._pool_names, self._by_name, self._by_node
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -112,21 +147,25 @@ class KVAwarePolicy(RoutingPolicy):
 
     # -- shared ------------------------------------------------------------------------------
 
-    def _decide(self, role: str, cands: list[Candidate], replicas: Sequence[ReplicaLoad],
-                 terms: tuple[str, ...], tie_abs: float) -> RouteDecision:
+    def _decide(self, role: str, cands: Sequence[Candidate], replicas: Sequence[ReplicaLoad],
+                terms: tuple[str, ...], tie_abs: float) -> RouteDecision:
         """The lowest score wins; candidates within the tie margin of it are ties, settled by
         power of two choices on load (random among exact equals)."""
-        best = min([c[1] for c in cands])
+        if isinstance(cands, ScoreTable):
+            names, scores = cands.names, cands.scores
+        else:
+            names, scores = [c[0] for c in cands], [c[1] for c in cands]
+        best = min(scores)
         margin = best + max(tie_abs, abs(best) * self.tie_rel)
-        ties = [i for i, c in enumerate(cands) if c[1] <= margin]
+        ties = [i for i, score in enumerate(scores) if score <= margin]
         if len(ties) == 1:
-            chosen, why = cands[ties[0]][0], "lowest score"
+            chosen, why = names[ties[0]], "lowest score"
         else:
             k = len(ties)
             x = self._rng.randrange(k)
             y = self._rng.randrange(k - 1)
             a, b = ties[x], ties[y + (y >= x)]  # two distinct ties, drawn at random
             la, lb = load_score(replicas[a]), load_score(replicas[b])  # exact in-flight counts
-            chosen = cands[a][0] if (la, cands[a][1]) <= (lb, cands[b][1]) else cands[b][0]
+            chosen = names[a] if (la, scores[a]) <= (lb, scores[b]) else names[b]
             why = f"tie of {k}: power of two choices"
-        return RouteDecision(self.name, role, best_then_rest(chosen, [c[0] for c in cands]), why, cands, terms)
+        return RouteDecision(self.name, role, best_then_rest(chosen, names), why, cands, terms)

@@ -151,8 +151,7 @@ class RoutingState:
     def _work_tokens(self, request: RoutingRequest, decision: RouteDecision, chosen: str) -> int:
         """What the request will occupy the replica for, in its prompt tokens: the tokens it
         computes, plus its store loads (they block the engine step) at the replica's rate."""
-        terms = next((dict(zip(decision.term_names, c[2], strict=False)) for c in decision.candidates
-                      if c[0] == chosen), {})
+        terms = decision.terms_of(chosen)
         node, remote = terms.get("node_tokens", 0), terms.get("remote_tokens", 0)
         compute = request.num_prompt_tokens - terms.get("own_tokens", 0) - node - remote
         load_s = node * self.costs.same_node_s_per_token + remote * self.costs.remote_s_per_token
