@@ -38,8 +38,11 @@ from bench.servers import pdserve_system
 from bench.stats import RequestResult, percentile
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUT = [  # 2 prefill replicas (core 0, core 1) + 1 decode replica (core 1); prefix caches on
-    "prefill.replicas=2", "prefill.cpu_binding=['0','1']", "decode.cpu_binding=['1']",
+LAYOUT = [  # 2 prefill replicas (core 0, core 1) + 1 decode replica (core 1); prefix caches on.
+    # Ray's CPU count is 2: the prefill replicas reserve half a CPU each (pinning, not Ray's
+    # accounting, decides which core an engine runs on).
+    "prefill.replicas=2", "prefill.cpus_per_replica=0.5", "prefill.cpu_binding=['0','1']",
+    "decode.cpu_binding=['1']",
     "prefill.engine.max_model_len=2048", "decode.engine.max_model_len=2048",
 ]
 
@@ -107,6 +110,17 @@ def summarize(results: list[RequestResult]) -> dict[str, Any]:
     }
 
 
+def own_cache_seen(base_url: str) -> dict[str, Any]:
+    """How often the router saw the chosen prefill replica's own cache holding part of the
+    prompt (kv_aware's candidates carry ``own_tokens``, from the engines' KV events): shows
+    the event feed working on real engines."""
+    routes = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/debug/routes?last=1000", timeout=30).json()
+    chosen = [r["prefill"] for r in routes if "prefill" in r]
+    own = [next((c.get("own_tokens", 0) for c in d["candidates"] if c["replica"] == d["chosen"]), 0) for d in chosen]
+    return {"decisions_with_own_cache": sum(1 for t in own if t > 0), "decisions": len(own),
+            "own_cache_tokens": sum(own)}
+
+
 def table(report: dict[str, Any]) -> str:
     rows = report["policies"]
     lines = ["| policy | TTFT p50 ms | TTFT p90 ms | prefix hit rate | requests per prefill replica | failed |",
@@ -145,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                                     [*LAYOUT, f"router.policy={policy}"]) as running:
                     results = asyncio.run(run_workload(running.base_url, model_dir.name, convs,
                                                        args.output_len, args.concurrency))
-                report["policies"][policy] = {**summarize(results), "wall_s": round(time.monotonic() - t0, 1)}
+                    seen = own_cache_seen(running.base_url)
+                report["policies"][policy] = {**summarize(results), **seen, "wall_s": round(time.monotonic() - t0, 1)}
             except Exception as e:  # one policy failing still reports the others
                 report["policies"][policy] = {"error": f"{type(e).__name__}: {e}"}
         print(f"[policies] {policy}: {report['policies'][policy]}", flush=True)
