@@ -86,9 +86,10 @@ class Router:
         self._prefill = prefill
         self._decode = decode.options(stream=True)
         self._created = int(time.time())
-        # What the routing policy reads: which store nodes hold which chunks (kept current
-        # off the request path by a feed thread), what each replica computed, measured rates.
-        # The pools' request routers live in this process and pick it up (router/policy/state).
+        # What the routing policy reads: which store nodes hold which chunks and which
+        # chunks each prefill engine's own cache holds (kept current off the request path by
+        # two feed threads), measured rates and transfer costs. The pools' request routers
+        # live in this process and pick it up (router/policy/state).
         self.routing = RoutingState(self.namespace.chunk_tokens, self.spec.prefill_prior_tps,
                                     shared_routers=self.spec.router_replicas > 1)
         self.routing.engine_feed = EngineEventFeed(self.routing.engines, self.namespace)
@@ -258,7 +259,7 @@ class Router:
         d = self.routing.decisions(rid).get("prefill")
         if d is None:
             return ""
-        best = ",".join(f"{s.replica}={s.score:.4g}" for s in d.scored[:4])
+        best = ",".join(f"{s.replica}={s.score:.4g}" for s in d.top(4))
         return f"policy={d.policy}; chosen={d.chosen}; why={d.why}; scores={best}"
 
     async def _events(self, builder: ResponseBuilder, gen: Generation, first: EngineDelta,

@@ -13,6 +13,7 @@ was made of.
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,19 @@ class RouteDecision:
             if name == replica:
                 return dict(zip(self.term_names, terms, strict=False))
         return {}
+
+    def top(self, k: int) -> list[ScoredReplica]:
+        """The chosen candidate, then the best others, ``k`` in all, reading only those rows
+        (for the response header: every request pays for it)."""
+        if isinstance(self.candidates, ScoreTable):
+            names, scores = self.candidates.names, self.candidates.scores
+        else:
+            names, scores = [c[0] for c in self.candidates], [c[1] for c in self.candidates]
+        chosen = self.chosen
+        rest = heapq.nsmallest(k, (i for i, name in enumerate(names) if name != chosen), key=scores.__getitem__)
+        picked = ([names.index(chosen)] if chosen in names else []) + rest
+        return [ScoredReplica(names[i], scores[i], dict(zip(self.term_names, self.candidates[i][2], strict=False)))
+                for i in picked[:k]]
 
     @property
     def scored(self) -> tuple[ScoredReplica, ...]:

@@ -216,3 +216,13 @@ def test_queued_work_counts_blocking_loads_and_reports_only_when_routers_share_t
     shared = RoutingState(CT, shared_routers=True)
     d = KVAwarePolicy(shared, "prefill", random.Random(0)).route(req(3, tag=7), stale)
     assert d.chosen == "b"  # another router's work, seen in a's report
+
+
+def test_top_reads_the_chosen_and_the_best_others_only() -> None:
+    st = RoutingState(CT)
+    pool = [load(f"r{i}", inflight=i) for i in range(10)]
+    d = KVAwarePolicy(st, "prefill", random.Random(3)).route(req(2), pool)
+    top = d.top(3)
+    assert top[0].replica == d.chosen and len(top) == 3
+    assert [s.replica for s in top] == [s.replica for s in d.scored[:3]]
+    assert LeastLoadedPolicy(rng=random.Random(0)).route(None, pool).top(2)[0].replica == "r0"
