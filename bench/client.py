@@ -87,7 +87,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict[str, Any],
                      timeout_s: float) -> RequestResult:
     """POST one streamed completion; time every token-carrying chunk from the send."""
     res = RequestResult(prompt_tokens=len(body["prompt"]))
-    t0 = time.perf_counter()
+    t0 = res.sent_at = time.perf_counter()
     try:
         async with client.stream("POST", url, json=body, timeout=timeout_s) as resp:
             if resp.status_code != 200:

@@ -72,30 +72,55 @@ def conversations(args: argparse.Namespace, vocab: list[int]) -> list[tuple[list
 
 
 async def run_workload(base_url: str, model: str, convs: list[tuple[list[int], list[list[int]]]],
-                       output_len: int, concurrency: int) -> list[RequestResult]:
+                       output_len: int, concurrency: int) -> list[tuple[int, RequestResult]]:
     """Each conversation's turns in order (a turn needs the previous answer); up to
     ``concurrency`` conversations at once."""
     url = base_url.rstrip("/") + "/completions"
-    results: list[RequestResult] = []
+    results: list[tuple[int, RequestResult]] = []  # (conversation, result)
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(client: httpx.AsyncClient, system: list[int], turns: list[list[int]]) -> None:
+    async def one(client: httpx.AsyncClient, conv: int, system: list[int], turns: list[list[int]]) -> None:
         async with sem:
             history = list(system)
             for user in turns:
                 history += user
                 res = await stream_one(client, url, request_body(model, Prompt(list(history), output_len)), 600)
-                results.append(res)
+                results.append((conv, res))
                 if not res.ok:
                     return
                 history += res.output_ids
 
     async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(one(client, s, t) for s, t in convs))
+        await asyncio.gather(*(one(client, i, s, t) for i, (s, t) in enumerate(convs)))
     return results
 
 
-def summarize(results: list[RequestResult]) -> dict[str, Any]:
+def calibration(runs: list[tuple[int, RequestResult]], args: argparse.Namespace, policy: str) -> dict[str, Any]:
+    """The simulator's TTFT for the same requests at the same send times (``cpu-smollm2``,
+    2 prefill + 1 decode, the same policy), against the measured ones: the simulator's
+    calibration check (target: within 25%)."""
+    from bench.sim.calibrate import CalibrationRequest, simulated_ttft
+
+    ok = [(conv, r) for conv, r in runs if r.ok and r.ttft_s is not None]
+    if not ok:
+        return {}
+    t0 = min(r.sent_at for _, r in ok)
+    reqs = [CalibrationRequest(((f"sys{conv % args.system_prompts}", args.system_len),
+                                (f"conv{conv}", r.prompt_tokens - args.system_len)), r.n_out, r.sent_at - t0)
+            for conv, r in ok]
+    sim = simulated_ttft(reqs, policy)
+    real = [r.ttft_s for _, r in ok if r.ttft_s is not None]
+    p_sim, p_real = percentile(sim, 50), percentile(real, 50)
+    return {"sim_ttft_p50_s": p_sim, "sim_ttft_p50_over_measured": (p_sim / p_real) if p_sim and p_real else None,
+            "sim_ttft_p90_over_measured": _ratio(percentile(sim, 90), percentile(real, 90))}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarize(runs: list[tuple[int, RequestResult]]) -> dict[str, Any]:
+    results = [r for _, r in runs]
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     prompt = sum(r.prompt_tokens for r in ok)
@@ -160,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     results = asyncio.run(run_workload(running.base_url, model_dir.name, convs,
                                                        args.output_len, args.concurrency))
                     seen = own_cache_seen(running.base_url)
-                report["policies"][policy] = {**summarize(results), **seen, "wall_s": round(time.monotonic() - t0, 1)}
+                report["policies"][policy] = {**summarize(results), **seen, **calibration(results, args, policy),
+                                              "wall_s": round(time.monotonic() - t0, 1)}
             except Exception as e:  # one policy failing still reports the others
                 report["policies"][policy] = {"error": f"{type(e).__name__}: {e}"}
         print(f"[policies] {policy}: {report['policies'][policy]}", flush=True)

@@ -36,6 +36,7 @@ class RequestResult:
     usage_completion_tokens: int | None = None  # the server's own count, when it sends usage
     output_ids: list[int] = field(default_factory=list)  # the tokens, when the server sends ids
     trace: dict[str, Any] = field(default_factory=dict)  # pdserve's routing trace, when it sends one
+    sent_at: float = 0.0  # perf_counter() when the request went out (to replay arrivals)
 
     @property
     def n_out(self) -> int:
