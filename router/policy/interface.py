@@ -136,13 +136,6 @@ class RouteDecision:
         }
 
 
-def groups_of(ordered: Sequence[str]) -> list[list[str]]:
-    """The usual grouping: the best replica alone, then the rest as fallbacks."""
-    if not ordered:
-        return []
-    return [[ordered[0]], list(ordered[1:])] if len(ordered) > 1 else [[ordered[0]]]
-
-
 def best_then_rest(best: str, names: Sequence[str]) -> list[list[str]]:
     """The chosen replica alone, then every other as a fallback (Serve picks among a group's
     replicas itself, so the fallbacks need no order)."""

@@ -80,14 +80,14 @@ class KVAwarePolicy(RoutingPolicy):
         node_depth, stored = st.store.prefix_by_node_and_any(keys) if keys else ({}, 0)
         limit = max(n - 1, 0)  # an engine computes at least the prompt's last token
         anywhere = min(stored * ct, limit)
-        shm_cost, remote_cost = st.costs.same_node_s_per_token, st.costs.remote_s_per_token
+        load_s = st.costs.load_s
         names, by_name, by_node = self._pool(replicas)
         k = len(names)
         rates = list(map(st.rates.table().get, names, repeat(st.rates.prior_tps, k)))
         queued = list(map(st.queued_by_replica().get, names, repeat(0, k)))
         if st.shared_routers:  # other routers' work, seen a stats period late
             queued = list(map(max, queued, [r.queued_tokens for r in replicas]))
-        cold_tokens, cold_load_s = n - anywhere, anywhere * remote_cost
+        cold_tokens, cold_load_s = n - anywhere, load_s(0, anywhere)
         scores = [(q + cold_tokens) / rate + cold_load_s for q, rate in zip(queued, rates, strict=True)]
         # Replicas on a node whose store holds a prefix of the prompt: one term set per node.
         on_node: dict[str, tuple[int, int, int]] = {}
@@ -95,9 +95,9 @@ class KVAwarePolicy(RoutingPolicy):
             node_t = min(depth * ct, limit)
             remote_t = max(anywhere - node_t, 0)
             on_node[nd] = (0, node_t, remote_t)
-            work, load_s = n - node_t - remote_t, node_t * shm_cost + remote_t * remote_cost
+            work, node_load_s = n - node_t - remote_t, load_s(node_t, remote_t)
             for i in by_node.get(nd, ()):
-                scores[i] = (queued[i] + work) / rates[i] + load_s
+                scores[i] = (queued[i] + work) / rates[i] + node_load_s
         # Replicas whose own cache holds a prefix: each on its own.
         own_terms: dict[int, tuple[int, int, int]] = {}
         for name, depth in own_depth.items():
@@ -108,7 +108,7 @@ class KVAwarePolicy(RoutingPolicy):
             node = min(max(node_depth.get(replicas[i].node_id, 0) * ct - own, 0), limit - own)
             remote = max(anywhere - own - node, 0)
             own_terms[i] = (own, node, remote)
-            scores[i] = (queued[i] + n - own - node - remote) / rates[i] + node * shm_cost + remote * remote_cost
+            scores[i] = (queued[i] + n - own - node - remote) / rates[i] + load_s(node, remote)
         cold = (0, 0, anywhere)
 
         def row(i: int) -> tuple[float, ...]:

@@ -92,9 +92,6 @@ class RateMeter:
         """The measured rates (read-only for callers; replicas missing are at the prior)."""
         return self._rate
 
-    def measured(self) -> dict[str, float]:
-        return dict(self._rate)
-
 
 @dataclass
 class TransferCosts:
@@ -103,6 +100,10 @@ class TransferCosts:
 
     same_node_s_per_token: float = 2e-6
     remote_s_per_token: float = 2e-5
+
+    def load_s(self, node_tokens: float, remote_tokens: float) -> float:
+        """How long loading that many stored tokens takes (from the replica's node, from others)."""
+        return node_tokens * self.same_node_s_per_token + remote_tokens * self.remote_s_per_token
 
     def update(self, stats: Mapping[str, int], chunk_tokens: int) -> None:
         """From the store's counters (``kvstore.stats``: per-transport get latency sums and
@@ -154,8 +155,7 @@ class RoutingState:
         terms = decision.terms_of(chosen)
         node, remote = terms.get("node_tokens", 0), terms.get("remote_tokens", 0)
         compute = request.num_prompt_tokens - terms.get("own_tokens", 0) - node - remote
-        load_s = node * self.costs.same_node_s_per_token + remote * self.costs.remote_s_per_token
-        return int(compute + load_s * self.rates.rate(chosen))
+        return int(compute + self.costs.load_s(node, remote) * self.rates.rate(chosen))
 
     def dispatched(self, replica: str, request_id: str, tokens: int) -> None:
         self.finished(request_id)  # a retry routed elsewhere moves the work with it
