@@ -11,15 +11,27 @@ connector can turn exactly those chunks into recompute.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from kvstore.agent import CommitEntry
 from kvstore.agent_rpc import AgentClient, AgentUnavailable
 from kvstore.logging import get_logger
 from kvstore.metadata import AgentInfo, ChunkLocation, MetadataStore, connect
-from kvstore.segment import HEADER_BYTES, ChecksumMismatch, SlotCorrupt, check_slot, seal_slot
+from kvstore.segment import (
+    CHECK_BLOCK,
+    HEADER_BYTES,
+    ChecksumMismatch,
+    SlotCorrupt,
+    block_digest,
+    check_blocks,
+    check_header,
+    check_slot,
+    copy_into,
+    fold_digests,
+    seal_slot,
+)
 from kvstore.transport import REMOTE_TRANSPORTS, ShmTransport, Transport, TransportError
 from kvstore.transport.base import slot_spans
 
@@ -28,9 +40,10 @@ log = get_logger(__name__)
 # Upper bounds (seconds) of the transfer latency histogram, Prometheus style (plus +Inf).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _INFO_TTL_S = 2.0
-# Slots at least this large are verified (xxh3, which runs without the GIL) and handed over on
-# a helper thread while the next slot is copied (ctypes.memmove, also without the GIL) or
-# received; smaller ones inline, where a thread hand-off costs more than it hides.
+# Slots at least this large are verified (xxh3, which runs without the GIL) on a helper thread:
+# from another node while the next slots arrive, on this node as one of two threads that each
+# copy (ctypes.memmove, also without the GIL) and verify half of the run. Smaller ones inline,
+# where a thread hand-off costs more than it hides.
 OVERLAP_MIN_BYTES = 512 << 10
 OVERLAP_GROUP_BYTES = 4 << 20  # slots handed over together: one thread hand-off per ~4 MiB
 
@@ -169,9 +182,10 @@ class StoreClient:
         lands at its position in input order and its payload view points there. Returns,
         per chunk, whether it was delivered; failures are counted, never raised.
 
-        ``on_chunk`` runs on a helper thread when the slots are large (verification then
-        overlaps the next copy); its calls never overlap each other, and all have returned
-        when ``batch_get`` does."""
+        With large slots ``on_chunk`` runs on a helper thread too: from another node, while
+        the next slots arrive (its calls then never overlap); on this node, on two threads at
+        once for different chunks (each copies and verifies half of the slots). All calls have
+        returned when ``batch_get`` does."""
         ok = [False] * len(keys)
         spans = slot_spans([HEADER_BYTES + loc.length for loc in locs])
         by_node: dict[str, list[int]] = {}
@@ -233,7 +247,11 @@ class StoreClient:
                     hand_off()
 
             try:
-                transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
+                if local and overlap and (len(run) > 1 or lengths[0] > HEADER_BYTES + CHECK_BLOCK):
+                    for i, verdict in self._read_local_split(info, run, lengths, keys, locs, on_chunk, dest):
+                        settle(i, verdict)
+                else:
+                    transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
             finally:  # every complete slot is settled before its pin or its buffer goes away
                 hand_off()
                 error = None
@@ -261,6 +279,67 @@ class StoreClient:
         if delivered:
             for name, n in histogram_fields(f"get_seconds:{transport.name}", time.perf_counter() - started).items():
                 self.count(name, n)
+
+    def _read_local_split(
+        self, info: AgentInfo, run: list[int], lengths: list[int], keys: Sequence[bytes],
+        locs: Sequence[ChunkLocation], on_chunk: Callable[[int, memoryview], None], dest: memoryview | None,
+    ) -> list[tuple[int, str]]:
+        """Verify (and copy into ``dest``) a same-node run on two threads, half of its
+        checksum blocks each, then hand the good chunks over in order; every slot's verdict.
+
+        Each thread hashes a block right after it copied it, from its own core's cache, so a
+        verified read costs two passes over memory (read, write) like a plain copy, spread
+        over both cores (docs/kvstore.md has the measurements)."""
+        buf = self.shm.segment(info.segment).buf
+        spans = slot_spans(lengths)
+        verdicts: dict[int, str] = {}
+        work: list[tuple[int, int, int]] = []  # (j, a, b): payload bytes a..b of slot run[j]
+        for j, i in enumerate(run):
+            loc = locs[i]
+            try:
+                check_header(buf, loc.offset, keys[i], loc.length, loc.checksum)
+            except SlotCorrupt:
+                verdicts[i] = "slot_mismatches"
+                continue
+            work += [(j, a, b) for a, b in check_blocks(loc.length)]
+        digests: dict[tuple[int, int], int] = {}
+
+        def payload(j: int) -> memoryview:  # where slot run[j]'s payload is delivered from
+            if dest is None:
+                start = locs[run[j]].offset + HEADER_BYTES
+                return buf[start : start + lengths[j] - HEADER_BYTES]
+            start = spans[j][0] + HEADER_BYTES
+            return dest[start : start + lengths[j] - HEADER_BYTES]
+
+        def part(items: Iterator[tuple[int, int, int]]) -> None:
+            for j, a, b in items:
+                block = payload(j)[a:b]
+                if dest is not None:
+                    src = locs[run[j]].offset + HEADER_BYTES
+                    copy_into(block, buf[src + a : src + b])
+                digests[(j, a)] = block_digest(block)
+
+        # Both threads take blocks from one queue (a list iterator: its next() is atomic),
+        # so a thread the OS parks for a while leaves its share to the other.
+        queue = iter(work)
+        theirs = self._verifier.submit(part, queue)
+        try:
+            part(queue)
+        finally:
+            wait([theirs])  # its slots stay pinned and its buffer alive until it is done
+        theirs.result()
+        for j, i in enumerate(run):
+            if i in verdicts:
+                continue
+            loc = locs[i]
+            if fold_digests([digests[(j, a)] for a, _ in check_blocks(loc.length)]) != loc.checksum:
+                verdicts[i] = "checksum_failures"
+                continue
+            if dest is not None:
+                copy_into(dest[spans[j][0] : spans[j][0] + HEADER_BYTES], buf[loc.offset : loc.offset + HEADER_BYTES])
+            on_chunk(i, payload(j))
+            verdicts[i] = "ok"
+        return list(verdicts.items())
 
     @staticmethod
     def _deliver(
@@ -308,6 +387,16 @@ class StoreClient:
         self._verifier.shutdown(wait=True)
         self.shm.close()
         self.remote.close()
+
+
+def _split_by_bytes(lengths: list[int]) -> int:
+    """Index that splits ``lengths`` into two parts of about equal bytes (both non-empty)."""
+    total, acc = sum(lengths), 0
+    for j, n in enumerate(lengths[:-1]):
+        acc += n
+        if 2 * acc >= total:
+            return j + 1
+    return len(lengths) - 1
 
 
 def _contiguous_runs(idxs: list[int]) -> list[list[int]]:

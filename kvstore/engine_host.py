@@ -158,10 +158,11 @@ class EngineHost:
         )
         prompt = TokensPrompt(prompt_token_ids=list(request.token_ids))
         n_prompt, prefilled = len(request.token_ids), False
+        received = time.monotonic()
         self.work.started(n_prompt)
         try:
             async for out in self.engine.generate(prompt, params, request.request_id):
-                delta = self._delta(out, s.logprobs is not None)
+                delta = self._delta(out, s.logprobs is not None, time.monotonic() - received)
                 if not prefilled:
                     prefilled = True
                     self.work.prefilled(n_prompt, n_prompt - delta.num_cached_tokens)
@@ -169,7 +170,7 @@ class EngineHost:
         finally:
             self.work.ended(n_prompt, prefilled)
 
-    def _delta(self, out: Any, want_logprobs: bool) -> EngineDelta:
+    def _delta(self, out: Any, want_logprobs: bool, engine_s: float) -> EngineDelta:
         c = out.outputs[0]
         logprobs = None
         if want_logprobs and c.logprobs is not None:
@@ -193,6 +194,7 @@ class EngineHost:
             num_prompt_tokens=len(out.prompt_token_ids or ()),
             num_cached_tokens=int(out.num_cached_tokens or 0),
             replica=self.replica,
+            engine_s=engine_s,
         )
 
     def load(self) -> ReplicaLoad:

@@ -63,6 +63,7 @@ class EngineDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens the engine did not compute (local + store)
     replica: str = ""
+    engine_s: float = 0.0  # seconds since the replica received the request (queue + compute)
 
     def encode(self) -> bytes:
         lps: Any = None
@@ -70,18 +71,18 @@ class EngineDelta:
             lps = [[lp.token_id, lp.logprob, [list(t) for t in lp.top]] for lp in self.logprobs]
         return msgpack.packb(
             [list(self.token_ids), self.text, lps, self.finish_reason,
-             self.num_prompt_tokens, self.num_cached_tokens, self.replica]
+             self.num_prompt_tokens, self.num_cached_tokens, self.replica, self.engine_s]
         )
 
     @classmethod
     def decode(cls, raw: bytes) -> EngineDelta:
-        ids, text, lps, finish, n_prompt, n_cached, replica = msgpack.unpackb(raw)
+        ids, text, lps, finish, n_prompt, n_cached, replica, engine_s = msgpack.unpackb(raw)
         logprobs = None
         if lps is not None:
             logprobs = tuple(
                 TokenLogprob(t, lp, tuple((a, b) for a, b in top)) for t, lp, top in lps
             )
-        return cls(tuple(ids), text, logprobs, finish, n_prompt, n_cached, replica)
+        return cls(tuple(ids), text, logprobs, finish, n_prompt, n_cached, replica, engine_s)
 
 
 @dataclass(frozen=True)

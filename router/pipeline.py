@@ -28,6 +28,7 @@ class Trace:
     prefill_cached_tokens: int = 0
     decode_cached_tokens: int = 0
     prefill_node: str = ""  # where the prompt's KV was saved: decode prefers this node
+    prefill_engine_s: float = 0.0  # of the time to first token, what the prefill engine took
 
 
 @dataclass
@@ -62,6 +63,7 @@ async def first_token(
     first = await prefill(req, RoutingRequest(request_id, "prefill", len(prompt), chunk_keys))
     trace.prefill_replica = first.replica
     trace.prefill_cached_tokens = first.num_cached_tokens
+    trace.prefill_engine_s = round(first.engine_s, 6)
     # The prefill engine stops every request at one token ("length"); that is the split
     # point, not the end, unless the client asked for one token or the model stopped.
     if first.finish_reason == "length" and sampling.max_tokens > 1:

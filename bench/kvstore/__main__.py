@@ -54,12 +54,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-mib", type=int, default=64, help="bytes moved per timed batch")
     p.add_argument("--repeats", type=int, default=7, help="timed turns per method")
     p.add_argument("--latency-samples", type=int, default=15, help="single-chunk gets per method")
+    p.add_argument("--methods", default=",".join(ORDER), help="methods to run (their ratios are printed)")
     p.add_argument("--quick", action="store_true", help="two sizes, small batches (CI-sized)")
     p.add_argument("--out", type=Path, default=REPO / "bench/results/kvstore.json")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.batch_mib, args.repeats, args.latency_samples = "64K,1M", 16, 3, 5
     args.size_list = [parse_size(s) for s in args.sizes.split(",")]
+    args.method_set = set(args.methods.split(","))
+    if unknown := args.method_set - set(ORDER):
+        p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(ORDER)}")
     return args
 
 
@@ -103,9 +107,22 @@ def measure(methods: list[Method], w: Workload, args: argparse.Namespace) -> dic
     def ratio(a: str, b: str, what: str = "get") -> float:  # a's bandwidth over b's
         return round(statistics.median(tb / ta for ta, tb in zip(times[a][what], times[b][what], strict=True)), 2)
 
-    ratios = {f"{a}/{b}": ratio(a, b) for a, b in RATIOS}
-    ratios["shm_put/memcpy"] = ratio("shm", "memcpy", "put")
+    ratios = {f"{a}/{b}": ratio(a, b) for a, b in RATIOS if a in times and b in times}
+    if "shm" in times and "memcpy" in times:
+        ratios["shm_put/memcpy"] = ratio("shm", "memcpy", "put")
     return {"figures": figures, "get_ratios": ratios}
+
+
+def _method(name: str, w: Workload, redis_url: str, fetcher: Any) -> Method:
+    if name == "memcpy":
+        return Memcpy(w)
+    if name in ("shm", "tcp", "grpc"):
+        return Store(w, redis_url, name)
+    if name in ("ray", "ray-remote"):
+        return RayObjects(w, fetcher if name == "ray-remote" else None)
+    if name == "raw-tcp":
+        return RawTcp(w)
+    return RedisBlob(w, redis_url)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,10 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 w = Workload(size, args.batch_mib << 20)
                 print(f"chunk {w.label} x {w.n}", flush=True)
                 fetcher = ray.remote(Fetcher).options(resources={"bench_b": 0.01}, num_cpus=0).remote(w.total)
-                methods: list[Method] = [
-                    Memcpy(w), Store(w, redis_url, "shm"), RayObjects(w), RawTcp(w), Store(w, redis_url, "tcp"),
-                    Store(w, redis_url, "grpc"), RayObjects(w, fetcher), RedisBlob(w, redis_url),
-                ]
+                methods = [_method(name, w, redis_url, fetcher) for name in ORDER if name in args.method_set]
                 try:
                     results[w.label] = measure(methods, w, args)
                 finally:
@@ -151,7 +165,7 @@ def table(results: dict[str, Any]) -> str:
     labels = list(results)
     lines = ["| method | " + " | ".join(f"{lb}: get GB/s · put GB/s · 1-chunk get µs" for lb in labels) + " |",
              "|---|" + "---:|" * len(labels)]
-    for name in ORDER:
+    for name in (n for n in ORDER if n in results[labels[0]]["figures"]):
         cells = []
         for lb in labels:
             f = results[lb]["figures"][name]

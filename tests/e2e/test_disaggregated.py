@@ -52,6 +52,7 @@ def test_cold_store_matches_monolithic_and_decode_loads_from_store(
         n = n_tokens(tokenizer, prompt)
         trace = res["pdserve"]
         assert res["usage"]["prompt_tokens"] == n
+        assert 0 < trace["prefill_engine_s"] < 600  # the prefill engine's share of the TTFT
         # decode gets prompt + first token; every full prompt chunk came from the store
         assert trace["decode_cached_tokens"] == n // CHUNK * CHUNK, (prompt[:40], trace)
         if n >= CHUNK:

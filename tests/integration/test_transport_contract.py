@@ -67,7 +67,10 @@ def get(c: StoreClient, keys: list[bytes], dest: bool = False) -> dict[int, byte
     return got
 
 
-@pytest.mark.parametrize("sizes", [[1, 4096, (1 << 20) + 3, 64 << 10], [16 << 20]], ids=["mixed", "16MiB"])
+@pytest.mark.parametrize(
+    "sizes", [[1, 4096, (1 << 20) + 3, 64 << 10], [16 << 20], [1 << 20, (2 << 20) + 5, 1 << 20]],
+    ids=["mixed", "16MiB", "large-run"],  # large-run: same-node reads split over two threads
+)
 def test_put_exists_get(client: StoreClient, sizes: list[int]) -> None:
     keys = [make_key("rt", i) for i in range(len(sizes))]
     assert client.batch_exists(keys) == [False] * len(keys)
@@ -109,6 +112,22 @@ def test_corrupted_payload_fails_its_checksum(client: StoreClient, agent: StoreA
     assert ok == [False] and client.drain_counters()["checksum_failures"] == 1
     assert client.batch_exists([key]) == [False]  # the damaged chunk was dropped from the store
     assert put(client, [key], [8192]) == 1 and get(client, [key]) == {0: content(key, 8192)}
+
+
+@pytest.mark.parametrize("dest", [False, True], ids=["view", "dest"])
+def test_a_corrupt_block_in_a_large_run_loses_its_chunk(client: StoreClient, agent: StoreAgent, dest: bool) -> None:
+    # Large enough to be verified block by block on two threads on the same node.
+    sizes = [1 << 20, (3 << 20) + 5, 1 << 20, 1 << 20]
+    keys = [make_key("run", i) for i in range(4)]
+    assert put(client, keys, sizes) == 4
+    for bad, at in ((0, 4096), (1, (2 << 20) + 1), (3, (1 << 20) - 1)):  # in each thread's half
+        loc = client.lookup([keys[bad]])[0]
+        assert loc is not None
+        agent.segment.buf[loc.offset + HEADER_BYTES + at] ^= 0xFF
+        got = get(client, keys, dest=dest)
+        assert got == {i: content(keys[i], sizes[i]) for i in range(4) if i != bad}
+        assert client.drain_counters()["checksum_failures"] == 1
+        assert put(client, [keys[bad]], [sizes[bad]]) == 1  # stored again, whole
 
 
 def test_concurrent_readers_and_writers(client: StoreClient, agent: StoreAgent, redis_url: str, prefix: str) -> None:

@@ -10,7 +10,8 @@ KEYS = (b"k" * 16,)
 async def fake_prefill(req: EngineRequest, hint: RoutingRequest) -> EngineDelta:
     assert req.sampling.max_tokens == 1 and hint.role == "prefill" and hint.chunk_keys == KEYS
     eos = req.token_ids[-1] == 0
-    return EngineDelta((7,), "A", finish_reason="stop" if eos else "length", num_cached_tokens=32, replica="p0")
+    return EngineDelta((7,), "A", finish_reason="stop" if eos else "length", num_cached_tokens=32, replica="p0",
+                       engine_s=0.25)
 
 
 async def fake_decode(req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
@@ -33,7 +34,7 @@ async def run(prompt: list[int], max_tokens: int) -> Generation:
 async def test_first_token_from_prefill_rest_from_decode() -> None:
     gen = await run([1, 2, 3], max_tokens=4)
     assert gen.token_ids == [7, 8, 9, 10] and gen.text == "Abbb" and gen.finish_reason == "length"
-    assert gen.trace == Trace("p0", "d0", 32, 32)
+    assert gen.trace == Trace("p0", "d0", 32, 32, prefill_engine_s=0.25)
 
 
 async def test_one_token_or_eos_never_reaches_decode() -> None:
@@ -45,7 +46,7 @@ async def test_one_token_or_eos_never_reaches_decode() -> None:
 def test_messages_roundtrip_msgpack() -> None:
     req = EngineRequest("id", (1, 2), SamplingSpec(5, 0.5, 0.9, 3, ("x",), 2, True))
     assert EngineRequest.decode(req.encode()) == req
-    d = EngineDelta((1,), "t", (TokenLogprob(1, -0.5, ((1, -0.5), (2, -1.0))),), "stop", 9, 4, "r")
+    d = EngineDelta((1,), "t", (TokenLogprob(1, -0.5, ((1, -0.5), (2, -1.0))),), "stop", 9, 4, "r", 0.125)
     assert EngineDelta.decode(d.encode()) == d
     h = RoutingRequest("id", "prefill", 64, KEYS)
     assert RoutingRequest.decode(h.encode()) == h

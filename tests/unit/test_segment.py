@@ -2,8 +2,19 @@ import os
 import uuid
 
 import pytest
+import xxhash
 
-from kvstore.segment import HEADER_BYTES, ChecksumMismatch, Segment, SlotCorrupt, check_slot
+from kvstore.segment import (
+    CHECK_BLOCK,
+    HEADER_BYTES,
+    ChecksumMismatch,
+    Segment,
+    SlotCorrupt,
+    check_blocks,
+    check_slot,
+    checksum,
+    fold_digests,
+)
 
 
 @pytest.fixture
@@ -53,3 +64,21 @@ def test_check_slot_on_pulled_bytes() -> None:
     finally:
         s.close()
     assert bytes(check_slot(memoryview(raw), 0, b"q" * 16, 3, digest)) == b"xyz"
+
+
+def test_checksum_is_per_block_and_catches_a_change_in_any_block() -> None:
+    one = os.urandom(CHECK_BLOCK)
+    assert checksum(one) == xxhash.xxh3_64_intdigest(one)  # one block: plain xxh3-64
+    big = bytearray(os.urandom(2 * CHECK_BLOCK + 100))
+    blocks = check_blocks(len(big))
+    assert blocks == [(0, CHECK_BLOCK), (CHECK_BLOCK, 2 * CHECK_BLOCK), (2 * CHECK_BLOCK, len(big))]
+    digest = checksum(big)
+    assert digest == fold_digests([xxhash.xxh3_64_intdigest(bytes(big[a:b])) for a, b in blocks])
+    for at in (0, CHECK_BLOCK + 7, len(big) - 1):  # a flipped byte in each block
+        big[at] ^= 1
+        assert checksum(big) != digest
+        big[at] ^= 1
+    # Swapping two blocks keeps every block digest but not their order: still caught.
+    swapped = big[CHECK_BLOCK : 2 * CHECK_BLOCK] + big[:CHECK_BLOCK] + big[2 * CHECK_BLOCK :]
+    assert checksum(swapped) != digest
+    assert check_blocks(0) == [(0, 0)] and checksum(b"") == xxhash.xxh3_64_intdigest(b"")
