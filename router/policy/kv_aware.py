@@ -159,13 +159,13 @@ class KVAwarePolicy(RoutingPolicy):
         margin = best + max(tie_abs, abs(best) * self.tie_rel)
         ties = [i for i, score in enumerate(scores) if score <= margin]
         if len(ties) == 1:
-            chosen, why = names[ties[0]], "lowest score"
+            at, why = ties[0], "lowest score"
         else:
             k = len(ties)
             x = self._rng.randrange(k)
             y = self._rng.randrange(k - 1)
             a, b = ties[x], ties[y + (y >= x)]  # two distinct ties, drawn at random
             la, lb = load_score(replicas[a]), load_score(replicas[b])  # exact in-flight counts
-            chosen = names[a] if (la, scores[a]) <= (lb, scores[b]) else names[b]
+            at = a if (la, scores[a]) <= (lb, scores[b]) else b
             why = f"tie of {k}: power of two choices"
-        return RouteDecision(self.name, role, best_then_rest(chosen, names), why, cands, terms)
+        return RouteDecision(self.name, role, best_then_rest(names[at], names, at), why, cands, terms)
