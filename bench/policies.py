@@ -95,30 +95,6 @@ async def run_workload(base_url: str, model: str, convs: list[tuple[list[int], l
     return results
 
 
-def calibration(runs: list[tuple[int, RequestResult]], args: argparse.Namespace, policy: str) -> dict[str, Any]:
-    """The simulator's TTFT for the same requests at the same send times (``cpu-smollm2``,
-    2 prefill + 1 decode, the same policy), against the measured ones: the simulator's
-    calibration check (target: within 25%)."""
-    from bench.sim.calibrate import CalibrationRequest, simulated_ttft
-
-    ok = [(conv, r) for conv, r in runs if r.ok and r.ttft_s is not None]
-    if not ok:
-        return {}
-    t0 = min(r.sent_at for _, r in ok)
-    reqs = [CalibrationRequest(((f"sys{conv % args.system_prompts}", args.system_len),
-                                (f"conv{conv}", r.prompt_tokens - args.system_len)), r.n_out, r.sent_at - t0)
-            for conv, r in ok]
-    sim = simulated_ttft(reqs, policy)
-    real = [r.ttft_s for _, r in ok if r.ttft_s is not None]
-    p_sim, p_real = percentile(sim, 50), percentile(real, 50)
-    return {"sim_ttft_p50_s": p_sim, "sim_ttft_p50_over_measured": (p_sim / p_real) if p_sim and p_real else None,
-            "sim_ttft_p90_over_measured": _ratio(percentile(sim, 90), percentile(real, 90))}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def summarize(runs: list[tuple[int, RequestResult]]) -> dict[str, Any]:
     results = [r for _, r in runs]
     ok = [r for r in results if r.ok]
@@ -133,6 +109,17 @@ def summarize(runs: list[tuple[int, RequestResult]]) -> dict[str, Any]:
         "prefill_split": sorted(split.values(), reverse=True),
         "errors": sorted({r.error for r in results if not r.ok})[:3],
     }
+
+
+def records(runs: list[tuple[int, RequestResult]]) -> list[dict[str, Any]]:
+    """Per request, what the simulator's calibration replays (``bench.sim.calibrate``)."""
+    ok = [(conv, r) for conv, r in runs if r.ok and r.ttft_s is not None]
+    t0 = min((r.sent_at for _, r in ok), default=0.0)
+    return [{"conv": conv, "sent_s": round(r.sent_at - t0, 4), "prompt_tokens": r.prompt_tokens,
+             "output_tokens": r.n_out, "ttft_s": round(r.ttft_s or 0.0, 4),
+             "prefill_engine_s": r.trace.get("prefill_engine_s"),
+             "cached_tokens": r.trace.get("prefill_cached_tokens"),
+             "prefill_replica": r.trace.get("prefill_replica")} for conv, r in ok]
 
 
 def own_cache_seen(base_url: str) -> dict[str, Any]:
@@ -185,14 +172,22 @@ def main(argv: list[str] | None = None) -> int:
                     results = asyncio.run(run_workload(running.base_url, model_dir.name, convs,
                                                        args.output_len, args.concurrency))
                     seen = own_cache_seen(running.base_url)
-                report["policies"][policy] = {**summarize(results), **seen, **calibration(results, args, policy),
-                                              "wall_s": round(time.monotonic() - t0, 1)}
+                    root = running.base_url.rstrip("/").removesuffix("/v1")
+                    measured = httpx.get(root + "/debug/replicas", timeout=30).json()
+                report["policies"][policy] = {**summarize(results), **seen,
+                                              "wall_s": round(time.monotonic() - t0, 1),
+                                              "router_view": measured, "records": records(results)}
             except Exception as e:  # one policy failing still reports the others
                 report["policies"][policy] = {"error": f"{type(e).__name__}: {e}"}
         print(f"[policies] {policy}: {report['policies'][policy]}", flush=True)
+    from bench.sim.calibrate import check_runs
+    from bench.sim.calibrate import table as calibration_table
+
+    report["calibration"] = check_runs(report)  # the simulator against these runs
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))
+    print(calibration_table(report["calibration"]))
     return 0
 
 

@@ -27,6 +27,7 @@ from cluster.runtime import (
     stop_ray,
     wait_until,
 )
+from cluster.status import render as render_status
 
 log = get_logger(__name__)
 
@@ -131,6 +132,8 @@ def _plain(value: object) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """The dashboard's picture as tables (``--json``: Serve's pool states, the router's
+    snapshot and the store's raw stats)."""
     state = RunState.load()
     if state is None:
         print("no pdserve cluster is up")
@@ -139,24 +142,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ray import serve
 
     ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
-    app = serve.status().applications.get(state.app_name)
-    pools: dict[str, object] = {}
-    out: dict[str, object] = {"url": state.url, "redis": state.redis_url,
-                              "app": _plain(app.status) if app else "missing", "pools": pools}
+    try:
+        app = serve.status().applications.get(state.app_name)
+    finally:
+        ray.shutdown()
+    pools: dict[str, dict[str, object]] = {}
     if app:
         for name, dep in app.deployments.items():
-            replicas = {_plain(k): n for k, n in dep.replica_states.items()}
-            pools[name] = {"status": _plain(dep.status), "replicas": replicas}
-    from kvstore.metadata import MetadataStore, connect
-    from kvstore.stats import collect
-
+            pools[name] = {"status": _plain(dep.status),
+                           "replicas": {_plain(k): n for k, n in dep.replica_states.items()}}
+    root = state.url.removesuffix("/v1")
     try:
-        out["store"] = collect(MetadataStore(connect(state.redis_url))).to_dict()
-    except Exception as e:
-        out["store"] = {"error": str(e)}
-    print(json.dumps(out, indent=2, default=str))
-    ray.shutdown()
+        with urllib.request.urlopen(root + "/dashboard/data", timeout=10) as r:
+            live = json.loads(r.read())
+    except OSError as e:
+        print(f"pdserve at {state.url}: app {_plain(app.status) if app else 'missing'}; the router did not answer: {e}")
+        return 1
+    if args.json:
+        print(json.dumps({"url": state.url, "redis": state.redis_url, "app": _plain(app.status) if app else "missing",
+                          "deployments": pools, "live": live}, indent=2, default=str))
+        return 0
+    print(f"pdserve at {state.url}  ·  app {_plain(app.status) if app else 'missing'}  ·  dashboard {root}/dashboard")
+    print(render_status(live, {_role(name): v for name, v in pools.items()}))
     return 0
+
+
+def _role(deployment: str) -> str:
+    """Serve deployment name -> pool role as the dashboard names it (PrefillServer -> prefill)."""
+    low = deployment.lower()
+    return next((role for role in ("prefill", "decode") if role in low), low)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="shorthand for --set model=DIR")
     p.set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop what `up` started").set_defaults(fn=cmd_down)
-    sub.add_parser("status", help="pools, replicas and store").set_defaults(fn=cmd_status)
+    p = sub.add_parser("status", help="pools, replicas, store and recent latencies, as tables")
+    p.add_argument("--json", action="store_true", help="the raw snapshot instead of tables")
+    p.set_defaults(fn=cmd_status)
     args = parser.parse_args(argv)
     pin_ray_auth_mode()
     if getattr(args, "model", None) and args.cmd == "up":

@@ -63,10 +63,12 @@ def _cpu_env(spec: EngineSpec, local_rank: int) -> None:
 class WorkMeter:
     """This replica's prompt work, for the router's cost model: prompt tokens waiting for
     their first token, prompt tokens computed (not loaded) so far, and busy seconds (time
-    with at least one request in flight); the router divides the last two into a rate."""
+    with at least one request in flight); the router divides the last two into a rate.
+    Cumulative prompt, cached and generated tokens feed the dashboard's rates."""
 
     def __init__(self) -> None:
         self.inflight = self.queued_tokens = self.computed_tokens = 0
+        self.prompt_tokens = self.cached_tokens = self.generated_tokens = 0
         self._busy_total, self._busy_since = 0.0, 0.0
 
     def started(self, n_prompt: int) -> None:
@@ -78,6 +80,8 @@ class WorkMeter:
     def prefilled(self, n_prompt: int, computed: int) -> None:
         self.queued_tokens -= n_prompt
         self.computed_tokens += max(computed, 0)
+        self.prompt_tokens += n_prompt
+        self.cached_tokens += n_prompt - max(computed, 0)
 
     def ended(self, n_prompt: int, prefilled: bool) -> None:
         if not prefilled:  # aborted or failed before its first token
@@ -166,6 +170,7 @@ class EngineHost:
                 if not prefilled:
                     prefilled = True
                     self.work.prefilled(n_prompt, n_prompt - delta.num_cached_tokens)
+                self.work.generated_tokens += len(delta.token_ids)
                 yield delta
         finally:
             self.work.ended(n_prompt, prefilled)
@@ -210,6 +215,9 @@ class EngineHost:
             computed_tokens=self.work.computed_tokens,
             busy_s=self.work.busy_s(),
             kv_events=self.kv_events_endpoint,
+            prompt_tokens=self.work.prompt_tokens,
+            cached_tokens=self.work.cached_tokens,
+            generated_tokens=self.work.generated_tokens,
         )
 
     async def reset_prefix_cache(self) -> bool:

@@ -99,6 +99,11 @@ class ReplicaLoad:
     computed_tokens: int = 0  # prompt tokens computed since start (not loaded): cumulative
     busy_s: float = 0.0  # seconds with at least one request in flight: cumulative
     kv_events: str = ""  # where its engine publishes KV cache events ("" = no prefix cache)
+    # cumulative, for the dashboard's rates: prompt tokens prefilled, of them cached (own
+    # cache or store), output tokens generated
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,9 +27,10 @@ from kvstore.hashing import KVNamespace, chunk_keys
 from kvstore.logging import get_logger
 from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
 from kvstore.metadata import MetadataStore, connect
-from kvstore.stats import collect, render_prometheus
+from kvstore.stats import StoreStats, collect, render_prometheus
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
 from router.index import EngineEventFeed, StoreIndexFeed
+from router.live import CounterRates, RequestLog, snapshot
 from router.openai_format import ResponseBuilder
 from router.pipeline import Generation, Trace, first_token, rest
 from router.policy import RoutingRequest, RoutingState
@@ -37,6 +39,7 @@ from router.protocol import ChatCompletionRequest, CompletionRequest, parse
 from router.tokenizer import PromptTokenizer
 
 log = get_logger(__name__)
+DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text()
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class Router:
         self.routing.engine_feed = EngineEventFeed(self.routing.engines, self.namespace)
         self.routing.engine_feed.start()
         routing_state.install(self.routing)
+        self.requests = RequestLog()  # for the dashboard: latencies of what this replica served
+        self._rates = CounterRates()
+        self._store_stats_at: tuple[float, StoreStats | None] = (float("-inf"), None)
         self._index_feed: StoreIndexFeed | None = None
         if self.spec.redis_url:
             url, prefix = self.spec.redis_url, self.spec.store_prefix
@@ -127,11 +133,41 @@ class Router:
             meta.client.close()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    @app.get("/dashboard")
+    async def dashboard(self) -> HTMLResponse:
+        """A live page of the pools, the store and recent latencies (polls /dashboard/data)."""
+        return HTMLResponse(DASHBOARD_HTML)
+
+    @app.get("/dashboard/data")
+    async def dashboard_data(self) -> JSONResponse:
+        """The dashboard's numbers (and ``pdserve status``'s): see router/live.py."""
+        return JSONResponse(snapshot(self.routing.pool_loads(), await self._store_stats(), self.requests, self._rates))
+
+    async def _store_stats(self) -> StoreStats | None:
+        """The store's snapshot, at most once a second however many pages poll."""
+        now = time.monotonic()
+        if now - self._store_stats_at[0] >= 1.0 and self.spec.redis_url:
+            meta = MetadataStore(connect(self.spec.redis_url), self.spec.store_prefix)
+            try:
+                self._store_stats_at = (now, await asyncio.to_thread(collect, meta))
+            except Exception as e:  # Redis down: the page says so, the pools still show
+                log.warning("store stats unavailable: %s", e)
+                self._store_stats_at = (now, None)
+            finally:
+                meta.client.close()
+        return self._store_stats_at[1]
+
     @app.get("/debug/store-index")
     async def store_index_stats(self) -> JSONResponse:
         stats = asdict(self.routing.store.stats())
         stats["feed_healthy"] = bool(self._index_feed and self._index_feed.healthy)
         return JSONResponse(stats)
+
+    @app.get("/debug/replicas")
+    async def replicas(self) -> JSONResponse:
+        """This router replica's measurements per engine replica (prefill rates, work in
+        flight) and the store's transfer costs: the inputs of kv_aware's scores."""
+        return JSONResponse(self.routing.snapshot())
 
     @app.get("/debug/routes")
     async def routes(self, last: int = 20) -> JSONResponse:
@@ -155,6 +191,7 @@ class Router:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
+        received = time.monotonic()
         req = parse(CompletionRequest, await self._body(request))
         self._check_model(req.model)
         if req.echo or req.suffix:
@@ -162,15 +199,18 @@ class Router:
         prompt = req.single_prompt()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         sampling = self._sampling(req, req.max_tokens, req.logprobs, len(ids))
-        return await self._respond("completion", req.stream, req.stream_options, req.return_token_ids, ids, sampling)
+        return await self._respond("completion", req.stream, req.stream_options, req.return_token_ids, ids, sampling,
+                                   received)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Response:
+        received = time.monotonic()
         req = parse(ChatCompletionRequest, await self._body(request))
         self._check_model(req.model)
         ids = self.tokenizer.chat([{"role": m.role, "content": m.text()} for m in req.messages])
         sampling = self._sampling(req, req.effective_max_tokens(), req.num_logprobs(), len(ids))
-        return await self._respond("chat", req.stream, req.stream_options, req.return_token_ids, ids, sampling)
+        return await self._respond("chat", req.stream, req.stream_options, req.return_token_ids, ids, sampling,
+                                   received)
 
     # -- validation -----------------------------------------------------------------------
 
@@ -224,7 +264,7 @@ class Router:
             yield EngineDelta.decode(raw)
 
     async def _respond(self, kind: str, stream: bool, stream_options: Any, want_ids: bool,
-                       ids: list[int], sampling: SamplingSpec) -> Response:
+                       ids: list[int], sampling: SamplingSpec, received: float) -> Response:
         rid = uuid.uuid4().hex
         keys = tuple(chunk_keys(self.namespace, ids))
         gen = Generation(trace=Trace())
@@ -240,6 +280,7 @@ class Router:
         except Exception as e:
             raise Unavailable(f"prefill failed: {type(e).__name__}: {e}") from None
         gen.add(first)
+        first_at = time.monotonic()
         tail = rest(rid, ids, sampling, keys, first, self._call_decode, gen.trace)
         headers = {"x-pdserve-request-id": rid, "x-pdserve-route": self._route_header(rid)}
         if not stream:
@@ -248,10 +289,16 @@ class Router:
                     gen.add(delta)
             except Exception as e:
                 raise Unavailable(f"decode failed: {type(e).__name__}: {e}") from None
+            self._served(gen, len(ids), received, first_at)
             return JSONResponse(builder.full(gen), headers=headers)
         include_usage = bool(stream_options and stream_options.include_usage)
-        return StreamingResponse(self._events(builder, gen, first, tail, include_usage),
+        return StreamingResponse(self._events(builder, gen, first, tail, include_usage, (len(ids), received, first_at)),
                                  media_type="text/event-stream", headers=headers)
+
+    def _served(self, gen: Generation, n_prompt: int, received: float, first_at: float) -> None:
+        n_out, now = len(gen.token_ids), time.monotonic()
+        tpot = (now - first_at) / (n_out - 1) if n_out > 1 else None
+        self.requests.record(first_at - received, tpot, n_prompt, gen.trace.prefill_cached_tokens, n_out, now)
 
     def _route_header(self, rid: str) -> str:
         """The prefill decision in one line: policy, chosen replica, the rule, and the best
@@ -263,12 +310,14 @@ class Router:
         return f"policy={d.policy}; chosen={d.chosen}; why={d.why}; scores={best}"
 
     async def _events(self, builder: ResponseBuilder, gen: Generation, first: EngineDelta,
-                      tail: AsyncIterator[EngineDelta], include_usage: bool) -> AsyncIterator[str]:
+                      tail: AsyncIterator[EngineDelta], include_usage: bool,
+                      timing: tuple[int, float, float]) -> AsyncIterator[str]:
         yield _sse(builder.chunk(first.text, first.token_ids, first.logprobs, first.finish_reason))
         try:
             async for delta in tail:
                 gen.add(delta)
                 yield _sse(builder.chunk(delta.text, delta.token_ids, delta.logprobs, delta.finish_reason))
+            self._served(gen, *timing)
         except Exception as e:  # headers are gone: report in-band, as OpenAI does
             log.warning("decode failed mid-stream: %s", e)
             yield _sse(Unavailable(f"decode failed: {type(e).__name__}: {e}").body())

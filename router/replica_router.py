@@ -30,6 +30,12 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
         # rebuilt only when either changed (stats refresh every period; queue length per call).
         self._loads: dict[str, tuple[object, int | None, ReplicaLoad]] = {}
         self._policy: RoutingPolicy = make_policy(policy, self._state, role)
+        if self._state is not None:  # the dashboard reads the pool from here, between requests too
+            self._state.watch_pool(role, self.pool_loads)
+
+    def pool_loads(self) -> list[ReplicaLoad]:
+        """Every replica's latest report (Serve refreshes them in the background)."""
+        return [self._load(r, []) for r in list(self.curr_replicas.values())]
 
     def _load(self, replica: RunningReplica, changed: list[ReplicaLoad]) -> ReplicaLoad:
         stats = replica.routing_stats or {}
@@ -48,6 +54,9 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
             computed_tokens=int(stats.get("computed_tokens", 0)),
             busy_s=float(stats.get("busy_s", 0.0)),
             kv_events=str(stats.get("kv_events", "")),
+            prompt_tokens=int(stats.get("prompt_tokens", 0)),
+            cached_tokens=int(stats.get("cached_tokens", 0)),
+            generated_tokens=int(stats.get("generated_tokens", 0)),
         )
         self._loads[load.replica] = (stats, queued, load)
         changed.append(load)

@@ -12,12 +12,34 @@ so a shorter run of it is a prefix of a longer one):
 
 Chunk keys are built from that content, chunk by chunk, exactly as equal token prefixes
 give equal ``kvstore.hashing`` keys.
+
+Checking against real runs (``python -m bench.sim.calibrate bench/results/policies.json``):
+``bench.policies`` saves, per policy, every request (send time, prompt, TTFT, and the prefill
+engine's share of it) and what the router measured per replica. Two inputs come from
+measurements, never from the TTFTs being predicted:
+
+    prefill speed     each replica's prefill rate as the router measured it online (prompt
+                      tokens computed per busy second), over the profile's rate. Core sharing,
+                      vLLM's step overhead and the store loads and saves are all inside that
+                      rate, so the checked profile prices a step by its computed tokens alone
+                      (step overhead and per-token load costs set to 0: counted once, not twice)
+    request overhead  the time outside the prefill engine (TTFT - prefill engine time), as a
+                      median over the OTHER policies' runs (leave one out): the same machine
+                      and code path, not the run being predicted
+
+The simulator then predicts the rest: queueing, cache hits and placement, by the same policy.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from bench.sim.cluster import ClusterSpec, SimCluster
 from bench.sim.profiles import CPU_SMOLLM2, CostModel
@@ -67,10 +89,93 @@ def to_sim_requests(requests: Sequence[CalibrationRequest], chunk_tokens: int) -
 
 
 def simulated_ttft(requests: Sequence[CalibrationRequest], policy: str = "kv_aware", cost: CostModel = CPU_SMOLLM2,
-                   prefill: int = 2, decode: int = 1, seed: int = 0) -> list[float]:
+                   prefill: int = 2, decode: int = 1, seed: int = 0,
+                   prefill_speeds: tuple[float, ...] = ()) -> list[float]:
     """Simulated time to first token of each request, in the order given (seconds)."""
-    spec = ClusterSpec(prefill + decode, prefill, decode, per_node=prefill + decode)
+    spec = ClusterSpec(prefill + decode, prefill, decode, per_node=prefill + decode, prefill_speeds=prefill_speeds)
     sim = to_sim_requests(requests, cost.chunk_tokens)
     records = SimCluster(spec, cost, policy, seed).run(sim)
     by_id = {r.rid: r.ttft_s for r in records}
     return [by_id[r.rid] for r in sim]
+
+
+
+# -- against real runs (bench.policies' report) ---------------------------------------------
+
+
+def outside_engine_s(records: Sequence[dict[str, Any]]) -> float:
+    """Median time a request spent outside the prefill engine before its first token."""
+    gaps = [r["ttft_s"] - r["prefill_engine_s"] for r in records if r.get("prefill_engine_s") is not None]
+    if not gaps:
+        raise ValueError("the run's records carry no prefill_engine_s (a bench.policies report from before it)")
+    return statistics.median(gaps)
+
+
+def prefill_speeds(router_view: dict[str, Any], cost: CostModel) -> tuple[float, ...]:
+    """Each prefill replica's measured rate over the profile's, fastest first: its mean over
+    the run where the report has it, else the router's EWMA at the end of the run."""
+    rates = [v.get("prefill_tps_mean") or v["prefill_tps"] for v in router_view.get("replicas", {}).values()
+             if "prefill_tps" in v]
+    return tuple(sorted((tps / cost.prefill_tps() for tps in rates), reverse=True))
+
+
+def _p(xs: Sequence[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def check_runs(report: dict[str, Any], cost: CostModel = CPU_SMOLLM2) -> dict[str, Any]:
+    """Simulated against measured TTFT p50/p90 for every policy run in a bench.policies
+    report, the overhead of each taken from the other runs (leave one out)."""
+    args = report["args"]
+    system_len, systems = int(args["system_len"]), int(args["system_prompts"])
+    runs = {name: run for name, run in report["policies"].items() if run.get("records")}
+    overhead = {name: outside_engine_s(run["records"]) for name, run in runs.items()}
+    out: dict[str, Any] = {}
+    measured_rate = replace(cost, prefill_step_s=0.0, same_node_token_s=0.0, remote_token_s=0.0)
+    for name, run in runs.items():
+        others = [v for k, v in overhead.items() if k != name] or [overhead[name]]
+        model = replace(measured_rate, request_overhead_s=statistics.median(others))
+        speeds = prefill_speeds(run.get("router_view", {}), model)
+        reqs = [CalibrationRequest(((f"sys{r['conv'] % systems}", system_len),
+                                    (f"conv{r['conv']}", r["prompt_tokens"] - system_len)),
+                                   max(r["output_tokens"], 2), r["sent_s"]) for r in run["records"]]
+        sim = simulated_ttft(reqs, name, model, prefill_speeds=speeds)
+        real = [r["ttft_s"] for r in run["records"]]
+        out[name] = {
+            "requests": len(real), "overhead_s": round(model.request_overhead_s, 4),
+            "own_overhead_s": round(overhead[name], 4), "prefill_speeds": [round(x, 3) for x in speeds],
+            "measured_p50_s": round(_p(real, 50), 4), "sim_p50_s": round(_p(sim, 50), 4),
+            "measured_p90_s": round(_p(real, 90), 4), "sim_p90_s": round(_p(sim, 90), 4),
+            "p50_ratio": round(_p(sim, 50) / _p(real, 50), 3), "p90_ratio": round(_p(sim, 90) / _p(real, 90), 3),
+        }
+    return out
+
+
+def table(checks: dict[str, Any]) -> str:
+    lines = ["| policy | measured TTFT p50 / p90 ms | simulated p50 / p90 ms | sim / measured p50 | p90 |"
+             " overhead used ms | prefill speeds |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, c in checks.items():
+        lines.append(f"| {name} | {c['measured_p50_s'] * 1e3:.0f} / {c['measured_p90_s'] * 1e3:.0f} | "
+                     f"{c['sim_p50_s'] * 1e3:.0f} / {c['sim_p90_s'] * 1e3:.0f} | {c['p50_ratio']:.2f} | "
+                     f"{c['p90_ratio']:.2f} | {c['overhead_s'] * 1e3:.0f} | {c['prefill_speeds']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sim.calibrate",
+                                description="simulated vs measured TTFT for a bench.policies report")
+    p.add_argument("report", type=Path, nargs="?", default=Path("bench/results/policies.json"))
+    p.add_argument("--out", type=Path, default=Path("bench/results/calibration.json"))
+    args = p.parse_args(argv)
+    report = json.loads(args.report.read_text())
+    checks = check_runs(report)
+    args.out.write_text(json.dumps({"report": str(args.report), "report_when": report.get("when"),
+                                    "report_commit": report.get("commit"), "profile": CPU_SMOLLM2.name,
+                                    "checks": checks}, indent=1) + "\n")
+    print(table(checks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

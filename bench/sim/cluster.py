@@ -49,6 +49,7 @@ class ClusterSpec:
     stats_period_s: float = 0.5
     costs_period_s: float = 5.0
     feed_lag_s: float = 0.0
+    prefill_speeds: tuple[float, ...] = ()  # per prefill replica, in layout order (default 1.0)
 
     def layout(self) -> list[tuple[str, str, str]]:
         """(replica name, node, role) for every replica: roles interleaved in the ratio."""
@@ -110,8 +111,10 @@ class SimCluster:
         layout = spec.layout()
         self.state = RoutingState(cost.chunk_tokens, prefill_prior_tps=cost.prefill_tps())
         self.store = KVStore(cost, sorted({node for _, node, _ in layout}), self._store_changed)
-        prefill = [PrefillReplica(n, node, cost, self.store, self.loop, self._engine_changed)
-                   for n, node, r in layout if r == "prefill"]
+        prefill_layout = [(n, node) for n, node, r in layout if r == "prefill"]
+        speeds = list(spec.prefill_speeds) + [1.0] * (len(prefill_layout) - len(spec.prefill_speeds))
+        prefill = [PrefillReplica(n, node, cost, self.store, self.loop, self._engine_changed, speed)
+                   for (n, node), speed in zip(prefill_layout, speeds, strict=False)]
         decode = [DecodeReplica(n, node, cost, self.store, self.loop) for n, node, r in layout if r == "decode"]
         self.prefill = Pool("prefill", prefill)
         self.decode = Pool("decode", decode)
@@ -130,7 +133,7 @@ class SimCluster:
     def run(self, requests: Sequence[SimRequest]) -> list[RequestRecord]:
         self._pending = sorted(requests, key=lambda r: r.arrival_s)
         if self._pending:
-            self.loop.at(self._pending[0].arrival_s, self._arrive)
+            self.loop.at(self._reaches_router(self._pending[0]), self._arrive)
             phases = random.Random(f"stats-{self._seed}")
             for pool in (self.prefill, self.decode):
                 for i in range(len(pool.replicas)):
@@ -180,11 +183,16 @@ class SimCluster:
         self.decisions += 1
         return pool.by_name[decision.chosen]
 
+    def _reaches_router(self, req: SimRequest) -> float:
+        """The path outside the engines (``request_overhead_s``) is charged before routing:
+        it delays the request, it does not hold a replica."""
+        return req.arrival_s + self.cost.request_overhead_s
+
     def _arrive(self) -> None:
         req = self._pending[self._next]
         self._next += 1
         if self._next < len(self._pending):
-            self.loop.at(self._pending[self._next].arrival_s, self._arrive)
+            self.loop.at(self._reaches_router(self._pending[self._next]), self._arrive)
         self._open += 1
         i = self._route(self.prefill, RoutingRequest(req.rid, "prefill", req.prompt_tokens, req.keys))
         replica = self.prefill.replicas[i]

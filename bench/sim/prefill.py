@@ -48,10 +48,11 @@ class PrefillJob:
 
 class PrefillReplica:
     def __init__(self, name: str, node: str, cost: CostModel, store: KVStore, loop: EventLoop,
-                 on_cache_change: ChangeFn) -> None:
+                 on_cache_change: ChangeFn, speed: float = 1.0) -> None:
         """``on_cache_change(op, replica, keys)`` gets this replica's KV events: the chunks that
-        entered (``stored``) or left (``removed``) its own cache, as vLLM publishes them."""
-        self.name, self.node, self.cost = name, node, cost
+        entered (``stored``) or left (``removed``) its own cache, as vLLM publishes them.
+        ``speed``: this replica's compute against the cost model's (0.5: it shares its core)."""
+        self.name, self.node, self.cost, self.speed = name, node, cost, speed
         self.store, self.loop, self._events = store, loop, on_cache_change
         self.cache = ChunkLRU(cost.prefill_cache_chunks)
         self.meter = SimWorkMeter()
@@ -93,7 +94,7 @@ class PrefillReplica:
             computed += n
             taken += 1
         self._stepping = True
-        self.loop.after(self.cost.prefill_step_time(computed, load_s), self._step_done)
+        self.loop.after(self.cost.prefill_step_time(computed, load_s, self.speed), self._step_done)
 
     def _step_done(self) -> None:
         now, q = self.loop.now, self._queue

@@ -68,6 +68,9 @@ class CostModel:
     # service-level objectives used when the command line gives none
     ttft_slo_s: float
     tpot_slo_s: float
+    # time a request spends outside the engines before its first token reaches the client
+    # (HTTP, tokenization, routing, Serve's handle calls, the response): measured, see calibrate
+    request_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -83,8 +86,10 @@ class CostModel:
     def load_s(self, same_node_tokens: int, remote_tokens: int) -> float:
         return same_node_tokens * self.same_node_token_s + remote_tokens * self.remote_token_s
 
-    def prefill_step_time(self, computed_tokens: int, load_s: float = 0.0) -> float:
-        return self.prefill_step_s + computed_tokens * self.prefill_token_s + load_s
+    def prefill_step_time(self, computed_tokens: int, load_s: float = 0.0, speed: float = 1.0) -> float:
+        """One prefill step; ``speed`` scales the engine's compute (a replica that shares its
+        core runs slower), not the store loads."""
+        return (self.prefill_step_s + computed_tokens * self.prefill_token_s) / speed + load_s
 
     def decode_step_time(self, batch: int, kv_tokens: int) -> float:
         return self.decode_step_s + batch * self.decode_seq_s + kv_tokens * self.decode_kv_token_s

@@ -60,6 +60,19 @@ def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int) -> None
         count -= sent
 
 
+def _ranges(offsets: Sequence[int], lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """The slots as (offset, length) ranges, neighbours in the segment merged: a batch's
+    slots are usually allocated back to back, and one sendfile per 64 KiB slot cost a
+    third of the small-chunk bandwidth in syscalls and Python."""
+    out: list[tuple[int, int]] = []
+    for off, n in zip(offsets, lengths, strict=True):
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((off, n))
+    return out
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
@@ -129,7 +142,7 @@ class TcpSlotServer:
         try:
             conn.sendall(_REPLY.pack(0, 0))
             fd = self._host.segment.fileno()
-            for off, n in zip(offsets, lengths, strict=True):
+            for off, n in _ranges(offsets, lengths):
                 _sendfile_all(conn, fd, off, n)
         finally:
             self._host.close_read(offsets)

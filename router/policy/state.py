@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvstore.messages import ReplicaLoad
@@ -92,6 +92,12 @@ class RateMeter:
         """The measured rates (read-only for callers; replicas missing are at the prior)."""
         return self._rate
 
+    def mean(self, replica: str) -> float | None:
+        """The replica's rate over its whole life so far (computed tokens / busy seconds),
+        for replaying a whole run; routing uses the EWMA, which follows changes."""
+        last = self._last.get(replica)
+        return last[0] / last[1] if last and last[1] >= self._min_busy else None
+
 
 @dataclass
 class TransferCosts:
@@ -138,6 +144,7 @@ class RoutingState:
         self._prefill_pool: frozenset[str] = frozenset()
         self._decisions: OrderedDict[str, dict[str, RouteDecision]] = OrderedDict()
         self._keep = keep_decisions
+        self._pools: dict[str, Callable[[], list[ReplicaLoad]]] = {}
 
     # -- prefill work in flight (this router's own view: fresher than any report) -----------
 
@@ -197,6 +204,15 @@ class RoutingState:
             self._prefill_pool = frozenset(load.replica for load in loads)
             self.retire(self._prefill_pool)
 
+    def watch_pool(self, role: str, loads: Callable[[], list[ReplicaLoad]]) -> None:
+        """Register where a pool's current loads can be read (its request router)."""
+        self._pools[role] = loads
+
+    def pool_loads(self) -> dict[str, list[ReplicaLoad]]:
+        """Each watched pool's replicas as last reported (a pool appears once its request
+        router exists: after the first request routed to it)."""
+        return {role: loads() for role, loads in self._pools.items()}
+
     def node_of(self, replica: str) -> str:
         return self._node_of.get(replica, "")
 
@@ -217,6 +233,23 @@ class RoutingState:
             self.finished(rid)
         for name in [r for r in self._queued if r not in alive]:
             del self._queued[name]
+
+    def snapshot(self) -> dict[str, object]:
+        """What this router has measured per replica (JSON-ready): node, prefill rate (absent
+        while at the prior), work in flight; and the store's transfer costs."""
+        rates, queued = self.rates.table(), self._queued
+        replicas: dict[str, dict[str, object]] = {}
+        for name, node in self._node_of.items():
+            row: dict[str, object] = {"node": node}
+            if name in rates:
+                row["prefill_tps"] = round(rates[name], 1)
+                row["prefill_tps_mean"] = round(self.rates.mean(name) or 0.0, 1)
+            if name in queued:
+                row["queued_tokens"] = queued[name]
+            replicas[name] = row
+        return {"replicas": replicas, "prefill_prior_tps": self.rates.prior_tps,
+                "same_node_s_per_token": self.costs.same_node_s_per_token,
+                "remote_s_per_token": self.costs.remote_s_per_token}
 
     # -- explanations ----------------------------------------------------------------------
 

@@ -147,14 +147,24 @@ def test_real_engine_errors_are_openai_errors(cluster: Cluster) -> None:
 
 def test_status_prints_pools_replicas_and_store(cluster: Cluster) -> None:
     complete_all(cluster, [LONG_PREFIX])  # something stored, whatever ran before
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "status"], env=cluster.env,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    status = json.loads(done.stdout[done.stdout.index("{"):])
-    assert status["app"] == "RUNNING" and status["url"] == cluster.base_url
+
+    def status(*flags: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "cluster.cli", "status", *flags], env=cluster.env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    raw = json.loads(status("--json"))
+    assert raw["app"] == "RUNNING" and raw["url"] == cluster.base_url
     for pool in ("prefill", "decode", "router"):
-        assert status["pools"][pool]["replicas"] == {"RUNNING": 1}, status["pools"]
-    assert len(status["store"]["nodes"]) == 1 and status["store"]["totals"]["saved"] > 0
+        assert raw["deployments"][pool]["replicas"] == {"RUNNING": 1}, raw["deployments"]
+    live = raw["live"]  # the dashboard's snapshot: replicas as the router sees them, store, latencies
+    assert [len(live["pools"][role]) for role in ("decode", "prefill")] == [1, 1], live["pools"]
+    assert live["requests"]["requests"] >= 1 and live["requests"]["ttft_s"]["p50"] > 0
+    assert len(live["store"]["nodes"]) == 1 and next(iter(live["store"]["nodes"].values()))["chunks"] > 0
+    text = status()
+    for row in (live["pools"]["prefill"][0]["replica"], live["pools"]["decode"][0]["replica"], "TTFT p50/p90/p99"):
+        assert row in text, text
 
 
 def test_router_serves_the_store_metrics_to_prometheus(cluster: Cluster) -> None:

@@ -42,6 +42,7 @@ class FakePrefill:
         self.sock = zmq.Context.instance().socket(zmq.PUB)
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.seq = 0
+        self.prompt_tokens = self.busy_s = 0.0  # cumulative, as the real WorkMeter reports
 
     async def prefill(self, payload: bytes, routing: bytes | None = None) -> bytes:
         req = EngineRequest.decode(payload)
@@ -55,23 +56,30 @@ class FakePrefill:
                      "token_ids": list(req.token_ids[: 32 * len(hashes)]), "block_size": 32}
             self.sock.send_multipart((self.tag.encode(), self.seq.to_bytes(8, "big"), msgpack.packb([0.0, [event], 0])))
             self.seq += 1
+        self.prompt_tokens += len(req.token_ids)
+        self.busy_s += 0.01
         return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
                            replica=f"prefill-{self.tag}").encode()
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {"running": 0, "waiting": 0, "kv_events": f"tcp://127.0.0.1:{self.port}"}
+        return {"running": 0, "waiting": 0, "kv_events": f"tcp://127.0.0.1:{self.port}", "busy_s": self.busy_s,
+                "prompt_tokens": self.prompt_tokens, "computed_tokens": self.prompt_tokens, "generated_tokens": 0}
 
 
 class FakeDecode:
+    def __init__(self) -> None:
+        self.generated = 0
+
     async def decode(self, payload: bytes, routing: bytes | None = None) -> AsyncIterator[bytes]:
         req = EngineRequest.decode(payload)
         assert req.token_ids[-1] == 42
         for i in range(req.sampling.max_tokens):
             last = i == req.sampling.max_tokens - 1
+            self.generated += 1
             yield EngineDelta((43 + i,), ".", finish_reason="length" if last else None, replica="fake-d").encode()
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {"running": 0, "waiting": 0}
+        return {"running": 0, "waiting": 0, "generated_tokens": self.generated, "kv_usage": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +156,31 @@ def test_kv_aware_sends_a_repeated_prompt_where_its_kv_is_and_explains_why(base_
     assert best["score"] < other["score"]
     assert httpx.get(f"{base_url}/debug/routes/nope").status_code == 404
     assert len(httpx.get(f"{base_url}/debug/routes?last=3").json()) == 3
+    view = httpx.get(f"{base_url}/debug/replicas").json()  # the scores' inputs, per replica
+    assert {best["replica"], other["replica"]} <= set(view["replicas"]) and view["prefill_prior_tps"] > 0
+
+
+def test_dashboard_page_and_its_numbers_move_under_load(base_url: str) -> None:
+    page = httpx.get(base_url + "/dashboard")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "dashboard/data" in page.text
+    post(base_url, "/v1/completions", OK_COMPLETION)  # both pools' request routers exist now
+    before = httpx.get(base_url + "/dashboard/data").json()
+    for _ in range(6):
+        assert post(base_url, "/v1/completions", OK_COMPLETION).status_code == 200
+
+    def moved() -> bool:  # the replicas' reports (every 0.2 s) reach the rates (>= 1 s apart)
+        after = httpx.get(base_url + "/dashboard/data").json()
+        return bool(after["pools"]["decode"][0]["output_tokens_per_s"])
+
+    wait_until(moved, 20, "the decode pool's output rate")
+    after = httpx.get(base_url + "/dashboard/data").json()
+    assert after["requests"]["requests"] >= before["requests"]["requests"] + 6
+    assert after["requests"]["ttft_s"]["p50"] > 0 and after["requests"]["tpot_s"]["p50"] > 0
+    assert len(after["pools"]["prefill"]) == 2 and len(after["pools"]["decode"]) == 1
+    decode = after["pools"]["decode"][0]
+    assert decode["kv_usage"] == 0.25 and decode["output_tokens_per_s"] > 0
+    assert after["store"] == {"available": False}  # this router runs without a store
 
 
 def test_models_and_health(base_url: str) -> None:

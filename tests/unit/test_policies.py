@@ -159,8 +159,9 @@ def test_rate_meter_and_transfer_costs_measure_online() -> None:
     m.observe(load("x", computed_tokens=400, busy_s=11.0))
     m.observe(load("x", computed_tokens=600, busy_s=12.0))
     assert m.rate("x") == pytest.approx(300.0)  # 400, then halfway to 200
+    assert m.mean("x") == pytest.approx(600 / 12.0)  # over the replica's life: for replaying a run
     m.observe(load("x", computed_tokens=5, busy_s=0.1))  # restarted: a new baseline, no bogus sample
-    assert m.rate("x") == pytest.approx(300.0)
+    assert m.rate("x") == pytest.approx(300.0) and m.mean("x") == pytest.approx(50.0)
     c = TransferCosts()
     c.update({"loaded_local_chunks": 100, "get_seconds:shm_sum_us": 3200,
               "loaded_remote_chunks": 10, "get_seconds:tcp_sum_us": 3200}, chunk_tokens=32)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.sim.calibrate import CalibrationRequest, simulated_ttft
+from bench.sim.calibrate import CalibrationRequest, check_runs, simulated_ttft
+from bench.sim.calibrate import table as calibration_table
 from bench.sim.cluster import ClusterSpec, SimCluster
 from bench.sim.decode import DecodeReplica, DecodeSeq
 from bench.sim.events import EventLoop
@@ -190,6 +191,42 @@ def test_calibration_hook_returns_ttft_per_request_in_order() -> None:
     assert first == pytest.approx(cost.prefill_step_s + 356 * cost.prefill_token_s)
     shared = 356 // 32 * 32  # the first request's whole chunks, in the store on their one node
     assert second == pytest.approx(cost.prefill_step_time(556 - shared, shared * cost.same_node_token_s))
+
+
+def test_overhead_and_speed_enter_the_simulated_ttft() -> None:
+    cost = replace(CPU_SMOLLM2, request_overhead_s=0.3)
+    reqs = [CalibrationRequest((("sys", 256), ("u0", 100)), 8, 0.0),
+            CalibrationRequest((("sys", 512), ("u1", 100)), 8, 0.0)]  # both at once: one per replica
+    fast, slow = sorted(simulated_ttft(reqs, "round_robin", cost, prefill_speeds=(1.0, 0.5)))
+    assert fast == pytest.approx(0.3 + cost.prefill_step_time(356))
+    assert slow == pytest.approx(0.3 + cost.prefill_step_time(612, speed=0.5))
+
+
+def test_check_runs_recovers_a_run_made_by_the_model_it_checks() -> None:
+    """A report whose 'measurements' the simulator made itself, with a known overhead and
+    known replica speeds: the check must read both back and match it exactly."""
+    overhead, speeds = 0.25, (1.0, 0.6)
+    # The checked profile: steps priced by computed tokens at the measured rate alone.
+    cost = replace(CPU_SMOLLM2, request_overhead_s=overhead, prefill_step_s=0.0, same_node_token_s=0.0,
+                   remote_token_s=0.0)
+    tps = cost.prefill_tps()
+    turns = [(conv, turn) for turn in range(3) for conv in range(4)]
+    reqs = [CalibrationRequest(((f"sys{conv % 2}", 320), (f"conv{conv}", 48 * (turn + 1))), 8, 2.0 * turn + 0.1 * conv)
+            for conv, turn in turns]
+    report: dict = {"args": {"system_len": "320", "system_prompts": "2"}, "policies": {}}
+    for policy in ("kv_aware", "round_robin"):
+        ttft = simulated_ttft(reqs, policy, cost, prefill_speeds=speeds)
+        records = [{"conv": conv, "sent_s": r.arrival_s, "prompt_tokens": r.prompt_tokens, "output_tokens": 8,
+                    "ttft_s": t, "prefill_engine_s": t - overhead}
+                   for (conv, _), r, t in zip(turns, reqs, ttft, strict=True)]
+        view = {"replicas": {"p-a": {"prefill_tps": tps * speeds[1]}, "p-b": {"prefill_tps": tps * speeds[0]},
+                             "d": {"node": "n"}}}
+        report["policies"][policy] = {"records": records, "router_view": view}
+    checks = check_runs(report)
+    for c in checks.values():
+        assert c["overhead_s"] == pytest.approx(overhead) and c["prefill_speeds"] == list(speeds)
+        assert c["p50_ratio"] == pytest.approx(1.0) and c["p90_ratio"] == pytest.approx(1.0)
+    assert "| kv_aware |" in calibration_table(checks)
 
 
 def test_knee_interpolates_where_attainment_crosses_the_target() -> None:
