@@ -66,7 +66,9 @@ def served_name(cfg: ClusterConfig, model_dir: Path) -> str:
     return cfg.served_model_name or model_dir.name
 
 
-def _pool(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
+def pool_deployment(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
+    """One pool as a Serve deployment: its replicas' resources (the pool's ``resources`` pin
+    it to the node types that offer them) and pdserve's request router."""
     return serve.deployment(
         cls,
         name=role,
@@ -88,10 +90,10 @@ def _pool(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
 
 
 def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
-    prefill = _pool(PrefillWorker, "prefill", cfg.prefill, cfg).bind(
+    prefill = pool_deployment(PrefillWorker, "prefill", cfg.prefill, cfg).bind(
         asdict(engine_spec(cfg, cfg.prefill, "prefill", model_dir, redis_url))
     )
-    decode = _pool(DecodeWorker, "decode", cfg.decode, cfg).bind(
+    decode = pool_deployment(DecodeWorker, "decode", cfg.decode, cfg).bind(
         asdict(engine_spec(cfg, cfg.decode, "decode", model_dir, redis_url))
     )
     spec = RouterSpec(

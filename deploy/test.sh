@@ -4,5 +4,11 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/ensure.sh"
 cd "$ROOT"
+# The dashboard's test renders the page in Debian's Chromium, headless.
+if ! command -v chromium >/dev/null 2>&1; then
+  say "installing chromium (apt; the dashboard's browser test)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 "$VENV/bin/ruff" check .
 exec "$VENV/bin/python" -m pytest "${@:-tests}"

@@ -77,7 +77,8 @@ _NODE_COUNTERS = {
 }
 
 
-def _labels(**kv: str) -> str:
+def labels(**kv: str) -> str:
+    """Prometheus label set text: ``{a="x",b="y"}`` ("" for none)."""
     inner = ",".join(f'{k}="{_escape(v)}"' for k, v in kv.items())
     return "{" + inner + "}" if inner else ""
 
@@ -86,43 +87,45 @@ def _escape(v: str) -> str:
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _family(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+def family(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> None:
+    """Append one metric family (HELP, TYPE, a line per (labels, value) sample); nothing if
+    there are no samples."""
     rows = list(samples)
     if not rows:
         return
     lines.append(f"# HELP {name} {help_text}")
     lines.append(f"# TYPE {name} {kind}")
-    lines.extend(f"{name}{labels} {value:g}" for labels, value in rows)
+    lines.extend(f"{name}{tags} {value:g}" for tags, value in rows)
 
 
 def render_prometheus(stats: StoreStats | None) -> str:
     """The snapshot in Prometheus text format; ``None`` (Redis unreachable) gives up = 0."""
     lines: list[str] = []
-    _family(lines, "pdserve_kvstore_up", "gauge", "1 if the store's metadata (Redis) answered.",
+    family(lines, "pdserve_kvstore_up", "gauge", "1 if the store's metadata (Redis) answered.",
             [("", 0 if stats is None else 1)])
     if stats is None:
         return "\n".join(lines) + "\n"
     t = stats.totals
     for key, (name, help_text) in _COUNTERS.items():
-        _family(lines, name, "counter", help_text, [("", t.get(key, 0))])
-    _family(lines, "pdserve_kvstore_loaded_chunks_total", "counter", "Chunks loaded into engines, by source.",
-            [(_labels(source=s), t.get(f"loaded_{s}_chunks", 0)) for s in ("local", "remote")])
-    _family(lines, "pdserve_kvstore_client_bytes_total", "counter", "Bytes engines moved, by transport and direction.",
-            [(_labels(transport=tr, direction=d), v) for tr in ("shm", "tcp", "grpc") for d in ("in", "out")
+        family(lines, name, "counter", help_text, [("", t.get(key, 0))])
+    family(lines, "pdserve_kvstore_loaded_chunks_total", "counter", "Chunks loaded into engines, by source.",
+            [(labels(source=s), t.get(f"loaded_{s}_chunks", 0)) for s in ("local", "remote")])
+    family(lines, "pdserve_kvstore_client_bytes_total", "counter", "Bytes engines moved, by transport and direction.",
+            [(labels(transport=tr, direction=d), v) for tr in ("shm", "tcp", "grpc") for d in ("in", "out")
              if (v := t.get(f"bytes_{d}_{tr}", 0))])
     _histograms(lines, t)
     for key, (name, help_text) in _NODE_GAUGES.items():
-        _family(lines, name, "gauge", help_text,
-                [(_labels(node=n), s[key]) for n, s in stats.nodes.items() if key in s])
+        family(lines, name, "gauge", help_text,
+                [(labels(node=n), s[key]) for n, s in stats.nodes.items() if key in s])
     for key, (name, help_text) in _NODE_COUNTERS.items():
-        _family(lines, name, "counter", help_text,
-                [(_labels(node=n), s[key]) for n, s in stats.nodes.items() if key in s])
-    _family(lines, "pdserve_kvstore_agent_bytes_total", "counter", "Bytes agents served or received, by transport.",
-            [(_labels(node=n, transport=tr, direction=d), s[f"bytes_{d}_{tr}"])
+        family(lines, name, "counter", help_text,
+                [(labels(node=n), s[key]) for n, s in stats.nodes.items() if key in s])
+    family(lines, "pdserve_kvstore_agent_bytes_total", "counter", "Bytes agents served or received, by transport.",
+            [(labels(node=n, transport=tr, direction=d), s[f"bytes_{d}_{tr}"])
              for n, s in stats.nodes.items() for tr in ("tcp", "grpc") for d in ("in", "out")
              if f"bytes_{d}_{tr}" in s])
-    _family(lines, "pdserve_kvstore_agent_up", "gauge", "1 if the node's agent answered its Stats call.",
-            [(_labels(node=n), 0 if s.get("unreachable") else 1) for n, s in stats.nodes.items()])
+    family(lines, "pdserve_kvstore_agent_up", "gauge", "1 if the node's agent answered its Stats call.",
+            [(labels(node=n), 0 if s.get("unreachable") else 1) for n, s in stats.nodes.items()])
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +141,6 @@ def _histograms(lines: list[str], totals: dict[str, int]) -> None:
     for tr in transports:
         base = f"get_seconds:{tr}"
         for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
-            lines.append(f"{name}_bucket{_labels(transport=tr, le=le)} {totals.get(f'{base}_bucket:{le}', 0)}")
-        lines.append(f"{name}_sum{_labels(transport=tr)} {totals.get(f'{base}_sum_us', 0) / 1e6:g}")
-        lines.append(f"{name}_count{_labels(transport=tr)} {totals.get(f'{base}_count', 0)}")
+            lines.append(f"{name}_bucket{labels(transport=tr, le=le)} {totals.get(f'{base}_bucket:{le}', 0)}")
+        lines.append(f"{name}_sum{labels(transport=tr)} {totals.get(f'{base}_sum_us', 0) / 1e6:g}")
+        lines.append(f"{name}_count{labels(transport=tr)} {totals.get(f'{base}_count', 0)}")

@@ -31,6 +31,7 @@ from kvstore.stats import StoreStats, collect, render_prometheus
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
 from router.index import EngineEventFeed, StoreIndexFeed
 from router.live import CounterRates, RequestLog, snapshot
+from router.metrics import render_router
 from router.openai_format import ResponseBuilder
 from router.pipeline import Generation, Trace, first_token, rest
 from router.policy import RoutingRequest, RoutingState
@@ -119,19 +120,13 @@ class Router:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        """The KV store's metrics in Prometheus text format (engines' vLLM metrics and Serve's
-        own go through Ray's metrics export)."""
-        if not self.spec.redis_url:
-            return PlainTextResponse("", media_type="text/plain; version=0.0.4")
-        meta = MetadataStore(connect(self.spec.redis_url), self.spec.store_prefix)
-        try:
-            text = render_prometheus(await asyncio.to_thread(collect, meta))
-        except Exception as e:  # Redis down: say so in the scrape, do not 500 it
-            log.warning("store metrics unavailable: %s", e)
-            text = render_prometheus(None)
-        finally:
-            meta.client.close()
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        """Prometheus text: the KV store's metrics, then this router's (its pools' replicas
+        and the requests it served: router/metrics.py). vLLM's and Serve's own go through
+        Ray's metrics export."""
+        stats = await self._store_stats()
+        store = render_prometheus(stats) if self.spec.redis_url else ""
+        own = render_router(snapshot(self.routing.pool_loads(), stats, self.requests, self._rates), self.requests)
+        return PlainTextResponse(store + own, media_type="text/plain; version=0.0.4")
 
     @app.get("/dashboard")
     async def dashboard(self) -> HTMLResponse:

@@ -43,17 +43,53 @@ def percentiles(xs: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> dict[s
     return {f"p{q}": (s[min(len(s) - 1, q * len(s) // 100)] if s else None) for q in qs}
 
 
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Histogram:
+    """A cumulative histogram, Prometheus style (upper bounds, plus +Inf)."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum, self.count = 0.0, 0
+
+    def observe(self, x: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if x <= b), len(self.bounds))] += 1
+        self.sum += x
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, observations at or below it) per bucket, ending with +Inf."""
+        out, running = [], 0
+        for le, n in zip([*map(str, self.bounds), "+Inf"], self.counts, strict=True):
+            running += n
+            out.append((le, running))
+        return out
+
+
 class RequestLog:
-    """The last requests this router served (bounded by count and age)."""
+    """The last requests this router served (bounded by count and age), and totals since
+    the router started (Prometheus counters and histograms)."""
 
     def __init__(self, window_s: float = 300.0, max_requests: int = 5000) -> None:
         self.window_s = window_s
         self._served: deque[Served] = deque(maxlen=max_requests)
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.totals = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "output_tokens": 0}
 
     def record(self, ttft_s: float, tpot_s: float | None, prompt_tokens: int, cached_tokens: int,
                output_tokens: int, now: float | None = None) -> None:
         self._served.append(Served(time.monotonic() if now is None else now, ttft_s, tpot_s,
                                    prompt_tokens, cached_tokens, output_tokens))
+        self.ttft.observe(ttft_s)
+        if tpot_s is not None:
+            self.tpot.observe(tpot_s)
+        for key, n in (("requests", 1), ("prompt_tokens", prompt_tokens), ("cached_tokens", cached_tokens),
+                       ("output_tokens", output_tokens)):
+            self.totals[key] += n
 
     def summary(self, now: float | None = None) -> dict[str, Any]:
         now = time.monotonic() if now is None else now
@@ -110,6 +146,8 @@ def replica_row(load: ReplicaLoad, rates: CounterRates, now: float) -> dict[str,
         "prefill_tokens_per_s": rates.rate(f"{key}/computed", load.computed_tokens, now),
         "output_tokens_per_s": rates.rate(f"{key}/generated", load.generated_tokens, now),
         "prefix_hit_rate": load.cached_tokens / load.prompt_tokens if load.prompt_tokens else None,
+        "totals": {"busy_s": load.busy_s, "computed_tokens": load.computed_tokens, "prompt_tokens": load.prompt_tokens,
+                   "cached_tokens": load.cached_tokens, "generated_tokens": load.generated_tokens},
     }
 
 

@@ -16,7 +16,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from kvstore.logging import get_logger
 from kvstore.messages import ReplicaLoad
-from router.policy import RoutingPolicy, RoutingRequest, make_policy
+from router.policy import RoutingPolicy, RoutingRequest, RoutingState, make_policy
 from router.policy import state as routing_state
 
 log = get_logger(__name__)
@@ -24,14 +24,25 @@ log = get_logger(__name__)
 
 class PDRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, policy: str = "kv_aware", role: str = "", **kwargs: Any) -> None:
-        self._state = routing_state.current()
-        self._role = role
+        self._role, self._policy_name = role, policy
         # replica -> (the stats dict it came from, Serve's queue length, the load): a load is
         # rebuilt only when either changed (stats refresh every period; queue length per call).
         self._loads: dict[str, tuple[object, int | None, ReplicaLoad]] = {}
-        self._policy: RoutingPolicy = make_policy(policy, self._state, role)
-        if self._state is not None:  # the dashboard reads the pool from here, between requests too
-            self._state.watch_pool(role, self.pool_loads)
+        self._state: RoutingState | None = None
+        self._policy: RoutingPolicy = make_policy(policy, None, role)
+        self._bind_state()
+
+    def _bind_state(self) -> None:
+        """Take the process's routing state once the ingress has installed it. Serve may build
+        this router while the ingress's constructor is still running (handles passed to it are
+        initialised eagerly), so the state can appear after ``initialize_state``: until then
+        kv_aware routes by load."""
+        state = routing_state.current()
+        if state is None:
+            return
+        self._state = state
+        self._policy = make_policy(self._policy_name, state, self._role)
+        state.watch_pool(self._role, self.pool_loads)  # the dashboard reads the pool between requests too
 
     def pool_loads(self) -> list[ReplicaLoad]:
         """Every replica's latest report (Serve refreshes them in the background)."""
@@ -65,6 +76,8 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        if self._state is None:
+            self._bind_state()
         hint = None
         if pending_request is not None:
             raw = pending_request.kwargs.get("routing")

@@ -89,10 +89,11 @@ def to_sim_requests(requests: Sequence[CalibrationRequest], chunk_tokens: int) -
 
 
 def simulated_ttft(requests: Sequence[CalibrationRequest], policy: str = "kv_aware", cost: CostModel = CPU_SMOLLM2,
-                   prefill: int = 2, decode: int = 1, seed: int = 0,
-                   prefill_speeds: tuple[float, ...] = ()) -> list[float]:
+                   prefill: int = 2, decode: int = 1, seed: int = 0, prefill_speeds: tuple[float, ...] = (),
+                   shared_cores: tuple[tuple[int, int], ...] = ()) -> list[float]:
     """Simulated time to first token of each request, in the order given (seconds)."""
-    spec = ClusterSpec(prefill + decode, prefill, decode, per_node=prefill + decode, prefill_speeds=prefill_speeds)
+    spec = ClusterSpec(prefill + decode, prefill, decode, per_node=prefill + decode, prefill_speeds=prefill_speeds,
+                       shared_cores=shared_cores)
     sim = to_sim_requests(requests, cost.chunk_tokens)
     records = SimCluster(spec, cost, policy, seed).run(sim)
     by_id = {r.rid: r.ttft_s for r in records}
@@ -124,9 +125,13 @@ def _p(xs: Sequence[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-def check_runs(report: dict[str, Any], cost: CostModel = CPU_SMOLLM2) -> dict[str, Any]:
+def check_runs(report: dict[str, Any], cost: CostModel = CPU_SMOLLM2, shared_core: bool = False) -> dict[str, Any]:
     """Simulated against measured TTFT p50/p90 for every policy run in a bench.policies
-    report, the overhead of each taken from the other runs (leave one out)."""
+    report, the overhead of each taken from the other runs (leave one out).
+
+    ``shared_core``: model bench.policies' layout as a mechanism instead of two measured
+    speeds: both prefill replicas at the faster one's rate, the second at half of it while
+    the decode replica (on its core) has work."""
     args = report["args"]
     system_len, systems = int(args["system_len"]), int(args["system_prompts"])
     runs = {name: run for name, run in report["policies"].items() if run.get("records")}
@@ -140,7 +145,9 @@ def check_runs(report: dict[str, Any], cost: CostModel = CPU_SMOLLM2) -> dict[st
         reqs = [CalibrationRequest(((f"sys{r['conv'] % systems}", system_len),
                                     (f"conv{r['conv']}", r["prompt_tokens"] - system_len)),
                                    max(r["output_tokens"], 2), r["sent_s"]) for r in run["records"]]
-        sim = simulated_ttft(reqs, name, model, prefill_speeds=speeds)
+        if shared_core:
+            speeds = (speeds[0], speeds[0])
+        sim = simulated_ttft(reqs, name, model, prefill_speeds=speeds, shared_cores=((1, 0),) if shared_core else ())
         real = [r["ttft_s"] for r in run["records"]]
         out[name] = {
             "requests": len(real), "overhead_s": round(model.request_overhead_s, 4),
@@ -167,11 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                                 description="simulated vs measured TTFT for a bench.policies report")
     p.add_argument("report", type=Path, nargs="?", default=Path("bench/results/policies.json"))
     p.add_argument("--out", type=Path, default=Path("bench/results/calibration.json"))
+    p.add_argument("--shared-core", action="store_true",
+                   help="core sharing as a mechanism (see check_runs) instead of two measured speeds")
     args = p.parse_args(argv)
     report = json.loads(args.report.read_text())
-    checks = check_runs(report)
+    checks = check_runs(report, shared_core=args.shared_core)
     args.out.write_text(json.dumps({"report": str(args.report), "report_when": report.get("when"),
                                     "report_commit": report.get("commit"), "profile": CPU_SMOLLM2.name,
+                                    "shared_core": args.shared_core,
                                     "checks": checks}, indent=1) + "\n")
     print(table(checks))
     return 0

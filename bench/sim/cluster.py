@@ -50,6 +50,9 @@ class ClusterSpec:
     costs_period_s: float = 5.0
     feed_lag_s: float = 0.0
     prefill_speeds: tuple[float, ...] = ()  # per prefill replica, in layout order (default 1.0)
+    # (prefill index, decode index) pairs that share one CPU core: the prefill replica runs at
+    # half speed while the decode replica has work (this machine's 2P+1D layout on 2 cores)
+    shared_cores: tuple[tuple[int, int], ...] = ()
 
     def layout(self) -> list[tuple[str, str, str]]:
         """(replica name, node, role) for every replica: roles interleaved in the ratio."""
@@ -116,6 +119,8 @@ class SimCluster:
         prefill = [PrefillReplica(n, node, cost, self.store, self.loop, self._engine_changed, speed)
                    for (n, node), speed in zip(prefill_layout, speeds, strict=False)]
         decode = [DecodeReplica(n, node, cost, self.store, self.loop) for n, node, r in layout if r == "decode"]
+        for p, d in spec.shared_cores:
+            prefill[p].core_neighbour_busy = decode[d].busy
         self.prefill = Pool("prefill", prefill)
         self.decode = Pool("decode", decode)
         rng = random.Random(f"policy-{seed}")

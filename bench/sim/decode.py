@@ -70,6 +70,10 @@ class DecodeReplica:
         self._step0, self._t0, self._first_dt, self._dt = 0, 0.0, 0.0, 0.0
         self._wake_pending, self._wake_step, self._version = False, 0, 0
 
+    def busy(self) -> bool:
+        """Whether it has sequences to step (a prefill replica on the same core slows then)."""
+        return bool(self._running or self._joining)
+
     # -- arrivals and admission -------------------------------------------------------------
 
     def submit(self, seq: DecodeSeq) -> None:

@@ -53,6 +53,9 @@ class PrefillReplica:
         entered (``stored``) or left (``removed``) its own cache, as vLLM publishes them.
         ``speed``: this replica's compute against the cost model's (0.5: it shares its core)."""
         self.name, self.node, self.cost, self.speed = name, node, cost, speed
+        # set when a decode replica shares this replica's core: while it has work, this one
+        # gets half the core
+        self.core_neighbour_busy: Callable[[], bool] | None = None
         self.store, self.loop, self._events = store, loop, on_cache_change
         self.cache = ChunkLRU(cost.prefill_cache_chunks)
         self.meter = SimWorkMeter()
@@ -94,7 +97,9 @@ class PrefillReplica:
             computed += n
             taken += 1
         self._stepping = True
-        self.loop.after(self.cost.prefill_step_time(computed, load_s, self.speed), self._step_done)
+        shared = self.core_neighbour_busy is not None and self.core_neighbour_busy()
+        speed = self.speed / 2 if shared else self.speed
+        self.loop.after(self.cost.prefill_step_time(computed, load_s, speed), self._step_done)
 
     def _step_done(self) -> None:
         now, q = self.loop.now, self._queue

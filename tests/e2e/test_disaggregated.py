@@ -8,6 +8,7 @@ Redis killed. Tests run in file order and share one cluster; the fault tests com
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from tests.e2e.helpers import (
     store,
 )
 from tests.e2e.prompts import EQUIVALENCE, FRESH, LONG_PREFIX, SHARED_PREFIX
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.e2e
 
@@ -176,6 +179,14 @@ def test_router_serves_the_store_metrics_to_prometheus(cluster: Cluster) -> None
     assert samples["pdserve_kvstore_get_seconds_count"] > 0  # decode loaded through the store
     index = httpx.get(cluster.base_url.removesuffix("/v1") + "/debug/store-index", timeout=30).json()
     assert index["feed_healthy"] and index["chunks"] > 0 and index["nodes"] == 1  # the router's own view
+    # the router's own metrics: its pools' replicas and the requests it served
+    assert samples["pdserve_requests_total"] > 0 and samples["pdserve_request_ttft_seconds_count"] > 0
+    assert samples["pdserve_replica_computed_tokens_total"] > 0
+    # Every metric the Grafana dashboard queries is one the router serves.
+    dashboard = json.loads((REPO / "deploy/grafana/pdserve.json").read_text())
+    queried = {name for panel in dashboard["panels"] for t in panel["targets"]
+               for name in re.findall(r"pdserve_[a-z0-9_]+", t["expr"])}
+    assert len(queried) >= 15 and queried <= set(samples), sorted(queried - set(samples))
 
 
 # -- faults: nothing on the KV path may make an answer wrong -------------------------------

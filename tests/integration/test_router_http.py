@@ -5,81 +5,27 @@ what the ingress learned, and explains each decision."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import AsyncIterator, Iterator
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
-import msgpack
 import pytest
 import ray
-import zmq
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
 from cluster.model import prepare_default_model
 from cluster.runtime import free_port, wait_until
-from kvstore.messages import EngineDelta, EngineRequest
+from cluster.status import render as render_status
 from router.app import Router, RouterSpec
 
-MODEL = "tiny"
-ZERO = {"num_cpus": 0}  # the fakes must fit beside whatever else runs on a 2-core machine
-
-def request_router(role: str) -> RequestRouterConfig:
-    return RequestRouterConfig(request_router_class="router.replica_router:PDRequestRouter",
-                               request_router_kwargs={"policy": "kv_aware", "role": role},
-                               request_routing_stats_period_s=0.2)
-
-
-class FakePrefill:
-    """Answers one token and publishes what a vLLM engine with a prefix cache would: a
-    BlockStored event per 32-token block of the prompt (topic = its Serve tag, as the real
-    workers do), so the router's engine-cache index fills through the real feed."""
-
-    def __init__(self) -> None:
-        self.tag = serve.get_replica_context().replica_tag
-        self.sock = zmq.Context.instance().socket(zmq.PUB)
-        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.seq = 0
-        self.prompt_tokens = self.busy_s = 0.0  # cumulative, as the real WorkMeter reports
-
-    async def prefill(self, payload: bytes, routing: bytes | None = None) -> bytes:
-        req = EngineRequest.decode(payload)
-        assert req.sampling.max_tokens == 1 and routing is not None
-        hashes, parent = [], b""
-        for i in range(len(req.token_ids) // 32):
-            parent = hashlib.sha256(parent + msgpack.packb(req.token_ids[32 * i : 32 * i + 32])).digest()
-            hashes.append(parent)
-        if hashes:
-            event = {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": None,
-                     "token_ids": list(req.token_ids[: 32 * len(hashes)]), "block_size": 32}
-            self.sock.send_multipart((self.tag.encode(), self.seq.to_bytes(8, "big"), msgpack.packb([0.0, [event], 0])))
-            self.seq += 1
-        self.prompt_tokens += len(req.token_ids)
-        self.busy_s += 0.01
-        return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
-                           replica=f"prefill-{self.tag}").encode()
-
-    def record_routing_stats(self) -> dict[str, Any]:
-        return {"running": 0, "waiting": 0, "kv_events": f"tcp://127.0.0.1:{self.port}", "busy_s": self.busy_s,
-                "prompt_tokens": self.prompt_tokens, "computed_tokens": self.prompt_tokens, "generated_tokens": 0}
-
-
-class FakeDecode:
-    def __init__(self) -> None:
-        self.generated = 0
-
-    async def decode(self, payload: bytes, routing: bytes | None = None) -> AsyncIterator[bytes]:
-        req = EngineRequest.decode(payload)
-        assert req.token_ids[-1] == 42
-        for i in range(req.sampling.max_tokens):
-            last = i == req.sampling.max_tokens - 1
-            self.generated += 1
-            yield EngineDelta((43 + i,), ".", finish_reason="length" if last else None, replica="fake-d").encode()
-
-    def record_routing_stats(self) -> dict[str, Any]:
-        return {"running": 0, "waiting": 0, "generated_tokens": self.generated, "kv_usage": 0.25}
+from .fakes import MODEL, ZERO, FakeDecode, FakePrefill, request_router
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +127,10 @@ def test_dashboard_page_and_its_numbers_move_under_load(base_url: str) -> None:
     decode = after["pools"]["decode"][0]
     assert decode["kv_usage"] == 0.25 and decode["output_tokens_per_s"] > 0
     assert after["store"] == {"available": False}  # this router runs without a store
+    metrics = httpx.get(base_url + "/metrics").text  # the same numbers for Prometheus
+    requests_total = next(float(line.split()[1]) for line in metrics.splitlines()
+                          if line.startswith("pdserve_requests_total "))
+    assert requests_total >= after["requests"]["requests"] and "pdserve_replica_generated_tokens_total{" in metrics
 
 
 def test_models_and_health(base_url: str) -> None:
@@ -212,3 +162,47 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(
     if param:
         assert err["param"] and err["param"].startswith(param)
     assert post(base_url, "/v1/completions", OK_COMPLETION).status_code == 200
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess[str]:
+    """Debian's Chromium, headless (deploy/test.sh installs it)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "Chromium is missing: deploy/test.sh installs Debian's chromium package"
+    return subprocess.run([path, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--hide-scrollbars", *args], capture_output=True, text=True, timeout=180)
+
+
+def test_dashboard_in_a_real_browser_moves_with_load_and_agrees_with_status(base_url: str, tmp_path: Path) -> None:
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            post(base_url, "/v1/completions", OK_COMPLETION)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:  # the page's script runs in the browser: fetch, render; the DOM is dumped after it
+        page = base_url + "/dashboard"
+        first = _chromium("--virtual-time-budget=3000", "--dump-dom", page).stdout
+        time.sleep(1.5)
+        second = _chromium("--virtual-time-budget=3000", "--dump-dom", page).stdout
+        shot = tmp_path / "dashboard.png"
+        _chromium("--virtual-time-budget=3000", "--window-size=1280,1400", f"--screenshot={shot}", page)
+    finally:
+        stop.set()
+        worker.join(30)
+
+    def served(dom: str) -> int:  # the "requests in last 300s" card
+        found = re.search(r"requests in last \d+s</span><b>(\d+)</b>", dom)
+        assert found, dom[:2000]
+        return int(found.group(1))
+
+    assert 0 < served(first) < served(second)  # live: the numbers move under load
+    data = httpx.get(base_url + "/dashboard/data").json()
+    status = render_status(data)
+    for replica in [r["replica"] for pool in data["pools"].values() for r in pool]:
+        assert f"<td>{replica}</td>" in second and replica in status  # same replicas as pdserve status
+    metrics = httpx.get(base_url + "/metrics").text
+    total = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("pdserve_requests_total "))
+    assert total >= served(second)
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.status import render
 from kvstore.messages import ReplicaLoad
 from kvstore.stats import StoreStats
 from router.live import CounterRates, RequestLog, percentiles, snapshot
+from router.metrics import render_router
 
 
 def test_request_log_percentiles_rates_and_window() -> None:
@@ -63,3 +65,24 @@ def test_snapshot_and_status_text() -> None:
         assert expected in text, (expected, text)
     empty = snapshot({}, None, RequestLog(), CounterRates(), now=0.0)
     assert "no request routed yet" in render(empty) and "store: metrics unavailable" in render(empty)
+
+
+def test_router_metrics_are_valid_prometheus_text() -> None:
+    log = RequestLog()
+    log.record(0.3, 0.04, 400, 320, 9, now=0.0)
+    log.record(12.0, None, 100, 0, 1, now=1.0)
+    loads = {"prefill": [ReplicaLoad("p1", "node-a", running=2, busy_s=7.5, computed_tokens=80, prompt_tokens=500,
+                                     cached_tokens=420)]}
+    text = render_router(snapshot(loads, None, log, CounterRates(), now=1.0), log)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    replica = (("node", "node-a"), ("replica", "p1"), ("role", "prefill"))
+    assert samples[("pdserve_replica_running", replica)] == 2
+    assert samples[("pdserve_replica_busy_seconds_total", replica)] == 7.5
+    assert samples[("pdserve_replica_cached_tokens_total", replica)] == 420
+    assert samples[("pdserve_replicas", (("role", "prefill"),))] == 1
+    assert samples[("pdserve_requests_total", ())] == 2 and samples[("pdserve_output_tokens_total", ())] == 10
+    assert samples[("pdserve_request_ttft_seconds_bucket", (("le", "0.5"),))] == 1  # cumulative buckets
+    assert samples[("pdserve_request_ttft_seconds_bucket", (("le", "+Inf"),))] == 2
+    assert samples[("pdserve_request_ttft_seconds_count", ())] == 2
+    assert samples[("pdserve_request_tpot_seconds_count", ())] == 1  # the one-token answer has no TPOT

@@ -202,6 +202,15 @@ def test_overhead_and_speed_enter_the_simulated_ttft() -> None:
     assert slow == pytest.approx(0.3 + cost.prefill_step_time(612, speed=0.5))
 
 
+def test_a_prefill_replica_sharing_a_core_with_busy_decode_runs_at_half_speed() -> None:
+    cost = CPU_SMOLLM2
+    reqs = [CalibrationRequest((("a", 256),), 200, 0.0),  # replica 0, then decodes for ~20 s
+            CalibrationRequest((("b", 256),), 8, 3.0)]  # replica 1, while decode is busy
+    for shared, speed in (((), 1.0), (((1, 0),), 0.5)):
+        _, second = simulated_ttft(reqs, "round_robin", cost, shared_cores=shared)
+        assert second == pytest.approx(cost.prefill_step_time(256, speed=speed))
+
+
 def test_check_runs_recovers_a_run_made_by_the_model_it_checks() -> None:
     """A report whose 'measurements' the simulator made itself, with a known overhead and
     known replica speeds: the check must read both back and match it exactly."""

@@ -1,0 +1,75 @@
+"""Fake engine replicas for tests whose subject is not the engine (the router's HTTP API,
+placement, the dashboard): Serve deployments that answer like the real workers and report
+routing stats the way they do."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import zmq
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from kvstore.messages import EngineDelta, EngineRequest
+
+MODEL = "tiny"
+ZERO = {"num_cpus": 0}  # the fakes must fit beside whatever else runs on a 2-core machine
+
+
+def request_router(role: str) -> RequestRouterConfig:
+    return RequestRouterConfig(request_router_class="router.replica_router:PDRequestRouter",
+                               request_router_kwargs={"policy": "kv_aware", "role": role},
+                               request_routing_stats_period_s=0.2)
+
+
+class FakePrefill:
+    """Answers one token and publishes what a vLLM engine with a prefix cache would: a
+    BlockStored event per 32-token block of the prompt (topic = its Serve tag, as the real
+    workers do), so the router's engine-cache index fills through the real feed."""
+
+    def __init__(self) -> None:
+        self.tag = serve.get_replica_context().replica_tag
+        self.sock = zmq.Context.instance().socket(zmq.PUB)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.seq = 0
+        self.prompt_tokens = self.busy_s = 0.0  # cumulative, as the real WorkMeter reports
+
+    async def prefill(self, payload: bytes, routing: bytes | None = None) -> bytes:
+        req = EngineRequest.decode(payload)
+        assert req.sampling.max_tokens == 1 and routing is not None
+        hashes, parent = [], b""
+        for i in range(len(req.token_ids) // 32):
+            parent = hashlib.sha256(parent + msgpack.packb(req.token_ids[32 * i : 32 * i + 32])).digest()
+            hashes.append(parent)
+        if hashes:
+            event = {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": None,
+                     "token_ids": list(req.token_ids[: 32 * len(hashes)]), "block_size": 32}
+            self.sock.send_multipart((self.tag.encode(), self.seq.to_bytes(8, "big"), msgpack.packb([0.0, [event], 0])))
+            self.seq += 1
+        self.prompt_tokens += len(req.token_ids)
+        self.busy_s += 0.01
+        return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
+                           replica=f"prefill-{self.tag}").encode()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return {"running": 0, "waiting": 0, "kv_events": f"tcp://127.0.0.1:{self.port}", "busy_s": self.busy_s,
+                "prompt_tokens": self.prompt_tokens, "computed_tokens": self.prompt_tokens, "generated_tokens": 0}
+
+
+class FakeDecode:
+    def __init__(self) -> None:
+        self.generated = 0
+
+    async def decode(self, payload: bytes, routing: bytes | None = None) -> AsyncIterator[bytes]:
+        req = EngineRequest.decode(payload)
+        assert req.token_ids[-1] == 42
+        for i in range(req.sampling.max_tokens):
+            last = i == req.sampling.max_tokens - 1
+            self.generated += 1
+            yield EngineDelta((43 + i,), ".", finish_reason="length" if last else None, replica="fake-d").encode()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return {"running": 0, "waiting": 0, "generated_tokens": self.generated, "kv_usage": 0.25}
