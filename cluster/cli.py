@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("a pdserve cluster is already up (pdserve status / pdserve down)", file=sys.stderr)
         return 1
     model_dir = resolve_model(cfg.model)
+    _step(1, f"model {model_dir}")
     state = RunState(app_name=cfg.app_name)
     state.save()  # from here on, `pdserve down` can clean up whatever got started
     try:
@@ -62,11 +64,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             state.ray_address, state.ray_temp_dir = start_ray_head()
         state.save()
+        _step(2, f"Ray at {state.ray_address}")
         if cfg.kvstore.redis_url:
             state.redis_url = cfg.kvstore.redis_url
         else:
             state.redis_url, state.redis_port, state.redis_pid = start_redis(pdserve_home() / "run")
         state.save()
+        _step(3, f"Redis (the store's metadata) at {state.redis_url}")
         ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
         from cluster.store_nodes import StoreNodesSpec, start_store
 
@@ -75,10 +79,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             state.redis_url, kv.capacity_mb << 20, kv.prefix, {"ttl_s": kv.ttl_s, "lease_s": kv.lease_s},
         ))
         state.save()
+        _step(4, f"store agents on {len(state.agents)} node(s), {kv.capacity_mb} MiB of shared memory each")
         port = cfg.router.port or free_port()
         serve.start(http_options={"host": cfg.router.host, "port": port}, proxy_location=cfg.router.proxy_location)
-        print("starting engines (about a minute on CPU) ...", flush=True)
-        serve.run(build_app(cfg, model_dir, state.redis_url), name=cfg.app_name, route_prefix="/")
+        _step(5, f"engines: {cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode replicas "
+                 "(about a minute on CPU)")
+        _deploy_with_progress(build_app(cfg, model_dir, state.redis_url), cfg.app_name)
         host = "127.0.0.1" if cfg.router.host in ("0.0.0.0", "::") else cfg.router.host
         state.url = f"http://{host}:{port}/v1"
         state.save()
@@ -89,6 +95,43 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise
     print(f"pdserve is up: OpenAI base URL {state.url}", flush=True)
     return 0
+
+
+UP_STEPS = 5
+
+
+def _step(n: int, text: str) -> None:
+    print(f"[{n}/{UP_STEPS}] {text}", flush=True)
+
+
+def _deploy_with_progress(app: object, name: str) -> None:
+    """``serve.run`` (it returns when every replica is up), printing each pool's replicas as
+    they come up instead of a minute of silence."""
+    from ray import serve
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(app, name=name, route_prefix="/")  # type: ignore[arg-type]
+        except BaseException as e:  # re-raised in the caller's thread
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="pdserve-up-deploy", daemon=True)
+    worker.start()
+    last = ""
+    while worker.is_alive():
+        worker.join(2.0)
+        status = serve.status().applications.get(name)
+        if status is None:
+            continue
+        line = ", ".join(f"{dep}: " + " ".join(f"{n} {_plain(k).lower()}" for k, n in d.replica_states.items())
+                         for dep, d in sorted(status.deployments.items()))
+        if line and line != last:
+            print(f"      {line}", flush=True)
+            last = line
+    if failure:
+        raise failure[0]
 
 
 def _down(state: RunState) -> None:

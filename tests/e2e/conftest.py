@@ -85,6 +85,9 @@ def running_pdserve(home: Path, config: Path, sets: list[str]) -> Iterator[Clust
     state = RunState.load(home)
     try:
         assert up.returncode == 0 and match, f"pdserve up failed:\n{up.stdout[-3000:]}\n{up.stderr[-5000:]}"
+        # progress, not a minute of silence: each step, then the pools' replicas coming up
+        progress = re.search(r"\[5/5\] engines: \d+ prefill \+ \d+ decode", up.stdout)
+        assert progress and "prefill: " in up.stdout, up.stdout
         yield Cluster(match.group(1), home, env)
     finally:
         state = RunState.load(home) or state  # a test may have changed it (restarted Redis)
