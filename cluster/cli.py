@@ -206,14 +206,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "deployments": pools, "live": live}, indent=2, default=str))
         return 0
     print(f"pdserve at {state.url}  ·  app {_plain(app.status) if app else 'missing'}  ·  dashboard {root}/dashboard")
-    print(render_status(live, {_role(name): v for name, v in pools.items()}))
+    print(render_status(live, pools))  # deployments are named by role: prefill, decode, router
     return 0
-
-
-def _role(deployment: str) -> str:
-    """Serve deployment name -> pool role as the dashboard names it (PrefillServer -> prefill)."""
-    low = deployment.lower()
-    return next((role for role in ("prefill", "decode") if role in low), low)
 
 
 def main(argv: list[str] | None = None) -> int:

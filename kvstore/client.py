@@ -40,10 +40,10 @@ log = get_logger(__name__)
 # Upper bounds (seconds) of the transfer latency histogram, Prometheus style (plus +Inf).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _INFO_TTL_S = 2.0
-# Slots at least this large are verified (xxh3, which runs without the GIL) on a helper thread:
-# from another node while the next slots arrive, on this node as one of two threads that each
-# copy (ctypes.memmove, also without the GIL) and verify half of the run. Smaller ones inline,
-# where a thread hand-off costs more than it hides.
+# Slots at least this large are verified (xxh3, which runs without the GIL) off the caller's
+# thread alone: from another node on a helper thread while the next slots arrive; on this node
+# by the caller and a helper together, block by block (copy with ctypes.memmove, also without
+# the GIL, then hash). Smaller ones inline, where a thread hand-off costs more than it hides.
 OVERLAP_MIN_BYTES = 512 << 10
 OVERLAP_GROUP_BYTES = 4 << 20  # slots handed over together: one thread hand-off per ~4 MiB
 
@@ -182,10 +182,10 @@ class StoreClient:
         lands at its position in input order and its payload view points there. Returns,
         per chunk, whether it was delivered; failures are counted, never raised.
 
-        With large slots ``on_chunk`` runs on a helper thread too: from another node, while
-        the next slots arrive (its calls then never overlap); on this node, on two threads at
-        once for different chunks (each copies and verifies half of the slots). All calls have
-        returned when ``batch_get`` does."""
+        With large slots from another node ``on_chunk`` runs on a helper thread, while the
+        next slots arrive; on this node it runs on the caller's thread, in order, once both
+        threads have verified the run. Its calls never overlap, and all have returned when
+        ``batch_get`` does."""
         ok = [False] * len(keys)
         spans = slot_spans([HEADER_BYTES + loc.length for loc in locs])
         by_node: dict[str, list[int]] = {}
@@ -387,16 +387,6 @@ class StoreClient:
         self._verifier.shutdown(wait=True)
         self.shm.close()
         self.remote.close()
-
-
-def _split_by_bytes(lengths: list[int]) -> int:
-    """Index that splits ``lengths`` into two parts of about equal bytes (both non-empty)."""
-    total, acc = sum(lengths), 0
-    for j, n in enumerate(lengths[:-1]):
-        acc += n
-        if 2 * acc >= total:
-            return j + 1
-    return len(lengths) - 1
 
 
 def _contiguous_runs(idxs: list[int]) -> list[list[int]]:

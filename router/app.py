@@ -125,8 +125,8 @@ class Router:
         Ray's metrics export."""
         stats = await self._store_stats()
         store = render_prometheus(stats) if self.spec.redis_url else ""
-        own = render_router(snapshot(self.routing.pool_loads(), stats, self.requests, self._rates), self.requests)
-        return PlainTextResponse(store + own, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(store + render_router(self._snapshot(stats), self.requests),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/dashboard")
     async def dashboard(self) -> HTMLResponse:
@@ -136,7 +136,10 @@ class Router:
     @app.get("/dashboard/data")
     async def dashboard_data(self) -> JSONResponse:
         """The dashboard's numbers (and ``pdserve status``'s): see router/live.py."""
-        return JSONResponse(snapshot(self.routing.pool_loads(), await self._store_stats(), self.requests, self._rates))
+        return JSONResponse(self._snapshot(await self._store_stats()))
+
+    def _snapshot(self, store: StoreStats | None) -> dict[str, Any]:
+        return snapshot(self.routing.pool_loads(), store, self.requests, self._rates)
 
     async def _store_stats(self) -> StoreStats | None:
         """The store's snapshot, at most once a second however many pages poll."""

@@ -62,8 +62,9 @@ def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int) -> None
 
 def _ranges(offsets: Sequence[int], lengths: Sequence[int]) -> list[tuple[int, int]]:
     """The slots as (offset, length) ranges, neighbours in the segment merged: a batch's
-    slots are usually allocated back to back, and one sendfile per 64 KiB slot cost a
-    third of the small-chunk bandwidth in syscalls and Python."""
+    slots are usually allocated back to back, so small slots go out in one sendfile instead
+    of one each (64 KiB gets: 0.78x / 0.83x of a raw socket against 0.72x / 0.81x before,
+    within this machine's noise)."""
     out: list[tuple[int, int]] = []
     for off, n in zip(offsets, lengths, strict=True):
         if out and out[-1][0] + out[-1][1] == off:

@@ -243,7 +243,9 @@ class RoutingState:
             row: dict[str, object] = {"node": node}
             if name in rates:
                 row["prefill_tps"] = round(rates[name], 1)
-                row["prefill_tps_mean"] = round(self.rates.mean(name) or 0.0, 1)
+                mean = self.rates.mean(name)
+                if mean is not None:
+                    row["prefill_tps_mean"] = round(mean, 1)
             if name in queued:
                 row["queued_tokens"] = queued[name]
             replicas[name] = row
