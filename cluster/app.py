@@ -16,6 +16,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from cluster.autoscaling import deployment_options
 from cluster.config import ClusterConfig, PoolConfig
 from decode_worker.worker import DecodeWorker
 from kvstore.messages import EngineSpec
@@ -68,11 +69,12 @@ def served_name(cfg: ClusterConfig, model_dir: Path) -> str:
 
 def pool_deployment(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
     """One pool as a Serve deployment: its replicas' resources (the pool's ``resources`` pin
-    it to the node types that offer them) and pdserve's request router."""
+    it to the node types that offer them), its size (fixed, or autoscaled on its role's
+    signal: ``cluster.autoscaling``) and pdserve's request router."""
     return serve.deployment(
         cls,
         name=role,
-        num_replicas=pool.replicas,
+        **deployment_options(role, pool, cfg.router.prefill_prior_tps),
         max_ongoing_requests=pool.max_ongoing_requests,
         ray_actor_options={
             "num_cpus": pool.cpus_per_replica, "num_gpus": pool.gpus_per_replica, "resources": dict(pool.resources),

@@ -37,6 +37,35 @@ class EngineConfig(_Strict):
         return v
 
 
+class ScalingConfig(_Strict):
+    """Per-role autoscaling: each pool scales on the signal that limits its role, between its
+    bounds, through Serve's autoscaler (``cluster.autoscaling``); a pool's ``replicas`` is
+    then where it starts."""
+
+    min_replicas: int = Field(1, ge=1, description="Fewest replicas (the router needs one per pool).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas; more nodes come from Ray's autoscaler.")
+    target_queue_s: float = Field(
+        4.0, gt=0, description="prefill: seconds of queued prompt work per replica (queued tokens / its "
+        "measured rate) to hold; more scales up, less scales down.",
+    )
+    target_inflight: float = Field(16.0, gt=0, description="decode: sequences in flight per replica to hold.")
+    target_kv_usage: float = Field(0.8, gt=0, le=1, description="decode: KV cache usage per replica to hold.")
+    upscale_delay_s: float = Field(5.0, ge=0, description="A need to scale up must last this long.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="A surplus must last this long before a "
+                                     "replica is drained and stopped.")
+    look_back_period_s: float = Field(
+        20.0, gt=0, description="Replica metrics are averaged over this window (replicas report every 10 s "
+        "unless RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S says otherwise).",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ScalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"autoscaling.max_replicas ({self.max_replicas}) is below min_replicas "
+                             f"({self.min_replicas})")
+        return self
+
+
 class PoolConfig(_Strict):
     replicas: int = Field(1, ge=1, description="Engine replicas in this pool.")
     cpus_per_replica: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica.")
@@ -51,6 +80,17 @@ class PoolConfig(_Strict):
         description="Ray custom resources per replica: pins the pool to nodes that offer them.",
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    autoscaling: ScalingConfig | None = Field(
+        None, description="Scale this pool on its role's signal between bounds; None = fixed `replicas`.",
+    )
+
+    @model_validator(mode="after")
+    def _start_within_bounds(self) -> PoolConfig:
+        a = self.autoscaling
+        if a is not None and not a.min_replicas <= self.replicas <= a.max_replicas:
+            raise ValueError(f"replicas ({self.replicas}) is where an autoscaling pool starts: it must lie "
+                             f"within autoscaling.min_replicas..max_replicas ({a.min_replicas}..{a.max_replicas})")
+        return self
 
 
 class KVStoreConfig(_Strict):

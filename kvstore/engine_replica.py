@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
-from kvstore.messages import EngineSpec
+from kvstore.messages import EngineSpec, scaling_stats
 
 if TYPE_CHECKING:
     from kvstore.engine_host import EngineHost
@@ -33,6 +33,12 @@ class EngineReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """Called by Serve every request_routing_stats_period_s; read by PDRequestRouter."""
         return asdict(self.host.load())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Called by Serve on its metrics period when the pool autoscales; read by the
+        pool's policy in ``cluster.autoscaling`` (queued prompt work for prefill, sequences
+        and KV usage for decode)."""
+        return scaling_stats(self.host.load())
 
     async def reset_prefix_cache(self) -> bool:
         return await self.host.reset_prefix_cache()

@@ -106,6 +106,23 @@ class ReplicaLoad:
     generated_tokens: int = 0
 
 
+# What each replica reports to Serve's autoscaler (``record_autoscaling_stats``), by name:
+# the control plane's per-role policies (``cluster.autoscaling``) read these.
+SCALING_QUEUED_TOKENS = "queued_tokens"  # prompt tokens waiting for their first token
+SCALING_PREFILL_TPS = "prefill_tps"  # prompt tokens computed per busy second; 0 = not measured yet
+SCALING_INFLIGHT = "inflight"  # requests in flight at the replica (decode: sequences streaming)
+SCALING_KV_USAGE = "kv_usage"  # the engine's KV cache, fraction in use
+
+
+def scaling_stats(load: ReplicaLoad, min_busy_s: float = 1.0) -> dict[str, float]:
+    """A replica's load in the autoscaler's terms: plain numbers, each averaged by Serve over
+    its look-back window. The rate counts only once the replica has been busy a while (a
+    first short burst says little about its speed)."""
+    tps = load.computed_tokens / load.busy_s if load.busy_s >= min_busy_s and load.computed_tokens else 0.0
+    return {SCALING_QUEUED_TOKENS: float(load.queued_tokens), SCALING_PREFILL_TPS: tps,
+            SCALING_INFLIGHT: float(load.inflight), SCALING_KV_USAGE: load.kv_usage}
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     """Everything a replica needs to build its engine; built by the control plane."""

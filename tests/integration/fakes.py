@@ -4,7 +4,9 @@ routing stats the way they do."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +15,7 @@ import zmq
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from kvstore.messages import EngineDelta, EngineRequest
+from kvstore.messages import EngineDelta, EngineRequest, ReplicaLoad, scaling_stats
 
 MODEL = "tiny"
 ZERO = {"num_cpus": 0}  # the fakes must fit beside whatever else runs on a 2-core machine
@@ -28,14 +30,19 @@ def request_router(role: str) -> RequestRouterConfig:
 class FakePrefill:
     """Answers one token and publishes what a vLLM engine with a prefix cache would: a
     BlockStored event per 32-token block of the prompt (topic = its Serve tag, as the real
-    workers do), so the router's engine-cache index fills through the real feed."""
+    workers do), so the router's engine-cache index fills through the real feed.
 
-    def __init__(self) -> None:
+    ``s_per_token`` > 0 makes it an engine with a speed: prompts are computed one at a time
+    at that many seconds a token, so prompt work queues up under load (autoscaling tests)."""
+
+    def __init__(self, s_per_token: float = 0.0) -> None:
         self.tag = serve.get_replica_context().replica_tag
         self.sock = zmq.Context.instance().socket(zmq.PUB)
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.seq = 0
         self.prompt_tokens = self.busy_s = 0.0  # cumulative, as the real WorkMeter reports
+        self.s_per_token, self.engine = s_per_token, asyncio.Lock()
+        self.queued_tokens = self.inflight = 0
 
     async def prefill(self, payload: bytes, routing: bytes | None = None) -> bytes:
         req = EngineRequest.decode(payload)
@@ -49,27 +56,50 @@ class FakePrefill:
                      "token_ids": list(req.token_ids[: 32 * len(hashes)]), "block_size": 32}
             self.sock.send_multipart((self.tag.encode(), self.seq.to_bytes(8, "big"), msgpack.packb([0.0, [event], 0])))
             self.seq += 1
-        self.prompt_tokens += len(req.token_ids)
-        self.busy_s += 0.01
+        await self._compute(len(req.token_ids))
         return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
                            replica=f"prefill-{self.tag}").encode()
+
+    async def _compute(self, n: int) -> None:
+        self.queued_tokens += n
+        self.inflight += 1
+        try:
+            async with self.engine:
+                t0 = time.monotonic()
+                await asyncio.sleep(n * self.s_per_token)
+                self.busy_s += max(time.monotonic() - t0, 0.01)
+        finally:
+            self.queued_tokens -= n
+            self.inflight -= 1
+        self.prompt_tokens += n
 
     def record_routing_stats(self) -> dict[str, Any]:
         return {"running": 0, "waiting": 0, "kv_events": f"tcp://127.0.0.1:{self.port}", "busy_s": self.busy_s,
                 "prompt_tokens": self.prompt_tokens, "computed_tokens": self.prompt_tokens, "generated_tokens": 0}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return scaling_stats(ReplicaLoad(self.tag, "", inflight=self.inflight, queued_tokens=self.queued_tokens,
+                                         computed_tokens=int(self.prompt_tokens), busy_s=self.busy_s))
+
 
 class FakeDecode:
     def __init__(self) -> None:
-        self.generated = 0
+        self.generated = self.inflight = 0
 
     async def decode(self, payload: bytes, routing: bytes | None = None) -> AsyncIterator[bytes]:
         req = EngineRequest.decode(payload)
         assert req.token_ids[-1] == 42
-        for i in range(req.sampling.max_tokens):
-            last = i == req.sampling.max_tokens - 1
-            self.generated += 1
-            yield EngineDelta((43 + i,), ".", finish_reason="length" if last else None, replica="fake-d").encode()
+        self.inflight += 1
+        try:
+            for i in range(req.sampling.max_tokens):
+                last = i == req.sampling.max_tokens - 1
+                self.generated += 1
+                yield EngineDelta((43 + i,), ".", finish_reason="length" if last else None, replica="fake-d").encode()
+        finally:
+            self.inflight -= 1
 
     def record_routing_stats(self) -> dict[str, Any]:
         return {"running": 0, "waiting": 0, "generated_tokens": self.generated, "kv_usage": 0.25}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return scaling_stats(ReplicaLoad("fake-d", "", inflight=self.inflight, kv_usage=0.25))
