@@ -65,13 +65,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             state.ray_address, state.ray_temp_dir = start_ray_head()
         state.save()
         _step(2, f"Ray at {state.ray_address}")
+        ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
         if cfg.kvstore.redis_url:
             state.redis_url = cfg.kvstore.redis_url
+        elif cfg.ray_address:  # a cluster we joined can end without us (`ray down`): Redis ends with it
+            from cluster.redis_host import start_redis_host
+
+            state.redis_url, state.redis_port, state.redis_pid = start_redis_host(pdserve_home() / "run")
         else:
             state.redis_url, state.redis_port, state.redis_pid = start_redis(pdserve_home() / "run")
         state.save()
         _step(3, f"Redis (the store's metadata) at {state.redis_url}")
-        ray.init(address=state.ray_address, namespace="pdserve", log_to_driver=False)
         from cluster.store_nodes import StoreNodesSpec, start_store
 
         kv = cfg.kvstore
@@ -148,9 +152,11 @@ def _down(state: RunState) -> None:
             if state.app_name in serve.status().applications:
                 serve.delete(state.app_name)
             serve.shutdown()
+            from cluster.redis_host import stop_redis_host
             from cluster.store_nodes import stop_store
 
             stop_store()
+            stop_redis_host()
         except Exception as e:
             log.warning("could not stop Serve / agents cleanly: %s", e)
         ray.shutdown()

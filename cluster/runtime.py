@@ -87,7 +87,37 @@ class RunState:
 
 
 def start_redis(run_dir: Path, port: int | None = None) -> tuple[str, int, int]:
-    """A private Redis on a loopback port (a free one by default); returns (url, port, pid)."""
+    """A private Redis on a loopback port (a free one by default), daemonized: it outlives
+    this process until `pdserve down` stops it by pid. Returns (url, port, pid)."""
+    args, pidfile, port = _redis_command(run_dir, port)
+    subprocess.run([*args, "--daemonize", "yes"], check=True, stdout=subprocess.DEVNULL)
+    return _wait_for_redis(pidfile, port)
+
+
+def start_redis_child(run_dir: Path) -> tuple[subprocess.Popen[bytes], str, int]:
+    """A private Redis on a free loopback port as this thread's child, which the kernel
+    SIGTERMs when this thread ends (PR_SET_PDEATHSIG; Linux), however it ends.
+    Returns (process, url, port)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork: the child only calls it
+
+    def die_with_parent() -> None:
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+    args, pidfile, port = _redis_command(run_dir, None)
+    proc = subprocess.Popen([*args, "--daemonize", "no"], cwd=run_dir, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    try:
+        url, port, _pid = _wait_for_redis(pidfile, port)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, url, port
+
+
+def _redis_command(run_dir: Path, port: int | None) -> tuple[list[str], Path, int]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise StartError("redis-server is not installed (apt-get install -y redis-server), "
@@ -96,11 +126,11 @@ def start_redis(run_dir: Path, port: int | None = None) -> tuple[str, int, int]:
     pidfile = run_dir / f"redis-{port}.pid"
     run_dir.mkdir(parents=True, exist_ok=True)
     pidfile.unlink(missing_ok=True)  # a killed Redis on this port leaves its pid behind
-    subprocess.run(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--daemonize", "yes", "--pidfile", str(pidfile), "--dir", str(run_dir)],
-        check=True, stdout=subprocess.DEVNULL,
-    )
+    return ([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--pidfile", str(pidfile), "--dir", str(run_dir)], pidfile, port)
+
+
+def _wait_for_redis(pidfile: Path, port: int) -> tuple[str, int, int]:
     pid = wait_until(lambda: pidfile.is_file() and int(pidfile.read_text().strip() or 0), 10, "redis")
     url = f"redis://127.0.0.1:{port}/0"
     import redis

@@ -10,5 +10,11 @@ if ! command -v chromium >/dev/null 2>&1; then
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
+# The `ray up` test reaches this machine over SSH: an sshd of its own on loopback, rsync for file_mounts.
+if [ ! -x /usr/sbin/sshd ] || ! command -v rsync >/dev/null 2>&1; then
+  say "installing openssh-server and rsync (apt; the ray up test)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends openssh-server rsync >/dev/null
+fi
 "$VENV/bin/ruff" check .
 exec "$VENV/bin/python" -m pytest "${@:-tests}"

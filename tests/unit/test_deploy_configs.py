@@ -1,7 +1,7 @@
 """The ray up cluster YAMLs in deploy/ray/ pass Ray's own cluster-config schema (the check
 `ray up` runs first), and each one installs pdserve on every node and starts it on the head
-with a pdserve config that loads. (Running `ray up` for real against sshd on loopback: not
-yet, see docs/deploy.md.)"""
+with a pdserve config that loads. `ray up` of local.yaml for real, against an sshd on
+loopback: tests/e2e/test_ray_up.py."""
 
 from __future__ import annotations
 
