@@ -129,18 +129,28 @@ def render_prometheus(stats: StoreStats | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def histogram(lines: list[str], name: str, help_text: str,
+              series: Iterable[tuple[dict[str, str], Iterable[tuple[str, int]], float, int]]) -> None:
+    """Append one histogram family: per series (its labels, its cumulative (le, count) buckets
+    ending with +Inf, the sum, the count) the bucket, sum and count lines; nothing if there
+    are no series."""
+    rows = list(series)
+    if not rows:
+        return
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} histogram")
+    for tags, buckets, total, count in rows:
+        lines.extend(f"{name}_bucket{labels(**tags, le=le)} {n}" for le, n in buckets)
+        lines.append(f"{name}_sum{labels(**tags)} {total:g}")
+        lines.append(f"{name}_count{labels(**tags)} {count}")
+
+
 def _histograms(lines: list[str], totals: dict[str, int]) -> None:
     """``get_seconds:<transport>_bucket:<le>`` counters -> one Prometheus histogram."""
-    name = "pdserve_kvstore_get_seconds"
     transports = sorted({k.split(":")[1].split("_bucket")[0] for k in totals if k.startswith("get_seconds:")
                          and "_bucket:" in k})
-    if not transports:
-        return
-    lines.append(f"# HELP {name} Time to move one request's chunks from one node, by transport.")
-    lines.append(f"# TYPE {name} histogram")
-    for tr in transports:
-        base = f"get_seconds:{tr}"
-        for le in [*map(str, LATENCY_BUCKETS), "+Inf"]:
-            lines.append(f"{name}_bucket{labels(transport=tr, le=le)} {totals.get(f'{base}_bucket:{le}', 0)}")
-        lines.append(f"{name}_sum{labels(transport=tr)} {totals.get(f'{base}_sum_us', 0) / 1e6:g}")
-        lines.append(f"{name}_count{labels(transport=tr)} {totals.get(f'{base}_count', 0)}")
+    les = [*map(str, LATENCY_BUCKETS), "+Inf"]
+    histogram(lines, "pdserve_kvstore_get_seconds", "Time to move one request's chunks from one node, by transport.",
+              [({"transport": tr}, [(le, totals.get(f"get_seconds:{tr}_bucket:{le}", 0)) for le in les],
+                totals.get(f"get_seconds:{tr}_sum_us", 0) / 1e6, totals.get(f"get_seconds:{tr}_count", 0))
+               for tr in transports])

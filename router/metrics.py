@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvstore.stats import family, labels
+from kvstore.stats import family, histogram, labels
 from router.live import Histogram, RequestLog
 
 # Per replica: gauges of its state, and its cumulative counters (Prometheus takes the rates:
@@ -55,8 +55,4 @@ def render_router(snap: dict[str, Any], log: RequestLog) -> str:
 
 
 def _histogram(lines: list[str], name: str, help_text: str, h: Histogram) -> None:
-    lines.append(f"# HELP {name} {help_text}")
-    lines.append(f"# TYPE {name} histogram")
-    lines.extend(f"{name}_bucket{labels(le=le)} {n}" for le, n in h.cumulative())
-    lines.append(f"{name}_sum {h.sum:g}")
-    lines.append(f"{name}_count {h.count}")
+    histogram(lines, name, help_text, [({}, h.cumulative(), h.sum, h.count)])
