@@ -18,6 +18,7 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.autoscaling import deployment_options
 from cluster.config import ClusterConfig, PoolConfig
+from cluster.placement import replica_placement
 from decode_worker.worker import DecodeWorker
 from kvstore.messages import EngineSpec
 from prefill_worker.worker import PrefillWorker
@@ -55,6 +56,7 @@ def engine_spec(cfg: ClusterConfig, pool: PoolConfig, role: str, model_dir: Path
         max_num_batched_tokens=e.max_num_batched_tokens,
         kv_cache_gib=e.kv_cache_gib,
         gpu_memory_utilization=e.gpu_memory_utilization,
+        tensor_parallel_size=pool.tensor_parallel_size,
         cpu_binding=tuple(pool.cpu_binding),
         redis_url=redis_url,
         store_prefix=cfg.kvstore.prefix,
@@ -68,17 +70,16 @@ def served_name(cfg: ClusterConfig, model_dir: Path) -> str:
 
 
 def pool_deployment(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) -> Any:
-    """One pool as a Serve deployment: its replicas' resources (the pool's ``resources`` pin
-    it to the node types that offer them), its size (fixed, or autoscaled on its role's
+    """One pool as a Serve deployment: its replicas' resources, each replica one placement
+    group on one node (``cluster.placement``; the pool's ``resources`` pin it to the node
+    types that offer them), its size (fixed, or autoscaled on its role's
     signal: ``cluster.autoscaling``) and pdserve's request router."""
     return serve.deployment(
         cls,
         name=role,
         **deployment_options(role, pool, cfg.router.prefill_prior_tps),
         max_ongoing_requests=pool.max_ongoing_requests,
-        ray_actor_options={
-            "num_cpus": pool.cpus_per_replica, "num_gpus": pool.gpus_per_replica, "resources": dict(pool.resources),
-        },
+        **replica_placement(pool),
         request_router_config=RequestRouterConfig(
             request_router_class=_REQUEST_ROUTER,
             request_router_kwargs={"policy": cfg.router.policy, "role": role},
@@ -109,6 +110,7 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
         store_prefix=cfg.kvstore.prefix,
         prefill_prior_tps=cfg.router.prefill_prior_tps,
         router_replicas=cfg.router.replicas,
+        metrics_export_s=cfg.router.metrics_export_s,
     )
     router = serve.deployment(Router, name="router", num_replicas=cfg.router.replicas,
                               ray_actor_options={"num_cpus": 0})

@@ -69,7 +69,12 @@ class ScalingConfig(_Strict):
 class PoolConfig(_Strict):
     replicas: int = Field(1, ge=1, description="Engine replicas in this pool.")
     cpus_per_replica: float = Field(1.0, ge=0, description="Ray CPUs reserved per replica.")
-    gpus_per_replica: float = Field(0.0, ge=0, description="Ray GPUs per replica (0 = CPU).")
+    gpus_per_replica: float = Field(
+        0.0, ge=0, description="Ray GPUs per replica (0 = CPU); with tensor_parallel_size > 1, one per rank.",
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks per replica; a replica's ranks are one placement group on one node.",
+    )
     cpu_binding: list[str] = Field(
         default_factory=list,
         description="Cores per local replica rank, e.g. ['0'] or ['0-3', '4-7']; empty = vLLM's default.",
@@ -83,6 +88,14 @@ class PoolConfig(_Strict):
     autoscaling: ScalingConfig | None = Field(
         None, description="Scale this pool on its role's signal between bounds; None = fixed `replicas`.",
     )
+
+    @model_validator(mode="after")
+    def _gpus_per_rank(self) -> PoolConfig:
+        tp, gpus = self.tensor_parallel_size, self.gpus_per_replica
+        if tp > 1 and gpus and gpus != tp:
+            raise ValueError(f"a replica with tensor_parallel_size {tp} takes one GPU per rank: set "
+                             f"gpus_per_replica to {tp} (or 0 for CPU), not {gpus:g}")
+        return self
 
     @model_validator(mode="after")
     def _start_within_bounds(self) -> PoolConfig:
@@ -118,6 +131,10 @@ class RouterConfig(_Strict):
     )
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Larger bodies get 413.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the body has none.")
+    metrics_export_s: float = Field(
+        5.0, ge=0, description="Seconds between exports of pdserve's metrics through Ray's metrics export "
+        "(ray_pdserve_* on every node's metrics agent); 0 = only the router's /metrics.",
+    )
     proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
         "HeadOnly", description="Where Serve runs HTTP proxies (EveryNode needs a port free on every node).",
     )

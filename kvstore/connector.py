@@ -130,6 +130,12 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._enabled = len(kv_cache_config.kv_cache_groups) <= 1
         if not self._enabled:
             log.warning("models with several KV cache groups are not stored; always recompute")
+        # Each TP rank holds its own shard of every block, so a stored chunk is per rank; the
+        # keys here are rank 0's. Until keys carry the rank, a TP engine neither saves nor
+        # loads (recompute), rather than hand one rank another rank's shard.
+        if vllm_config.parallel_config.tensor_parallel_size > 1:
+            self._enabled = False
+            log.warning("tensor-parallel engines do not use the store yet (per-rank keys); always recompute")
         s = self.settings
         self._store = StoreClient(s.redis_url, s.prefix, s.node_id, transport=s.transport)
         self._warn = _Warner()

@@ -146,3 +146,13 @@ class EngineSpec:
     store_prefix: str
     store_transport: str  # tcp | grpc, for chunks held by other nodes
     namespace: dict[str, Any]  # kvstore.hashing.KVNamespace fields (tp_rank set per worker)
+    tensor_parallel_size: int = 1  # ranks of this replica's engine, in its placement group
+
+    @property
+    def executor_backend(self) -> str | None:
+        """vLLM's ``distributed_executor_backend`` for this replica's ranks: Ray actors in the
+        replica's placement group on GPUs (``cluster.placement`` gives one GPU bundle per
+        rank), child processes of the engine on CPUs; None (vLLM's choice) for one rank."""
+        if self.tensor_parallel_size == 1:
+            return None
+        return "ray" if self.device == "cuda" else "mp"

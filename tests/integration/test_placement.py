@@ -1,8 +1,9 @@
-"""Placement on a multi-node Ray cluster (``ray.cluster_utils.Cluster``: three nodes on this
+"""Placement on a multi-node Ray cluster (``ray.cluster_utils.Cluster``: four nodes on this
 machine): pools pinned to node types by their ``resources``, as the control plane deploys
-them (``cluster.app.pool_deployment``), land where configured, and the router sees each replica on
-its node (``/dashboard/data``). Fake engines: placement is the subject, not the engine.
-Store agents on every node, also one added later: ``test_agents_on_ray.py``."""
+them (``cluster.app.pool_deployment``), land where configured; each replica is one placement
+group packed on one node, a tensor-parallel replica's ranks included; and the router sees
+each replica on its node (``/dashboard/data``). Fake engines: placement is the subject, not
+the engine. Store agents on every node, also one added later: ``test_agents_on_ray.py``."""
 
 from __future__ import annotations
 
@@ -24,17 +25,22 @@ from .fakes import MODEL, ZERO, FakeDecode, FakePrefill
 
 
 @pytest.fixture(scope="module")
-def three_nodes() -> Iterator[tuple[str, dict[str, str]]]:
-    """A head for the router, a prefill-type node and a decode-type node (custom resources,
-    as the ray up YAML's node types declare them); yields the HTTP base URL and node ids."""
+def four_nodes() -> Iterator[tuple[str, dict[str, list[str]]]]:
+    """A head for the router, two prefill-type nodes of three GPUs each (Ray's GPU resource:
+    no device is touched) and a decode-type node (custom resources, as the ray up YAML's
+    node types declare them); yields the HTTP base URL and the node ids per role."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = {"prefill": cluster.add_node(num_cpus=1, resources={"prefill_node": 4}),
-             "decode": cluster.add_node(num_cpus=1, resources={"decode_node": 4})}
+    prefill_nodes = [cluster.add_node(num_cpus=1, num_gpus=3, resources={"prefill_node": 4}) for _ in range(2)]
+    decode_node = cluster.add_node(num_cpus=1, resources={"decode_node": 4})
     ray.init(address=cluster.address, namespace="pdserve-placement-test", log_to_driver=False)
     cluster.wait_for_nodes()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    cfg = ClusterConfig(prefill=PoolConfig(replicas=2, cpus_per_replica=0, resources={"prefill_node": 1}),
+    # Two TP=2 prefill replicas of a GPU each per rank: the first packs onto one prefill node,
+    # and the second, finding one GPU left there, must take the other node whole (STRICT_PACK
+    # never splits a replica's ranks across nodes).
+    cfg = ClusterConfig(prefill=PoolConfig(replicas=2, cpus_per_replica=0, tensor_parallel_size=2,
+                                           gpus_per_replica=2, resources={"prefill_node": 1}),
                         decode=PoolConfig(replicas=1, cpus_per_replica=0, resources={"decode_node": 1}))
     spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=128,
                       default_max_tokens=4, max_body_bytes=64 * 1024,
@@ -45,15 +51,16 @@ def three_nodes() -> Iterator[tuple[str, dict[str, str]]]:
     router = serve.deployment(Router, name="router", ray_actor_options={**ZERO, "resources": head})
     serve.run(router.bind(spec.__dict__, prefill, decode), name="placement")
     try:
-        yield f"http://127.0.0.1:{port}", {role: node.node_id for role, node in nodes.items()}
+        yield f"http://127.0.0.1:{port}", {"prefill": [n.node_id for n in prefill_nodes],
+                                           "decode": [decode_node.node_id]}
     finally:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
 
 
-def test_pools_land_on_the_node_types_they_are_pinned_to(three_nodes: tuple[str, dict[str, str]]) -> None:
-    url, node_of = three_nodes
+def test_pools_land_on_the_node_types_they_are_pinned_to(four_nodes: tuple[str, dict[str, list[str]]]) -> None:
+    url, node_of = four_nodes
     body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3}
     assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
 
@@ -64,5 +71,21 @@ def test_pools_land_on_the_node_types_they_are_pinned_to(three_nodes: tuple[str,
     wait_until(lambda: len(placed().get("prefill", [])) == 2 and len(placed().get("decode", [])) == 1, 60,
                "both pools in the router's view")
     seen = placed()
-    assert seen["prefill"] == [node_of["prefill"]] * 2, seen
-    assert seen["decode"] == [node_of["decode"]], seen
+    assert sorted(seen["prefill"]) == sorted(node_of["prefill"]), seen  # one TP replica per prefill node
+    assert seen["decode"] == node_of["decode"], seen
+
+
+def test_each_replica_is_one_placement_group_packed_on_its_node(
+    four_nodes: tuple[str, dict[str, list[str]]]
+) -> None:
+    url, node_of = four_nodes
+    pools = httpx.get(url + "/dashboard/data", timeout=30).json()["pools"]
+    groups = {pg["name"].rsplit("#", 1)[-1]: pg for pg in ray.util.placement_group_table().values()
+              if pg["name"].startswith("SERVE_REPLICA::") and pg["state"] == "CREATED"}
+    for role, ranks in (("prefill", 2), ("decode", 1)):
+        for row in pools[role]:
+            pg = groups[row["replica"]]  # Serve names a replica's group after the replica
+            assert pg["strategy"] == "STRICT_PACK" and len(pg["bundles"]) == ranks, pg
+            assert set(pg["bundles_to_node_id"].values()) == {row["node"]}, pg  # every rank on the replica's node
+            if role == "prefill":
+                assert [b.get("GPU") for b in pg["bundles"].values()] == [1.0, 1.0], pg  # a GPU per rank
