@@ -22,6 +22,7 @@ from cluster.runtime import (
     RunState,
     StartError,
     free_port,
+    ray_metrics_targets,
     start_ray_head,
     start_redis,
     stop_pid,
@@ -91,6 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _deploy_with_progress(build_app(cfg, model_dir, state.redis_url), cfg.app_name)
         host = "127.0.0.1" if cfg.router.host in ("0.0.0.0", "::") else cfg.router.host
         state.url = f"http://{host}:{port}/v1"
+        state.metrics_targets = ray_metrics_targets()
         state.save()
         wait_until(lambda: _http_ok(f"http://{host}:{port}/health"), 120, "the router")
     except BaseException as e:
@@ -98,6 +100,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         _down(state)
         raise
     print(f"pdserve is up: OpenAI base URL {state.url}", flush=True)
+    print(f"metrics: {state.url.removesuffix('/v1')}/metrics, and through Ray's export at "
+          + ", ".join(f"http://{t}/metrics" for t in state.metrics_targets), flush=True)
     return 0
 
 

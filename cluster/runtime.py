@@ -62,6 +62,7 @@ class RunState:
     url: str = ""
     app_name: str = "pdserve"
     agents: list[str] = field(default_factory=list)
+    metrics_targets: list[str] = field(default_factory=list)  # each node's Ray metrics export (host:port) at `up`
 
     @staticmethod
     def path(home: Path | None = None) -> Path:
@@ -222,3 +223,13 @@ def stop_ray(temp_dir: str) -> None:
         while pids and pids_mentioning(temp_dir) and time.monotonic() < deadline:
             time.sleep(0.3)
     shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_metrics_targets() -> list[str]:
+    """Each live node's Ray metrics export, ``host:port``: what a Prometheus scrapes for
+    ``ray_pdserve_*`` and ``ray_vllm_*`` (Ray's own service discovery file exists only where
+    Ray's dashboard runs). Needs a connected ``ray``."""
+    import ray
+
+    return [f"{n['NodeManagerAddress']}:{n['MetricsExportPort']}" for n in ray.nodes()
+            if n.get("Alive") and n.get("MetricsExportPort")]

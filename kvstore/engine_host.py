@@ -22,6 +22,7 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
+from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
 from kvstore.logging import get_logger
 from kvstore.messages import EngineDelta, EngineRequest, EngineSpec, ReplicaLoad, TokenLogprob
@@ -141,11 +142,18 @@ class EngineHost:
             max_num_seqs=spec.max_num_seqs,
             max_num_batched_tokens=spec.max_num_batched_tokens,
             gpu_memory_utilization=spec.gpu_memory_utilization,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            distributed_executor_backend=spec.executor_backend,
             kv_transfer_config=kv,
             kv_events_config=events,
             disable_log_stats=False,
         )
-        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[_SchedulerGauge])
+        # vLLM's own metrics (vllm:* as ray_vllm_*, tagged with the Serve replica) go out through
+        # Ray's metrics export next to pdserve's; outside Ray, vLLM's default Prometheus logger.
+        loggers: list[Any] = [_SchedulerGauge]
+        if ray.is_initialized():
+            loggers.append(RayPrometheusStatLogger)
+        self.engine = AsyncLLM.from_engine_args(args, stat_loggers=loggers)
         self.work = WorkMeter()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineDelta]:

@@ -31,12 +31,13 @@ from kvstore.stats import StoreStats, collect, render_prometheus
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
 from router.index import EngineEventFeed, StoreIndexFeed
 from router.live import CounterRates, RequestLog, snapshot
-from router.metrics import render_router
+from router.metrics import render_pools, render_requests, render_router
 from router.openai_format import ResponseBuilder
 from router.pipeline import Generation, Trace, first_token, rest
 from router.policy import RoutingRequest, RoutingState
 from router.policy import state as routing_state
 from router.protocol import ChatCompletionRequest, CompletionRequest, parse
+from router.ray_export import ExportLoop
 from router.tokenizer import PromptTokenizer
 
 log = get_logger(__name__)
@@ -55,6 +56,7 @@ class RouterSpec:
     store_prefix: str = "pdkv"
     prefill_prior_tps: float = 350.0  # prefill tokens/s assumed until a replica's rate is measured
     router_replicas: int = 1
+    metrics_export_s: float = 5.0  # how often pdserve's metrics go out through Ray's export; 0 = never
 
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
@@ -111,6 +113,13 @@ class Router:
                 on_tick=lambda meta: self.routing.costs.update(meta.stats(), self.namespace.chunk_tokens),
             )
             self._index_feed.start()
+        self._export: ExportLoop | None = None
+        if self.spec.metrics_export_s > 0:
+            ctx = serve.get_replica_context()
+            whole_cluster = ctx.rank is None or ctx.rank.rank == 0  # one replica speaks for the store and pools
+            rates = CounterRates()  # its own: the dashboard's rates must not see the export's reads
+            self._export = ExportLoop(lambda: self._export_text(whole_cluster, rates),
+                                      self.spec.metrics_export_s).start()
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -145,15 +154,30 @@ class Router:
         """The store's snapshot, at most once a second however many pages poll."""
         now = time.monotonic()
         if now - self._store_stats_at[0] >= 1.0 and self.spec.redis_url:
-            meta = MetadataStore(connect(self.spec.redis_url), self.spec.store_prefix)
-            try:
-                self._store_stats_at = (now, await asyncio.to_thread(collect, meta))
-            except Exception as e:  # Redis down: the page says so, the pools still show
-                log.warning("store stats unavailable: %s", e)
-                self._store_stats_at = (now, None)
-            finally:
-                meta.client.close()
+            self._store_stats_at = (now, await asyncio.to_thread(self._collect_store))
         return self._store_stats_at[1]
+
+    def _collect_store(self) -> StoreStats | None:
+        """The store's numbers now; None when Redis does not answer (the page says so, the
+        pools still show)."""
+        meta = MetadataStore(connect(self.spec.redis_url), self.spec.store_prefix)
+        try:
+            return collect(meta)
+        except Exception as e:
+            log.warning("store stats unavailable: %s", e)
+            return None
+        finally:
+            meta.client.close()
+
+    def _export_text(self, whole_cluster: bool, rates: CounterRates) -> str:
+        """What goes out through Ray's metrics export (``router.ray_export``): the requests
+        this replica served and, from one replica, the store's and the pools' numbers."""
+        text = render_requests(self.requests)
+        if whole_cluster:
+            stats = self._collect_store() if self.spec.redis_url else None
+            pools = render_pools(snapshot(self.routing.pool_loads(), stats, self.requests, rates))
+            text = (render_prometheus(stats) if self.spec.redis_url else "") + pools + text
+        return text
 
     @app.get("/debug/store-index")
     async def store_index_stats(self) -> JSONResponse:

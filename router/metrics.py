@@ -36,6 +36,12 @@ _REQUEST_COUNTERS = {
 
 def render_router(snap: dict[str, Any], log: RequestLog) -> str:
     """Prometheus text of a ``router.live.snapshot`` and the request log's totals."""
+    return render_pools(snap) + render_requests(log)
+
+
+def render_pools(snap: dict[str, Any]) -> str:
+    """Each pool's replicas as a ``router.live.snapshot`` holds them (the same in every
+    router replica: each sees every engine's reports)."""
     lines: list[str] = []
     rows = [(role, row) for role, pool in snap["pools"].items() for row in pool]
     family(lines, "pdserve_replicas", "gauge", "Replicas per pool, as the router sees them.",
@@ -46,6 +52,12 @@ def render_router(snap: dict[str, Any], log: RequestLog) -> str:
     for key, (name, help_text) in _REPLICA_COUNTERS.items():
         family(lines, name, "counter", help_text,
                [(labels(role=role, replica=r["replica"], node=r["node"]), r["totals"][key]) for role, r in rows])
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def render_requests(log: RequestLog) -> str:
+    """The requests this router replica served: its own, summed over replicas by Prometheus."""
+    lines: list[str] = []
     for key, (name, help_text) in _REQUEST_COUNTERS.items():
         family(lines, name, "counter", help_text, [("", log.totals[key])])
     _histogram(lines, "pdserve_request_ttft_seconds", "Time to first token, from the request to its first token.",

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from cluster.model import prepare_default_model
@@ -27,15 +28,18 @@ from router.app import Router, RouterSpec
 
 from .fakes import MODEL, ZERO, FakeDecode, FakePrefill, request_router
 
+RAY_METRICS_PORT = free_port()  # this node's metrics agent: Ray's export, as Ray's Prometheus scrapes it
+
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    ray.init(num_cpus=2, namespace="pdserve-http-test", log_to_driver=False)
+    ray.init(num_cpus=2, namespace="pdserve-http-test", log_to_driver=False, _metrics_export_port=RAY_METRICS_PORT)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=128,
                       default_max_tokens=8, max_body_bytes=64 * 1024,
-                      namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32})
+                      namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32},
+                      metrics_export_s=1.0)
     prefill = serve.deployment(FakePrefill, name="prefill", num_replicas=2,
                                request_router_config=request_router("prefill"), ray_actor_options=ZERO).bind()
     decode = serve.deployment(FakeDecode, name="decode", request_router_config=request_router("decode"),
@@ -131,6 +135,29 @@ def test_dashboard_page_and_its_numbers_move_under_load(base_url: str) -> None:
     requests_total = next(float(line.split()[1]) for line in metrics.splitlines()
                           if line.startswith("pdserve_requests_total "))
     assert requests_total >= after["requests"]["requests"] and "pdserve_replica_generated_tokens_total{" in metrics
+
+
+def test_metrics_go_out_through_rays_export_equal_to_the_routers_own(base_url: str) -> None:
+    """Ray's metrics agent serves the router's families as ray_pdserve_* (what Ray's
+    Prometheus and Grafana read), with the same numbers as the router's /metrics."""
+    for _ in range(3):
+        assert post(base_url, "/v1/completions", OK_COMPLETION).status_code == 200
+
+    def samples(url: str, prefix: str = "") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        families = text_string_to_metric_families(httpx.get(url, timeout=30).text)
+        return {(s.name.removeprefix(prefix), tuple(sorted((k, v) for k, v in s.labels.items() if k in MINE))): s.value
+                for f in families for s in f.samples if s.name.startswith(prefix + "pdserve_")}
+
+    def caught_up() -> bool:  # the export runs every second; Ray's agent publishes on its own period
+        return samples(base_url + "/metrics") == samples(f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics", "ray_")
+
+    wait_until(caught_up, 90, "Ray's export to hold what /metrics holds", interval_s=2)
+    rays = samples(f"http://127.0.0.1:{RAY_METRICS_PORT}/metrics", "ray_")
+    assert rays[("pdserve_requests_total", ())] >= 3 and rays[("pdserve_request_ttft_seconds_count", ())] >= 3
+    assert {k for k in rays if k[0] == "pdserve_replica_prompt_tokens_total"}  # per replica, with role and node
+
+
+MINE = {"role", "replica", "node", "le", "source", "transport", "direction"}  # Ray adds its own tags
 
 
 def test_models_and_health(base_url: str) -> None:
