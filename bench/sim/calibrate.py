@@ -114,7 +114,7 @@ def outside_engine_s(records: Sequence[dict[str, Any]]) -> float:
 
 def prefill_speeds(router_view: dict[str, Any], cost: CostModel) -> tuple[float, ...]:
     """Each prefill replica's measured rate over the profile's, fastest first: its mean over
-    the run where the report has it, else the router's EWMA at the end of the run."""
+    the run where the report has it, else the router's windowed rate at the end of the run."""
     rates = [v.get("prefill_tps_mean") or v["prefill_tps"] for v in router_view.get("replicas", {}).values()
              if "prefill_tps" in v]
     return tuple(sorted((tps / cost.prefill_tps() for tps in rates), reverse=True))

@@ -153,15 +153,21 @@ def test_state_explains_retires_and_bounds_what_it_keeps() -> None:
 
 
 def test_rate_meter_and_transfer_costs_measure_online() -> None:
-    m = RateMeter(prior_tps=300.0, alpha=0.5)
+    m = RateMeter(prior_tps=300.0, window_s=1e9)  # a window longer than the run: tokens / busy s
     assert m.rate("x") == 300.0
     m.observe(load("x", computed_tokens=0, busy_s=10.0))
     m.observe(load("x", computed_tokens=400, busy_s=11.0))
     m.observe(load("x", computed_tokens=600, busy_s=12.0))
-    assert m.rate("x") == pytest.approx(300.0)  # 400, then halfway to 200
-    assert m.mean("x") == pytest.approx(600 / 12.0)  # over the replica's life: for replaying a run
+    assert m.rate("x") == pytest.approx(300.0)  # 600 tokens in 2 busy seconds, not mean(400, 200)
+    m.observe(load("x", computed_tokens=610, busy_s=12.06))  # a sliver of odd work barely moves it
+    assert m.rate("x") == pytest.approx(610 / 2.06)
+    assert m.mean("x") == pytest.approx(610 / 12.06)  # over the replica's life: for replaying a run
     m.observe(load("x", computed_tokens=5, busy_s=0.1))  # restarted: a new baseline, no bogus sample
-    assert m.rate("x") == pytest.approx(300.0) and m.mean("x") == pytest.approx(50.0)
+    assert m.rate("x") == pytest.approx(610 / 2.06) and m.mean("x") == pytest.approx(50.0)
+    follows = RateMeter(prior_tps=300.0, window_s=2.0)  # a changed speed wins within a few windows
+    for t in range(40):
+        follows.observe(load("y", computed_tokens=100 * min(t, 20) + 50 * max(t - 20, 0), busy_s=float(t)))
+    assert follows.rate("y") == pytest.approx(50.0, rel=0.01)
     c = TransferCosts()
     c.update({"loaded_local_chunks": 100, "get_seconds:shm_sum_us": 3200,
               "loaded_remote_chunks": 10, "get_seconds:tcp_sum_us": 3200}, chunk_tokens=32)
