@@ -221,6 +221,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the load generator parses its own flags (pdserve bench --help)
+        from bench.load.__main__ import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare-model", help="convert the default model once (or check --model)")
@@ -236,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="pools, replicas, store and recent latencies, as tables")
     p.add_argument("--json", action="store_true", help="the raw snapshot instead of tables")
     p.set_defaults(fn=cmd_status)
+    sub.add_parser("bench", help="load an OpenAI endpoint (this cluster by default): TTFT, TPOT, goodput; "
+                   "pdserve bench --help")
     args = parser.parse_args(argv)
     pin_ray_auth_mode()
     if getattr(args, "model", None) and args.cmd == "up":
