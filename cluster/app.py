@@ -92,7 +92,7 @@ def pool_deployment(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) 
     )
 
 
-def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
+def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str, api_key_digests: list[str] | None = None) -> Any:
     prefill = pool_deployment(PrefillWorker, "prefill", cfg.prefill, cfg).bind(
         asdict(engine_spec(cfg, cfg.prefill, "prefill", model_dir, redis_url))
     )
@@ -111,6 +111,7 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str) -> Any:
         prefill_prior_tps=cfg.router.prefill_prior_tps,
         router_replicas=cfg.router.replicas,
         metrics_export_s=cfg.router.metrics_export_s,
+        api_key_digests=list(api_key_digests or []),
     )
     router = serve.deployment(Router, name="router", num_replicas=cfg.router.replicas,
                               ray_actor_options={"num_cpus": 0})

@@ -14,6 +14,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+from cluster.auth import api_key_digests
 from cluster.config import ClusterConfig
 from cluster.env import pdserve_home, pin_ray_auth_mode
 from cluster.log import get_logger
@@ -52,6 +53,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from cluster.app import build_app
 
     cfg = ClusterConfig.load(args.config, args.set)
+    key_digests = api_key_digests(cfg.router)  # refuse an open router before anything starts
     if RunState.load() is not None:
         print("a pdserve cluster is already up (pdserve status / pdserve down)", file=sys.stderr)
         return 1
@@ -89,7 +91,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": cfg.router.host, "port": port}, proxy_location=cfg.router.proxy_location)
         _step(5, f"engines: {cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode replicas "
                  "(about a minute on CPU)")
-        _deploy_with_progress(build_app(cfg, model_dir, state.redis_url), cfg.app_name)
+        _deploy_with_progress(build_app(cfg, model_dir, state.redis_url, key_digests), cfg.app_name)
         host = "127.0.0.1" if cfg.router.host in ("0.0.0.0", "::") else cfg.router.host
         state.url = f"http://{host}:{port}/v1"
         state.metrics_targets = ray_metrics_targets()

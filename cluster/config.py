@@ -131,6 +131,11 @@ class RouterConfig(_Strict):
     )
     max_body_bytes: int = Field(4 << 20, ge=1024, description="Larger bodies get 413.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the body has none.")
+    auth: Literal["auto", "required", "off"] = Field(
+        "auto", description="API keys on /v1 and /debug: required, off, or auto (required unless `host` is "
+        "loopback). Keys come from PDSERVE_API_KEYS (comma-separated) and `api_keys_file`.",
+    )
+    api_keys_file: str | None = Field(None, description="A file of API keys, one per line ('#' comments).")
     metrics_export_s: float = Field(
         5.0, ge=0, description="Seconds between exports of pdserve's metrics through Ray's metrics export "
         "(ray_pdserve_* on every node's metrics agent); 0 = only the router's /metrics.",

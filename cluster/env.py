@@ -26,3 +26,8 @@ def pin_ray_auth_mode() -> str:
         mode = "token" if os.environ.get("RAY_AUTH_TOKEN") or token_path.is_file() else "disabled"
         os.environ["RAY_AUTH_MODE"] = mode
     return mode
+
+
+def api_keys_from_env() -> list[str]:
+    """API keys the router accepts, from $PDSERVE_API_KEYS (comma-separated)."""
+    return [k.strip() for k in os.environ.get("PDSERVE_API_KEYS", "").split(",") if k.strip()]

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from kvstore.logging import get_logger
 from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
 from kvstore.metadata import MetadataStore, connect
 from kvstore.stats import StoreStats, collect, render_prometheus
+from router.auth import ApiKeys
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
 from router.index import EngineEventFeed, StoreIndexFeed
 from router.live import CounterRates, RequestLog, snapshot
@@ -57,9 +58,22 @@ class RouterSpec:
     prefill_prior_tps: float = 350.0  # prefill tokens/s assumed until a replica's rate is measured
     router_replicas: int = 1
     metrics_export_s: float = 5.0  # how often pdserve's metrics go out through Ray's export; 0 = never
+    api_key_digests: list[str] = field(default_factory=list)  # SHA-256 of the accepted keys; none = open
 
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+app.state.api_keys = ApiKeys()  # the Router of this replica process sets its own
+
+
+@app.middleware("http")
+async def _api_keys(request: Request, call_next: Any) -> Response:
+    keys: ApiKeys = request.app.state.api_keys
+    if keys.guards(request.url.path):
+        try:
+            keys.check(request.headers.get("authorization"))
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
 
 
 @app.exception_handler(APIError)
@@ -87,6 +101,7 @@ def _sse(obj: dict[str, Any]) -> str:
 class Router:
     def __init__(self, spec: dict[str, Any], prefill: DeploymentHandle, decode: DeploymentHandle) -> None:
         self.spec = RouterSpec(**spec)
+        app.state.api_keys = ApiKeys(self.spec.api_key_digests)
         self.tokenizer = PromptTokenizer(self.spec.model_dir)
         self.namespace = KVNamespace(**self.spec.namespace)
         self._prefill = prefill

@@ -59,7 +59,8 @@ def head_pdserve_config(gcs_port: int, router_port: int) -> dict:
     cfg = yaml.safe_load((REPO / "deploy/ray/pdserve-cpu.yaml").read_text())
     small = yaml.safe_load((HERE / "cluster.yaml").read_text())
     cfg["ray_address"] = f"127.0.0.1:{gcs_port}"
-    cfg["router"] = {"host": "127.0.0.1", "port": router_port}
+    # On loopback here, but with the shipped API keys file (made by the YAML's setup commands).
+    cfg["router"].update(host="127.0.0.1", port=router_port)
     for pool, core in (("prefill", "0"), ("decode", "1")):
         cfg[pool].update(replicas=1, cpus_per_replica=1, cpu_binding=[core], engine=small[pool]["engine"])
     cfg["kvstore"] = small["kvstore"]
@@ -205,13 +206,16 @@ def _ray(args: list[str], env: dict[str, str], log: Path, timeout_s: float) -> s
     return done
 
 
-def _ask(base: str) -> None:
-    chat = httpx.post(f"{base}/chat/completions", timeout=120, json={
+def _ask(base: str, key: str) -> None:
+    refused = httpx.post(f"{base}/completions", timeout=120, json={"model": DEFAULT_MODEL_NAME, "prompt": "Hi"})
+    assert refused.status_code == 401, refused.text
+    auth = {"authorization": f"Bearer {key}"}
+    chat = httpx.post(f"{base}/chat/completions", timeout=120, headers=auth, json={
         "model": DEFAULT_MODEL_NAME, "max_tokens": 20, "temperature": 0,
         "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     assert chat.status_code == 200, chat.text
     assert "Paris" in chat.json()["choices"][0]["message"]["content"], chat.text
-    completion = httpx.post(f"{base}/completions", timeout=120, json={
+    completion = httpx.post(f"{base}/completions", timeout=120, headers=auth, json={
         "model": DEFAULT_MODEL_NAME, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
     assert completion.status_code == 200, completion.text
     assert completion.json()["choices"][0]["text"].strip(), completion.text
@@ -246,7 +250,9 @@ def test_ray_up_local_provider_serves_openai_and_ray_down_leaves_nothing(
             state = RunState.load(home / ".cache/pdserve")
             assert state is not None and state.redis_pid in ours
 
-            _ask(f"http://127.0.0.1:{router_port}/v1")
+            key = (home / "pdserve-api-keys").read_text().strip()  # made once by the setup commands
+            assert len(key) >= 32 and (home / "pdserve-api-keys").stat().st_mode & 0o077 == 0
+            _ask(f"http://127.0.0.1:{router_port}/v1", key)
 
             ours |= cluster_pids(host_root)
             shm = _shm_mapped_by(ours)
