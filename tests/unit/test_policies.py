@@ -126,6 +126,21 @@ def test_kv_aware_ties_go_to_the_less_loaded_of_two() -> None:
     assert "power of two" in p.route(req(3), loads).why
 
 
+def test_kv_aware_ties_go_to_the_warmest_own_cache_before_load() -> None:
+    st = RoutingState(CT)
+    p = KVAwarePolicy(st, "prefill", random.Random(1), tie_s=1.0)  # a wide band: everything ties
+    r = req(4)
+    st.engines.record("busy-but-warm", r.chunk_keys[:2])
+    st.dispatched("busy-but-warm", "other", 200)  # its queue outweighs its cache: a worse score, but a tie
+    loads = [load("busy-but-warm", inflight=5), load("idle-cold"), load("idle-cold-2")]
+    d = p.route(r, loads)
+    assert d.chosen == "busy-but-warm" and "lowest score" in d.why  # one warm candidate left: no draw
+    assert min(c.score for c in d.scored) < next(c.score for c in d.scored if c.replica == d.chosen)
+    # Keeping a conversation where its cache is pays on its next turns; the idle replicas
+    # would each have to load it.
+    assert {p.route(req(4, rid=str(i)), loads).chosen for i in range(20)} == {"busy-but-warm"}
+
+
 def test_kv_aware_decode_prefers_free_kv_and_the_node_with_the_kv() -> None:
     st = RoutingState(CT)
     p = KVAwarePolicy(st, "decode", random.Random(0))
