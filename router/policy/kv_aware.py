@@ -162,11 +162,14 @@ class KVAwarePolicy(RoutingPolicy):
             names, scores = [c[0] for c in cands], [c[1] for c in cands]
         best = min(scores)
         margin = best + max(tie_abs, abs(best) * self.tie_rel)
-        ties = [i for i, score in enumerate(scores) if score <= margin]
-        if warm and len(ties) > 1:  # among equals, those whose own cache holds the most (docstring)
-            most = max(warm.get(i, 0) for i in ties)
-            if most > 0:
-                ties = [i for i in ties if warm.get(i, 0) == most]
+        # Among equals, those whose own cache holds the most (docstring). The warm replicas
+        # are few: look among them first and scan every score only when none ties.
+        warm_ties = [i for i, own in warm.items() if own > 0 and scores[i] <= margin] if warm else []
+        if warm_ties:
+            most = max(warm[i] for i in warm_ties)
+            ties = sorted(i for i in warm_ties if warm[i] == most)  # in pool order, as the scan gives
+        else:
+            ties = [i for i, score in enumerate(scores) if score <= margin]
         if len(ties) == 1:
             at, why = ties[0], "lowest score"
         else:
