@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash id in Mooncake's published traces
@@ -76,14 +76,8 @@ def random_workload(vocab: Sequence[int], shape: Shape, seed: int) -> list[Sessi
 
 
 def shared_prefix_workload(vocab: Sequence[int], shape: Shape, seed: int) -> list[Session]:
-    d = Drawer(vocab, seed)
-    systems = [d.tokens(shape.system_len) for _ in range(shape.system_prompts)]
-    out = []
-    for i in range(shape.requests):
-        g = i % len(systems)
-        out.append(Session([Turn(systems[g] + d.tokens(d.length(shape.input_len, shape.jitter)), shape.output_len)],
-                           tag=f"system{g}", group=g))
-    return out
+    """One turn each: a shared system prompt and a random question (multiturn's first turns)."""
+    return multiturn_workload(vocab, replace(shape, turns=1), seed)
 
 
 def multiturn_workload(vocab: Sequence[int], shape: Shape, seed: int) -> list[Session]:
