@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from router.auth import ApiKeys
 from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
 from router.index import EngineEventFeed, StoreIndexFeed
 from router.live import CounterRates, RequestLog, snapshot
-from router.metrics import render_pools, render_requests, render_router
+from router.metrics import render_pools, render_requests
 from router.openai_format import ResponseBuilder
 from router.pipeline import Generation, Trace, first_token, rest
 from router.policy import RoutingRequest, RoutingState
@@ -119,6 +120,7 @@ class Router:
         self.requests = RequestLog()  # for the dashboard: latencies of what this replica served
         self._rates = CounterRates()
         self._store_stats_at: tuple[float, StoreStats | None] = (float("-inf"), None)
+        self._store_stats_lock = threading.Lock()
         self._index_feed: StoreIndexFeed | None = None
         if self.spec.redis_url:
             url, prefix = self.spec.redis_url, self.spec.store_prefix
@@ -147,9 +149,7 @@ class Router:
         """Prometheus text: the KV store's metrics, then this router's (its pools' replicas
         and the requests it served: router/metrics.py). vLLM's and Serve's own go through
         Ray's metrics export."""
-        stats = await self._store_stats()
-        store = render_prometheus(stats) if self.spec.redis_url else ""
-        return PlainTextResponse(store + render_router(self._snapshot(stats), self.requests),
+        return PlainTextResponse(self._metrics_text(await self._store_stats(), self._rates),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/dashboard")
@@ -166,11 +166,16 @@ class Router:
         return snapshot(self.routing.pool_loads(), store, self.requests, self._rates)
 
     async def _store_stats(self) -> StoreStats | None:
-        """The store's snapshot, at most once a second however many pages poll."""
-        now = time.monotonic()
-        if now - self._store_stats_at[0] >= 1.0 and self.spec.redis_url:
-            self._store_stats_at = (now, await asyncio.to_thread(self._collect_store))
-        return self._store_stats_at[1]
+        return await asyncio.to_thread(self._cached_store_stats)
+
+    def _cached_store_stats(self) -> StoreStats | None:
+        """The store's snapshot, collected at most once a second however many pages poll and
+        however often the Ray export runs (they share it; the lock keeps two from collecting)."""
+        with self._store_stats_lock:
+            now = time.monotonic()
+            if now - self._store_stats_at[0] >= 1.0 and self.spec.redis_url:
+                self._store_stats_at = (now, self._collect_store())
+            return self._store_stats_at[1]
 
     def _collect_store(self) -> StoreStats | None:
         """The store's numbers now; None when Redis does not answer (the page says so, the
@@ -184,15 +189,20 @@ class Router:
         finally:
             meta.client.close()
 
+    def _metrics_text(self, stats: StoreStats | None, rates: CounterRates) -> str:
+        """Prometheus text: the store's metrics, this router's view of its pools' replicas,
+        the requests it served (router/metrics.py)."""
+        store = render_prometheus(stats) if self.spec.redis_url else ""
+        pools = render_pools(snapshot(self.routing.pool_loads(), stats, self.requests, rates))
+        return store + pools + render_requests(self.requests)
+
     def _export_text(self, whole_cluster: bool, rates: CounterRates) -> str:
-        """What goes out through Ray's metrics export (``router.ray_export``): the requests
-        this replica served and, from one replica, the store's and the pools' numbers."""
-        text = render_requests(self.requests)
+        """What goes out through Ray's metrics export (``router.ray_export``): what /metrics
+        serves from one replica, which speaks for the store and the pools; from the others,
+        only the requests each served."""
         if whole_cluster:
-            stats = self._collect_store() if self.spec.redis_url else None
-            pools = render_pools(snapshot(self.routing.pool_loads(), stats, self.requests, rates))
-            text = (render_prometheus(stats) if self.spec.redis_url else "") + pools + text
-        return text
+            return self._metrics_text(self._cached_store_stats(), rates)
+        return render_requests(self.requests)
 
     @app.get("/debug/store-index")
     async def store_index_stats(self) -> JSONResponse:

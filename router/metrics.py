@@ -34,11 +34,6 @@ _REQUEST_COUNTERS = {
 }
 
 
-def render_router(snap: dict[str, Any], log: RequestLog) -> str:
-    """Prometheus text of a ``router.live.snapshot`` and the request log's totals."""
-    return render_pools(snap) + render_requests(log)
-
-
 def render_pools(snap: dict[str, Any]) -> str:
     """Each pool's replicas as a ``router.live.snapshot`` holds them (the same in every
     router replica: each sees every engine's reports)."""

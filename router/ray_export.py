@@ -63,7 +63,6 @@ class ExportLoop:
         self._export = RayExport()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-ray-metrics", daemon=True)
-        self.rounds = 0
 
     def start(self) -> ExportLoop:
         self._thread.start()
@@ -77,7 +76,6 @@ class ExportLoop:
         while not self._stop.wait(self._period_s):
             try:
                 self._export.publish(self._render())
-                self.rounds += 1
                 failures = 0
             except Exception as e:  # noqa: BLE001  (a bad round must not end the loop)
                 failures += 1

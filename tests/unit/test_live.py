@@ -9,7 +9,7 @@ from cluster.status import render
 from kvstore.messages import ReplicaLoad
 from kvstore.stats import StoreStats
 from router.live import CounterRates, RequestLog, percentiles, snapshot
-from router.metrics import render_router
+from router.metrics import render_pools, render_requests
 
 
 def test_request_log_percentiles_rates_and_window() -> None:
@@ -73,7 +73,7 @@ def test_router_metrics_are_valid_prometheus_text() -> None:
     log.record(12.0, None, 100, 0, 1, now=1.0)
     loads = {"prefill": [ReplicaLoad("p1", "node-a", running=2, busy_s=7.5, computed_tokens=80, prompt_tokens=500,
                                      cached_tokens=420)]}
-    text = render_router(snapshot(loads, None, log, CounterRates(), now=1.0), log)
+    text = render_pools(snapshot(loads, None, log, CounterRates(), now=1.0)) + render_requests(log)
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(text) for s in f.samples}
     replica = (("node", "node-a"), ("replica", "p1"), ("role", "prefill"))
