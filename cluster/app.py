@@ -25,6 +25,7 @@ from prefill_worker.worker import PrefillWorker
 from router.app import Router, RouterSpec
 
 _REQUEST_ROUTER = "router.replica_router:PDRequestRouter"
+ROUTER_CONTROL_SLOTS = 32  # beyond the admitted generate requests: health, metrics, dashboard polls
 
 
 def kv_namespace(cfg: ClusterConfig, model_dir: Path) -> dict[str, Any]:
@@ -79,6 +80,7 @@ def pool_deployment(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) 
         name=role,
         **deployment_options(role, pool, cfg.router.prefill_prior_tps),
         max_ongoing_requests=pool.max_ongoing_requests,
+        max_queued_requests=pool.max_queued_requests,
         **replica_placement(pool),
         request_router_config=RequestRouterConfig(
             request_router_class=_REQUEST_ROUTER,
@@ -112,7 +114,15 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str, api_key_diges
         router_replicas=cfg.router.replicas,
         metrics_export_s=cfg.router.metrics_export_s,
         api_key_digests=list(api_key_digests or []),
+        max_inflight_requests=cfg.router.max_inflight_requests,
+        retry_after_s=cfg.router.retry_after_s,
+        request_timeout_s=cfg.router.request_timeout_s,
+        prefill_attempts=cfg.router.prefill_attempts,
+        decode_resumes=cfg.router.decode_resumes,
     )
+    # Serve's default cap (5 requests per replica) would queue requests in the HTTP proxy,
+    # unseen and unbounded: the router takes all it admits, and answers 429 past that itself.
     router = serve.deployment(Router, name="router", num_replicas=cfg.router.replicas,
+                              max_ongoing_requests=cfg.router.max_inflight_requests + ROUTER_CONTROL_SLOTS,
                               ray_actor_options={"num_cpus": 0})
     return router.bind(asdict(spec), prefill, decode)

@@ -31,6 +31,7 @@ from cluster.runtime import (
     wait_until,
 )
 from cluster.status import render as render_status
+from kvstore import janitor
 
 log = get_logger(__name__)
 
@@ -168,6 +169,7 @@ def _down(state: RunState) -> None:
         ray.shutdown()
     stop_ray(state.ray_temp_dir)
     stop_pid(state.redis_pid)
+    janitor.sweep(min_age_s=0)  # every engine is down: what no process maps now is an orphan
     RunState.clear()
 
 

@@ -80,6 +80,10 @@ class PoolConfig(_Strict):
         description="Cores per local replica rank, e.g. ['0'] or ['0-3', '4-7']; empty = vLLM's default.",
     )
     max_ongoing_requests: int = Field(64, ge=1, description="Serve's per-replica request cap.")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests a router replica queues for this pool when every replica is at "
+        "max_ongoing_requests; past it, 429 with Retry-After (-1 = no limit).",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Ray custom resources per replica: pins the pool to nodes that offer them.",
@@ -139,6 +143,20 @@ class RouterConfig(_Strict):
     metrics_export_s: float = Field(
         5.0, ge=0, description="Seconds between exports of pdserve's metrics through Ray's metrics export "
         "(ray_pdserve_* on every node's metrics agent); 0 = only the router's /metrics.",
+    )
+    max_inflight_requests: int = Field(
+        512, ge=1, description="Generate requests one router replica takes at once; past it, 429 with Retry-After.",
+    )
+    retry_after_s: float = Field(1.0, gt=0, description="The Retry-After a 429 carries.")
+    request_timeout_s: float = Field(
+        600.0, ge=0, description="A request not finished this long after it arrived is stopped (its engine "
+        "calls cancelled) and answered 503; 0 = no limit.",
+    )
+    prefill_attempts: int = Field(
+        3, ge=1, description="Tries of a request's prefill when replicas are lost under it (each elsewhere).",
+    )
+    decode_resumes: int = Field(
+        3, ge=0, description="Times a decode stream whose replica is lost is resumed on another replica.",
     )
     proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
         "HeadOnly", description="Where Serve runs HTTP proxies (EveryNode needs a port free on every node).",

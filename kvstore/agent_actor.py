@@ -13,11 +13,13 @@ from typing import Any
 
 import ray
 
+from kvstore import janitor
 from kvstore.agent import AgentSettings, StoreAgent
 from kvstore.agent_rpc import AgentServers
 from kvstore.logging import get_logger
 
 log = get_logger(__name__)
+JANITOR_EVERY_S = 30
 
 
 class StoreAgentActor:
@@ -34,8 +36,11 @@ class StoreAgentActor:
         self._ticker.start()
 
     def _tick_loop(self) -> None:
-        failures = 0
+        failures, ticks = 0, 0
         while not self._stop.wait(1.0):
+            ticks += 1
+            if ticks % JANITOR_EVERY_S == 0:
+                self._sweep()
             try:
                 self._agent.tick()
                 if failures:
@@ -45,6 +50,13 @@ class StoreAgentActor:
                 if failures % 30 == 0:
                     log.warning("store agent tick failed (%d in a row): %s", failures + 1, e)
                 failures += 1
+
+    def _sweep(self) -> None:
+        """Free what engines killed on this node left in shared memory (kvstore.janitor)."""
+        try:
+            janitor.sweep()
+        except Exception as e:  # never let housekeeping stop the agent
+            log.warning("shared-memory sweep failed: %s", e)
 
     def info(self) -> dict[str, Any]:
         return asdict(self._agent.info())

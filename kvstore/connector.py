@@ -22,6 +22,8 @@ Bytes of one chunk in a slot (blocks moved whole; a block's inner layout is the 
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -147,6 +149,9 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._blocks: list[torch.Tensor] = []
         self._failed_blocks: set[int] = set()
         self._counters: dict[str, int] = {}
+        # The process that started this one (the engine core, or the replica): once it is
+        # gone, this process is being torn down and publishes nothing more.
+        self._parent_pid = os.getppid()
 
     # ===================================================================== scheduler side
 
@@ -287,9 +292,23 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # whole chunks are saved after the forward, in wait_for_save
 
+    def orphaned(self) -> bool:
+        """True once the replica process that started this engine has died."""
+        return os.getppid() != self._parent_pid
+
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         if not isinstance(meta, StoreConnectorMetadata) or not meta.saves:
+            return
+        # vLLM calls this from a `finally`: also after a forward that raised (an engine torn
+        # down mid-step when its replica is killed). Its blocks then hold KV that was never
+        # computed; saved, it would pass every checksum and serve garbage to the next reader
+        # (seen: a killed replica's retry answered EOS). Only a step that completed saves.
+        failed = sys.exc_info()[1]
+        if failed is not None or self.orphaned():
+            why = f"the step failed ({type(failed).__name__})" if failed else f"process {self._parent_pid} is gone"
+            self._warn("save", RuntimeError(f"{why}: its chunks are not saved"))
+            self._count("save_failures", len(meta.saves))
             return
         nbytes = self._chunk_nbytes()
         items = meta.saves

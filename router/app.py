@@ -4,6 +4,13 @@ Per request: validate the body, tokenize once (chat template applied), compute t
 chunk keys, get the first token from a prefill replica, send it to the client, then stream
 the rest from a decode replica (``router.pipeline``). Errors are typed inside and turned into
 OpenAI-style JSON here, at the edge; nothing a client sends can take the process down.
+
+Faults: an engine call's failure is read once (``router.faults``): a lost replica is retried
+or resumed by the pipeline, a full pool is a 429. Past ``max_inflight_requests`` the router
+answers 429 at once (``router.admission``); a request past ``request_timeout_s`` is stopped
+and its engine calls cancelled; a client that goes away has its engine calls cancelled too
+(Serve cancels the handler; the streams here cancel their engine generators), so the
+engines abort the request and free its KV.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -29,13 +37,16 @@ from kvstore.logging import get_logger
 from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
 from kvstore.metadata import MetadataStore, connect
 from kvstore.stats import StoreStats, collect, render_prometheus
+from router.admission import Admission
 from router.auth import ApiKeys
-from router.errors import APIError, BadRequest, NotFound, PayloadTooLarge, Unavailable
+from router.errors import APIError, BadRequest, NotFound, Overloaded, PayloadTooLarge, Unavailable, Unprocessable
+from router.faults import ReplicaLost, translate
 from router.index import EngineEventFeed, StoreIndexFeed
 from router.live import CounterRates, RequestLog, snapshot
 from router.metrics import render_pools, render_requests
 from router.openai_format import ResponseBuilder
-from router.pipeline import Generation, Trace, first_token, rest
+from router.openapi import openapi_schema
+from router.pipeline import Generation, Retries, Trace, first_token, rest
 from router.policy import RoutingRequest, RoutingState
 from router.policy import state as routing_state
 from router.protocol import ChatCompletionRequest, CompletionRequest, parse
@@ -60,10 +71,50 @@ class RouterSpec:
     router_replicas: int = 1
     metrics_export_s: float = 5.0  # how often pdserve's metrics go out through Ray's export; 0 = never
     api_key_digests: list[str] = field(default_factory=list)  # SHA-256 of the accepted keys; none = open
+    max_inflight_requests: int = 512  # per router replica; past it, 429 with Retry-After
+    retry_after_s: float = 1.0
+    request_timeout_s: float = 600.0  # from the request's arrival to its last token; 0 = none
+    prefill_attempts: int = 3
+    decode_resumes: int = 3
+
+
+GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
 app.state.api_keys = ApiKeys()  # the Router of this replica process sets its own
+app.state.admission = Admission(1 << 30)  # likewise
+
+
+class _AdmissionMiddleware:
+    """Holds an admission slot for the whole ASGI call of a generate request: until its last
+    byte is sent or the call is cancelled (a streamed body outlives its handler, so this
+    cannot be done inside the endpoint)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in GENERATE_PATHS:
+            return await self.inner(scope, receive, send)
+        state = scope["app"].state  # the app Serve runs (it serves a copy of the module's `app`)
+        admission: Admission = state.admission
+        try:
+            admission.admit()
+        except Overloaded as e:
+            router = getattr(state, "router", None)
+            if router is not None:
+                router.requests.fault("rejected")
+            await JSONResponse(e.body(), status_code=e.status, headers=e.headers())(scope, receive, send)
+            return None
+        try:
+            return await self.inner(scope, receive, send)
+        finally:
+            admission.release()
+
+
+app.add_middleware(_AdmissionMiddleware)
+app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
 
 
 @app.middleware("http")
@@ -79,7 +130,16 @@ async def _api_keys(request: Request, call_next: Any) -> Response:
 
 @app.exception_handler(APIError)
 async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+@app.exception_handler(RequestValidationError)
+async def _params_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """A query or path parameter FastAPI validates (e.g. ``/debug/routes?last=x``)."""
+    first = exc.errors()[0] if exc.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    err = Unprocessable(f"{param}: {first.get('msg', 'invalid')}" if param else "invalid parameters", param=param)
+    return JSONResponse(err.body(), status_code=err.status)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -98,11 +158,27 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+async def _before(deadline: float | None, items: AsyncIterator[EngineDelta]) -> AsyncIterator[EngineDelta]:
+    """``items`` until ``deadline`` (event-loop time), then TimeoutError. Only the wait for
+    the next item is timed: a timeout never lands while the caller holds an item."""
+    it = aiter(items)
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                item = await anext(it)
+        except StopAsyncIteration:
+            return
+        yield item
+
+
 @serve.ingress(app)
 class Router:
     def __init__(self, spec: dict[str, Any], prefill: DeploymentHandle, decode: DeploymentHandle) -> None:
         self.spec = RouterSpec(**spec)
         app.state.api_keys = ApiKeys(self.spec.api_key_digests)
+        app.state.admission = Admission(self.spec.max_inflight_requests, self.spec.retry_after_s)
+        app.state.router = self
+        self.retries = Retries(self.spec.prefill_attempts, self.spec.decode_resumes)
         self.tokenizer = PromptTokenizer(self.spec.model_dir)
         self.namespace = KVNamespace(**self.spec.namespace)
         self._prefill = prefill
@@ -301,14 +377,34 @@ class Router:
     # -- the disaggregated path -------------------------------------------------------------
 
     async def _call_prefill(self, req: EngineRequest, hint: RoutingRequest) -> EngineDelta:
+        call = self._prefill.prefill.remote(req.encode(), routing=hint.encode())
         try:
-            return EngineDelta.decode(await self._prefill.prefill.remote(req.encode(), routing=hint.encode()))
+            return EngineDelta.decode(await call)
+        except asyncio.CancelledError:  # timed out, or the client left: stop the engine's work
+            call.cancel()
+            raise
+        except Exception as e:
+            raise self._translated(e, hint) from e
         finally:
             self.routing.finished(hint.request_id)
 
     async def _call_decode(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
-        async for raw in self._decode.decode.remote(req.encode(), routing=hint.encode()):
-            yield EngineDelta.decode(raw)
+        stream = self._decode.decode.remote(req.encode(), routing=hint.encode())
+        done = False
+        try:
+            async for raw in stream:
+                yield EngineDelta.decode(raw)
+            done = True
+        except Exception as e:
+            done = True
+            raise self._translated(e, hint) from e
+        finally:
+            if not done:  # closed early (client gone, timeout): abort it on the engine, free its KV
+                stream.cancel()
+
+    def _translated(self, e: Exception, hint: RoutingRequest) -> BaseException:
+        decision = self.routing.decisions(hint.request_id).get(hint.role)
+        return translate(e, decision.chosen if decision else "")
 
     async def _respond(self, kind: str, stream: bool, stream_options: Any, want_ids: bool,
                        ids: list[int], sampling: SamplingSpec, received: float) -> Response:
@@ -317,32 +413,61 @@ class Router:
         gen = Generation(trace=Trace())
         builder = ResponseBuilder(kind, rid, self.spec.served_model_name, len(ids),
                                   self.tokenizer.decode_token, want_ids)
+        deadline = self._deadline(received)
         # The first token is awaited before any byte is sent, so a failed prefill is a
-        # clean 503, streaming or not.
+        # clean error status, streaming or not.
         try:
-            first = await first_token(rid, ids, sampling, keys, self._call_prefill, gen.trace)
+            async with asyncio.timeout_at(deadline):
+                first = await first_token(rid, ids, sampling, keys, self._call_prefill, gen.trace, self.retries)
             gen.trace.prefill_node = self.routing.node_of(gen.trace.prefill_replica.removeprefix("prefill-"))
-        except APIError:
-            raise
         except Exception as e:
-            raise Unavailable(f"prefill failed: {type(e).__name__}: {e}") from None
+            raise self._failed("prefill", e, gen.trace) from None
         gen.add(first)
         first_at = time.monotonic()
-        tail = rest(rid, ids, sampling, keys, first, self._call_decode, gen.trace)
+        tail = rest(rid, ids, sampling, keys, first, self._call_decode, gen.trace, self.retries)
         headers = {"x-pdserve-request-id": rid, "x-pdserve-route": self._route_header(rid)}
         if not stream:
             try:
-                async for delta in tail:
+                async for delta in _before(deadline, tail):
                     gen.add(delta)
             except Exception as e:
-                raise Unavailable(f"decode failed: {type(e).__name__}: {e}") from None
+                raise self._failed("decode", e, gen.trace) from None
             self._served(gen, len(ids), received, first_at)
             return JSONResponse(builder.full(gen), headers=headers)
         include_usage = bool(stream_options and stream_options.include_usage)
-        return StreamingResponse(self._events(builder, gen, first, tail, include_usage, (len(ids), received, first_at)),
+        return StreamingResponse(self._events(builder, gen, first, tail, include_usage, (len(ids), received, first_at),
+                                              deadline),
                                  media_type="text/event-stream", headers=headers)
 
+    def _deadline(self, received: float) -> float | None:
+        """``request_timeout_s`` after the request arrived, on the event loop's clock."""
+        if self.spec.request_timeout_s <= 0:
+            return None
+        return asyncio.get_running_loop().time() + self.spec.request_timeout_s - (time.monotonic() - received)
+
+    def _failed(self, stage: str, e: Exception, trace: Trace) -> APIError:
+        """The client's error for a request that failed after admission (counted)."""
+        self._count_recoveries(trace)
+        if isinstance(e, Overloaded):
+            self.requests.fault("rejected")
+            return e
+        if isinstance(e, APIError):
+            return e
+        if isinstance(e, TimeoutError):
+            self.requests.fault("timed_out")
+            return Unavailable(f"the request did not finish within {self.spec.request_timeout_s:g} s "
+                               f"(router.request_timeout_s)", code="request_timeout")
+        self.requests.fault("failed")
+        if isinstance(e, ReplicaLost):
+            return Unavailable(f"{stage} failed: every attempt lost its replica ({e})", code="replica_lost")
+        return Unavailable(f"{stage} failed: {type(e).__name__}: {e}")
+
+    def _count_recoveries(self, trace: Trace) -> None:
+        self.requests.fault("prefill_retries", trace.prefill_retries)
+        self.requests.fault("decode_resumes", trace.decode_resumes)
+
     def _served(self, gen: Generation, n_prompt: int, received: float, first_at: float) -> None:
+        self._count_recoveries(gen.trace)
         n_out, now = len(gen.token_ids), time.monotonic()
         tpot = (now - first_at) / (n_out - 1) if n_out > 1 else None
         self.requests.record(first_at - received, tpot, n_prompt, gen.trace.prefill_cached_tokens, n_out, now)
@@ -358,16 +483,16 @@ class Router:
 
     async def _events(self, builder: ResponseBuilder, gen: Generation, first: EngineDelta,
                       tail: AsyncIterator[EngineDelta], include_usage: bool,
-                      timing: tuple[int, float, float]) -> AsyncIterator[str]:
+                      timing: tuple[int, float, float], deadline: float | None) -> AsyncIterator[str]:
         yield _sse(builder.chunk(first.text, first.token_ids, first.logprobs, first.finish_reason))
         try:
-            async for delta in tail:
+            async for delta in _before(deadline, tail):
                 gen.add(delta)
                 yield _sse(builder.chunk(delta.text, delta.token_ids, delta.logprobs, delta.finish_reason))
             self._served(gen, *timing)
         except Exception as e:  # headers are gone: report in-band, as OpenAI does
             log.warning("decode failed mid-stream: %s", e)
-            yield _sse(Unavailable(f"decode failed: {type(e).__name__}: {e}").body())
+            yield _sse(self._failed("decode", e, gen.trace).body())
         if include_usage:
             yield _sse(builder.usage_chunk(gen))
         yield "data: [DONE]\n\n"

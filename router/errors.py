@@ -24,6 +24,9 @@ class APIError(Exception):
                       "code": self.code or self.type}
         }
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
 
 class BadRequest(APIError):
     status = 400
@@ -51,8 +54,18 @@ class Unprocessable(APIError):
 
 
 class Overloaded(APIError):
+    """Past an admission limit: the client should come back after ``retry_after_s``."""
+
     status = 429
     type = "rate_limit_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: int = 1) -> None:
+        super().__init__(message, param, code)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class Unavailable(APIError):

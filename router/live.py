@@ -79,6 +79,11 @@ class RequestLog:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
         self.totals = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "output_tokens": 0}
+        # What went wrong on the way, and what was done about it (router/metrics.py).
+        self.faults = {"rejected": 0, "prefill_retries": 0, "decode_resumes": 0, "failed": 0, "timed_out": 0}
+
+    def fault(self, kind: str, n: int = 1) -> None:
+        self.faults[kind] += n
 
     def record(self, ttft_s: float, tpot_s: float | None, prompt_tokens: int, cached_tokens: int,
                output_tokens: int, now: float | None = None) -> None:

@@ -33,6 +33,14 @@ _REQUEST_COUNTERS = {
     "output_tokens": ("pdserve_output_tokens_total", "Output tokens sent."),
 }
 
+_FAULT_COUNTERS = {
+    "rejected": ("pdserve_requests_rejected_total", "Requests answered 429 (admission, a pool's queue)."),
+    "prefill_retries": ("pdserve_prefill_retries_total", "Prefills retried on another replica after one was lost."),
+    "decode_resumes": ("pdserve_decode_resumes_total", "Decode streams resumed on another replica after one was lost."),
+    "failed": ("pdserve_requests_failed_total", "Requests that ended in an error after admission (503)."),
+    "timed_out": ("pdserve_requests_timed_out_total", "Requests stopped at router.request_timeout_s."),
+}
+
 
 def render_pools(snap: dict[str, Any]) -> str:
     """Each pool's replicas as a ``router.live.snapshot`` holds them (the same in every
@@ -55,6 +63,8 @@ def render_requests(log: RequestLog) -> str:
     lines: list[str] = []
     for key, (name, help_text) in _REQUEST_COUNTERS.items():
         family(lines, name, "counter", help_text, [("", log.totals[key])])
+    for key, (name, help_text) in _FAULT_COUNTERS.items():
+        family(lines, name, "counter", help_text, [("", log.faults[key])])
     _histogram(lines, "pdserve_request_ttft_seconds", "Time to first token, from the request to its first token.",
                log.ttft)
     _histogram(lines, "pdserve_request_tpot_seconds", "Time per output token after the first.", log.tpot)

@@ -19,7 +19,7 @@ import pytest
 from cluster.model import prepare_default_model
 from cluster.runtime import RunState, pids_mentioning
 from router.tokenizer import PromptTokenizer
-from tests.e2e.prompts import EQUIVALENCE, FRESH, SHARED_PREFIX
+from tests.e2e.prompts import EQUIVALENCE, FRESH, SHARED_PREFIX, UNDER_FIRE
 
 MAX_TOKENS = 24
 MAX_MODEL_LEN = 1024
@@ -51,7 +51,7 @@ def tokenizer(model_dir: Path) -> PromptTokenizer:
 @pytest.fixture(scope="session")
 def reference(model_dir: Path, tokenizer: PromptTokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """prompt text -> {"token_ids", "top2"} from one monolithic vLLM engine, greedy."""
-    texts = EQUIVALENCE + [SHARED_PREFIX] + FRESH
+    texts = EQUIVALENCE + [SHARED_PREFIX] + FRESH + UNDER_FIRE
     d = tmp_path_factory.mktemp("reference")
     (d / "in.json").write_text(json.dumps({"model": str(model_dir), "max_model_len": MAX_MODEL_LEN,
                                            "max_tokens": MAX_TOKENS,

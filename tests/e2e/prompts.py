@@ -51,3 +51,9 @@ FRESH = [
     "A short poem about autumn leaves:",
     _SCIENCE + _CODE + "Which of these two texts is about biology?",
 ]
+
+# Long and unrelated to each other and to everything above (a distinct first chunk each): the
+# prefill engine holds several of them at once for seconds while a test kills it.
+UNDER_FIRE = [f"Document {i} of the archive, filed under {topic}. " + (_SCIENCE + _STORY + _CODE) * 5
+              + "Summary of the document:" for i, topic in enumerate(("botany", "lighthouses", "code", "weather",
+                                                                      "history", "music"))]

@@ -35,7 +35,7 @@ from tests.e2e.helpers import (
     role_counter,
     store,
 )
-from tests.e2e.prompts import EQUIVALENCE, FRESH, LONG_PREFIX, SHARED_PREFIX
+from tests.e2e.prompts import EQUIVALENCE, FRESH, LONG_PREFIX, SHARED_PREFIX, UNDER_FIRE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -294,3 +294,117 @@ def test_killed_redis_recomputes_and_stays_correct_then_the_store_heals(
     assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
     want = n_tokens(tokenizer, prompt) // CHUNK * CHUNK
     assert res["pdserve"]["decode_cached_tokens"] == want > 0, (res["pdserve"], store(cluster).stats())
+
+
+# -- replica faults: a lost engine replica costs the client nothing ---------------------------
+
+
+def replica_pids(role: str) -> list[int]:
+    """The processes of the pool's Serve replicas (Ray titles an actor's worker process with
+    its class: ServeReplica:<app>:<deployment>); the engine cores they spawned are not counted."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if f"ServeReplica:pdserve:{role}" in cmd and "EngineCore" not in cmd:
+                found.append(int(proc.name))
+    return found
+
+
+def pool_rows(cluster: Cluster, role: str) -> list[dict]:
+    base = cluster.base_url.removesuffix("/v1")
+    return list(httpx.get(f"{base}/dashboard/data", timeout=30).json()["pools"].get(role, []))
+
+
+def kill_replica(cluster: Cluster, role: str) -> str:
+    """SIGKILL the pool's one replica process; its name, for checking that Serve replaced it."""
+    (name,) = [r["replica"] for r in pool_rows(cluster, role)]
+    (pid,) = replica_pids(role)
+    subprocess.run(["kill", f"-{signal.SIGKILL.value}", str(pid)], check=True)
+    return str(name)
+
+
+def wait_replaced(cluster: Cluster, role: str, dead: str) -> None:
+    def back() -> bool:
+        rows = pool_rows(cluster, role)
+        return len(rows) == 1 and rows[0]["replica"] != dead and len(replica_pids(role)) == 1
+
+    wait_until(back, 300, f"Serve to replace the killed {role} replica")
+
+
+def test_prefill_replica_killed_under_load_loses_nothing_and_outputs_stay_equal(
+    cluster: Cluster, reference: dict, tokenizer: PromptTokenizer
+) -> None:
+    """Six long prompts (seconds of prefill work) sent at once, then the prefill pool's only
+    replica is killed while it computes them: every request is retried (on its replacement)
+    and answers exactly as monolithic vLLM."""
+    results: list[dict] = []
+    sender = threading.Thread(target=lambda: results.extend(complete_all(cluster, UNDER_FIRE, concurrency=6)))
+    sender.start()
+    base = cluster.base_url.removesuffix("/v1")
+    wait_until(lambda: any(r["queued_tokens"] or r["running"] for r in pool_rows(cluster, "prefill")), 30,
+               "the prompts to reach the prefill engine")
+    dead = kill_replica(cluster, "prefill")
+    sender.join(timeout=600)
+    assert not sender.is_alive() and len(results) == len(UNDER_FIRE)
+    for prompt, res in zip(UNDER_FIRE, results, strict=True):
+        assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
+    assert sum(r["pdserve"]["prefill_retries"] for r in results) >= 1
+    wait_replaced(cluster, "prefill", dead)
+    metrics = httpx.get(f"{base}/metrics", timeout=30).text
+    assert re.search(r"^pdserve_prefill_retries_total [1-9]", metrics, re.M), metrics[-2000:]
+
+
+def test_decode_replica_killed_mid_stream_resumes_with_no_token_lost_or_repeated(cluster: Cluster) -> None:
+    """A long greedy stream; the decode pool's only replica is killed after 16 tokens. The
+    client's stream goes on (from the replacement, which loads the prompt's KV from the store)
+    and is the uninterrupted stream's, token for token."""
+    body = {"model": MODEL, "prompt": FRESH[0], "max_tokens": 160, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "logprobs": 2}
+    whole = httpx.post(f"{cluster.base_url}/completions", json=body, timeout=300).json()
+    want = whole["choices"][0]["token_ids"]
+    gaps = [sorted(top.values(), reverse=True) for top in whole["choices"][0]["logprobs"]["top_logprobs"]]
+    got: list[int] = []
+    last: dict = {}
+    dead = ""
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{cluster.base_url}/completions", json=stream_body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            last = event
+            for choice in event["choices"]:
+                got.extend(choice.get("token_ids") or [])
+            if len(got) >= 16 and not dead:
+                dead = kill_replica(cluster, "decode")
+    assert dead and last["pdserve"]["decode_resumes"] == 1, last
+    assert len(got) == len(want) == 160
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a != b:  # only a floating-point near-tie may turn the two runs apart
+            assert len(gaps[i]) == 2 and gaps[i][0] - gaps[i][1] < 1e-3, (i, a, b, gaps[i])
+            break
+    wait_replaced(cluster, "decode", dead)
+
+
+def test_client_that_disconnects_is_aborted_on_both_engines_and_its_kv_freed(cluster: Cluster) -> None:
+    body = {"model": MODEL, "prompt": FRESH[1], "max_tokens": 600, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{cluster.base_url}/completions", json=body, timeout=300) as r:
+        events = 0
+        for line in r.iter_lines():
+            events += line.startswith("data: ")
+            if events == 8:
+                wait_until(lambda: sum(r["running"] for r in pool_rows(cluster, "decode")) == 1, 10,
+                           "the stream to run on the decode engine")
+                break  # the client goes away with ~590 tokens (many seconds) still to come
+
+    def idle() -> bool:
+        rows = pool_rows(cluster, "prefill") + pool_rows(cluster, "decode")
+        return all(r["running"] == 0 and r["waiting"] == 0 and r["kv_usage"] == 0 for r in rows)
+
+    wait_until(idle, 5, "both engines to abort the request and free its KV")

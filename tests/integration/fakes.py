@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -19,6 +21,19 @@ from kvstore.messages import EngineDelta, EngineRequest, ReplicaLoad, scaling_st
 
 MODEL = "tiny"
 ZERO = {"num_cpus": 0}  # the fakes must fit beside whatever else runs on a 2-core machine
+
+
+def die_if_told(fault_dir: str, what: str) -> None:
+    """A real replica death on cue: the first replica to find ``<fault_dir>/<what>`` takes it
+    (an atomic rename, so exactly one dies) and its process exits on the spot, mid-call."""
+    if not fault_dir:
+        return
+    marker = Path(fault_dir) / what
+    try:
+        marker.rename(marker.with_suffix(f".taken-{os.getpid()}"))
+    except FileNotFoundError:
+        return
+    os._exit(1)
 
 
 def request_router(role: str) -> RequestRouterConfig:
@@ -35,8 +50,8 @@ class FakePrefill:
     ``s_per_token`` > 0 makes it an engine with a speed: prompts are computed one at a time
     at that many seconds a token, so prompt work queues up under load (autoscaling tests)."""
 
-    def __init__(self, s_per_token: float = 0.0) -> None:
-        self.tag = serve.get_replica_context().replica_tag
+    def __init__(self, s_per_token: float = 0.0, fault_dir: str = "") -> None:
+        self.tag, self.fault_dir = serve.get_replica_context().replica_tag, fault_dir
         self.sock = zmq.Context.instance().socket(zmq.PUB)
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.seq = 0
@@ -57,6 +72,7 @@ class FakePrefill:
             self.sock.send_multipart((self.tag.encode(), self.seq.to_bytes(8, "big"), msgpack.packb([0.0, [event], 0])))
             self.seq += 1
         await self._compute(len(req.token_ids))
+        die_if_told(self.fault_dir, "kill-prefill")  # after the work, before the answer
         return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
                            replica=f"prefill-{self.tag}").encode()
 
@@ -83,23 +99,34 @@ class FakePrefill:
 
 
 class FakeDecode:
-    def __init__(self) -> None:
+    """Streams tokens 43, 44, ... after the prompt's last; resumed on a longer input (prompt +
+    tokens already sent) it goes on from there, as a greedy engine would. ``s_per_token``
+    paces the stream; with ``fault_dir`` it dies mid-stream on cue (``die_if_told``)."""
+
+    def __init__(self, s_per_token: float = 0.0, fault_dir: str = "") -> None:
         self.generated = self.inflight = 0
+        self.s_per_token, self.fault_dir = s_per_token, fault_dir
+        self.tag = serve.get_replica_context().replica_tag
 
     async def decode(self, payload: bytes, routing: bytes | None = None) -> AsyncIterator[bytes]:
         req = EngineRequest.decode(payload)
-        assert req.token_ids[-1] == 42
+        assert 42 in req.token_ids
+        done = len(req.token_ids) - 1 - req.token_ids.index(42)  # tokens after the first one already sent
         self.inflight += 1
         try:
             for i in range(req.sampling.max_tokens):
+                if i == 3:
+                    die_if_told(self.fault_dir, "kill-decode")
                 last = i == req.sampling.max_tokens - 1
                 self.generated += 1
-                yield EngineDelta((43 + i,), ".", finish_reason="length" if last else None, replica="fake-d").encode()
+                await asyncio.sleep(self.s_per_token)
+                yield EngineDelta((43 + done + i,), ".", finish_reason="length" if last else None,
+                                  replica=f"fake-d-{self.tag}").encode()
         finally:
             self.inflight -= 1
 
     def record_routing_stats(self) -> dict[str, Any]:
-        return {"running": 0, "waiting": 0, "generated_tokens": self.generated, "kv_usage": 0.25}
+        return {"running": self.inflight, "waiting": 0, "generated_tokens": self.generated, "kv_usage": 0.25}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return scaling_stats(ReplicaLoad("fake-d", "", inflight=self.inflight, kv_usage=0.25))
