@@ -24,6 +24,7 @@ from cluster.runtime import (
     StartError,
     free_port,
     ray_metrics_targets,
+    redacted,
     start_ray_head,
     start_redis,
     stop_pid,
@@ -79,7 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             state.redis_url, state.redis_port, state.redis_pid = start_redis(pdserve_home() / "run")
         state.save()
-        _step(3, f"Redis (the store's metadata) at {state.redis_url}")
+        _step(3, f"Redis (the store's metadata) at {redacted(state.redis_url)}")
         from cluster.store_nodes import StoreNodesSpec, start_store
 
         kv = cfg.kvstore
@@ -216,7 +217,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"pdserve at {state.url}: app {_plain(app.status) if app else 'missing'}; the router did not answer: {e}")
         return 1
     if args.json:
-        print(json.dumps({"url": state.url, "redis": state.redis_url, "app": _plain(app.status) if app else "missing",
+        app_status = _plain(app.status) if app else "missing"
+        print(json.dumps({"url": state.url, "redis": redacted(state.redis_url), "app": app_status,
                           "deployments": pools, "live": live}, indent=2, default=str))
         return 0
     print(f"pdserve at {state.url}  ·  app {_plain(app.status) if app else 'missing'}  ·  dashboard {root}/dashboard")

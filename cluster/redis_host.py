@@ -39,7 +39,9 @@ class RedisHost:
         # The death signal follows the *thread* that started Redis, not the process: this
         # thread starts it and then lives exactly as long as Redis does, reaping it.
         try:
-            proc, url, port = start_redis_child(run_dir)
+            # Bound to this node's address too: engines and agents on other hosts reach it
+            # there, with the password its URL carries.
+            proc, url, port = start_redis_child(run_dir, ray.util.get_node_ip_address())
         except BaseException as e:
             started.put(e)
             return

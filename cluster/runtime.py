@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from cluster.env import pdserve_home
 from cluster.log import get_logger
@@ -72,7 +74,12 @@ class RunState:
     def save(self, home: Path | None = None) -> None:
         p = self.path(home)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(asdict(self), indent=2))
+        tmp = p.with_suffix(".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds Redis' password
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(self), indent=2))
+        tmp.replace(p)
 
     @classmethod
     def load(cls, home: Path | None = None) -> RunState | None:
@@ -87,18 +94,19 @@ class RunState:
 # -- Redis --------------------------------------------------------------------------------
 
 
-def start_redis(run_dir: Path, port: int | None = None) -> tuple[str, int, int]:
+def start_redis(run_dir: Path, port: int | None = None, password: str | None = None) -> tuple[str, int, int]:
     """A private Redis on a loopback port (a free one by default), daemonized: it outlives
-    this process until `pdserve down` stops it by pid. Returns (url, port, pid)."""
-    args, pidfile, port = _redis_command(run_dir, port)
+    this process until `pdserve down` stops it by pid. It takes only clients that present
+    ``password`` (a new random one by default), which its URL carries. Returns (url, port, pid)."""
+    args, pidfile, port, url = _redis_command(run_dir, port, password or new_secret(), ("127.0.0.1",))
     subprocess.run([*args, "--daemonize", "yes"], check=True, stdout=subprocess.DEVNULL)
-    return _wait_for_redis(pidfile, port)
+    return _wait_for_redis(pidfile, port, url)
 
 
-def start_redis_child(run_dir: Path) -> tuple[subprocess.Popen[bytes], str, int]:
-    """A private Redis on a free loopback port as this thread's child, which the kernel
-    SIGTERMs when this thread ends (PR_SET_PDEATHSIG; Linux), however it ends.
-    Returns (process, url, port)."""
+def start_redis_child(run_dir: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], str, int]:
+    """A private Redis on a free port of ``host`` (and loopback) as this thread's child,
+    which the kernel SIGTERMs when this thread ends (PR_SET_PDEATHSIG; Linux), however it
+    ends; a new random password. Returns (process, url, port)."""
     import ctypes
 
     prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork: the child only calls it
@@ -106,11 +114,12 @@ def start_redis_child(run_dir: Path) -> tuple[subprocess.Popen[bytes], str, int]
     def die_with_parent() -> None:
         prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
-    args, pidfile, port = _redis_command(run_dir, None)
+    binds = ("127.0.0.1",) if host == "127.0.0.1" else (host, "127.0.0.1")
+    args, pidfile, port, url = _redis_command(run_dir, None, new_secret(), binds)
     proc = subprocess.Popen([*args, "--daemonize", "no"], cwd=run_dir, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
     try:
-        url, port, _pid = _wait_for_redis(pidfile, port)
+        url, port, _pid = _wait_for_redis(pidfile, port, url)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -118,7 +127,14 @@ def start_redis_child(run_dir: Path) -> tuple[subprocess.Popen[bytes], str, int]
     return proc, url, port
 
 
-def _redis_command(run_dir: Path, port: int | None) -> tuple[list[str], Path, int]:
+def new_secret() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _redis_command(run_dir: Path, port: int | None, password: str,
+                   binds: tuple[str, ...]) -> tuple[list[str], Path, int, str]:
+    """redis-server's arguments, its pid file, port and URL. The password goes in a config
+    file only we can read, never on the command line (which every user of the host sees)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise StartError("redis-server is not installed (apt-get install -y redis-server), "
@@ -127,13 +143,36 @@ def _redis_command(run_dir: Path, port: int | None) -> tuple[list[str], Path, in
     pidfile = run_dir / f"redis-{port}.pid"
     run_dir.mkdir(parents=True, exist_ok=True)
     pidfile.unlink(missing_ok=True)  # a killed Redis on this port leaves its pid behind
-    return ([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--pidfile", str(pidfile), "--dir", str(run_dir)], pidfile, port)
+    conf = run_dir / f"redis-{port}.conf"
+    conf.unlink(missing_ok=True)
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"requirepass {password}\n")
+    url = f"redis://:{quote(password, safe='')}@{binds[0]}:{port}/0"
+    return ([binary, str(conf), "--port", str(port), "--bind", *binds, "--save", "", "--appendonly", "no",
+             "--pidfile", str(pidfile), "--dir", str(run_dir)], pidfile, port, url)
 
 
-def _wait_for_redis(pidfile: Path, port: int) -> tuple[str, int, int]:
+def redacted(url: str) -> str:
+    """``url`` with its password replaced, for anything printed or logged."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def url_password(url: str) -> str | None:
+    """The password a Redis URL carries (to start a Redis again with the same one)."""
+    from urllib.parse import unquote
+
+    password = urlsplit(url).password
+    return unquote(password) if password else None
+
+
+def _wait_for_redis(pidfile: Path, port: int, url: str) -> tuple[str, int, int]:
     pid = wait_until(lambda: pidfile.is_file() and int(pidfile.read_text().strip() or 0), 10, "redis")
-    url = f"redis://127.0.0.1:{port}/0"
     import redis
 
     wait_until(lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 10, "redis PING")

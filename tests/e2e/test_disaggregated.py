@@ -21,7 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.runtime import start_redis, wait_until
+from cluster.runtime import start_redis, url_password, wait_until
 from kvstore.agent_rpc import AgentClient
 from kvstore.segment import HEADER_BYTES, Segment
 from router.tokenizer import PromptTokenizer
@@ -230,6 +230,26 @@ def test_pdserve_and_vllm_metrics_go_out_through_rays_export(cluster: Cluster) -
     assert len(queried) >= 20 and queried <= names, sorted(queried - names)
 
 
+def test_redis_password_is_in_no_log_and_on_no_command_line(cluster: Cluster) -> None:
+    """Every part reaches Redis with its password (engines, agents, router: the tests above
+    pass through all of them); none of them writes it down where it could be read."""
+    state = cluster.state()
+    password = url_password(state.redis_url)
+    assert password, "pdserve starts its Redis with a password"
+    logs = [p for p in (Path(state.ray_temp_dir) / "session_latest" / "logs").rglob("*") if p.is_file()]
+    assert len(logs) > 10
+    assert not [str(p) for p in logs if password.encode() in p.read_bytes()]
+    cmdlines = [p for p in Path("/proc").glob("[0-9]*/cmdline") if p.parent.name.isdigit()]
+    leaked = []
+    for p in cmdlines:
+        try:
+            if password.encode() in p.read_bytes():
+                leaked.append(p.parent.name)
+        except OSError:
+            continue
+    assert not leaked, f"processes with the password on their command line: {leaked}"
+
+
 # -- faults: nothing on the KV path may make an answer wrong -------------------------------
 
 
@@ -284,7 +304,8 @@ def test_killed_redis_recomputes_and_stays_correct_then_the_store_heals(
         assert res["pdserve"]["prefill_cached_tokens"] == 0 and res["pdserve"]["decode_cached_tokens"] == 0
         assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
     # Bring Redis back on the same port (empty): agents re-register, the store works again.
-    _url, _port, state.redis_pid = start_redis(cluster.home / "run", port=state.redis_port)
+    _url, _port, state.redis_pid = start_redis(cluster.home / "run", port=state.redis_port,
+                                               password=url_password(state.redis_url))
     state.save(cluster.home)  # so `down` stops it
     wait_until(lambda: store(cluster).agents(), 15, "agents to re-register")
     # Healed: the first request after that is saved by prefill and loaded by decode again.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.runtime import start_redis, stop_pid, wait_until
+from cluster.runtime import start_redis, stop_pid, url_password, wait_until
 from kvstore.agent import StoreAgent
 from kvstore.agent_rpc import AgentClient, AgentUnavailable
 from kvstore.client import ChunkToSave, StoreClient
@@ -128,7 +128,7 @@ def test_redis_restart_loses_nothing_the_agent_holds(make_agent: AgentFactory, p
         stop_pid(pid)
         with pytest.raises(Exception):  # noqa: B017 - any client error: Redis is gone
             c.lookup(keys)
-        url, port, pid = start_redis(tmp_path, port=port)  # back, and empty
+        url, port, pid = start_redis(tmp_path, port=port, password=url_password(url))  # back, and empty
         assert c.batch_exists(keys) == [False] * 3
         agent.tick()  # the heartbeat finds its liveness key gone: re-publish
         assert c.batch_exists(keys) == [True] * 3 and agent.snapshot().republished == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.runtime import start_redis, stop_pid, wait_until
+from cluster.runtime import start_redis, stop_pid, url_password, wait_until
 from kvstore.metadata import AgentInfo, ChunkLocation, MetadataStore, connect
 from router.index import StoreIndex, StoreIndexFeed
 
@@ -47,7 +47,7 @@ def test_feed_resyncs_follows_and_recovers(prefix: str, tmp_path: Path) -> None:
         stop_pid(pid)
         wait_until(lambda: not feed.healthy, 10, "the feed to notice")
         assert idx.holders(k(5)) == ["A"]
-        url, port, pid = start_redis(tmp_path, port=port)
+        url, port, pid = start_redis(tmp_path, port=port, password=url_password(url))
         meta = MetadataStore(connect(url), prefix)
         meta.heartbeat(AgentInfo("A", "seg", 1, "a:1"), ttl_ms=60_000)
         meta.commit([(k(7), loc("A", 7))])  # what the agent re-publishes

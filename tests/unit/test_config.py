@@ -43,3 +43,12 @@ def test_malformed_override_and_non_mapping_yaml(tmp_path: Path) -> None:
     f.write_text("- a\n- b\n")
     with pytest.raises(ValueError):
         ClusterConfig.load(f)
+
+
+def test_redis_urls_are_redacted_for_print_and_their_password_recovered() -> None:
+    from cluster.runtime import redacted, url_password
+
+    url = "redis://:s3cr%2Ft@10.0.0.5:6379/0"
+    assert redacted(url) == "redis://:***@10.0.0.5:6379/0" and "s3cr" not in redacted(url)
+    assert url_password(url) == "s3cr/t"
+    assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0" and url_password("redis://h:1/0") is None
