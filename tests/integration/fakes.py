@@ -8,19 +8,49 @@ import asyncio
 import hashlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import ray
 import zmq
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from cluster.model import prepare_default_model
+from cluster.runtime import free_port
 from kvstore.messages import EngineDelta, EngineRequest, ReplicaLoad, scaling_stats
+from router.app import Router, RouterSpec
 
 MODEL = "tiny"
 ZERO = {"num_cpus": 0}  # the fakes must fit beside whatever else runs on a 2-core machine
+
+
+@contextmanager
+def router_with_fakes(namespace: str, spec: dict[str, Any], prefill: tuple[int, tuple[Any, ...]] = (1, ()),
+                      decode: tuple[int, tuple[Any, ...]] = (1, ()), router_options: dict[str, Any] | None = None,
+                      **ray_init: Any) -> Iterator[str]:
+    """A real Ray + Serve with the real router in front of fake engine pools: ``prefill`` and
+    ``decode`` are (replicas, constructor args); ``spec`` overrides the RouterSpec defaults
+    here. Yields the HTTP base URL; shuts Serve and Ray down after."""
+    ray.init(num_cpus=2, namespace=namespace, log_to_driver=False, **ray_init)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        full = {"model_dir": str(prepare_default_model()), "served_model_name": MODEL, "max_model_len": 128,
+                "default_max_tokens": 8, "max_body_bytes": 64 * 1024, "metrics_export_s": 0,
+                "namespace": {"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32}, **spec}
+        pools = [serve.deployment(cls, name=role, num_replicas=n, request_router_config=request_router(role),
+                                  ray_actor_options=ZERO).bind(*args)
+                 for cls, role, (n, args) in ((FakePrefill, "prefill", prefill), (FakeDecode, "decode", decode))]
+        router = serve.deployment(Router, name="router", ray_actor_options=ZERO, **(router_options or {}))
+        serve.run(router.bind(RouterSpec(**full).__dict__, *pools), name="t")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def die_if_told(fault_dir: str, what: str) -> None:

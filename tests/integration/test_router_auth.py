@@ -10,38 +10,19 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from ray import serve
 
-from cluster.model import prepare_default_model
-from cluster.runtime import free_port
-from router.app import Router, RouterSpec
 from router.auth import key_digest
 
-from .fakes import MODEL, ZERO, FakeDecode, FakePrefill, request_router
+from .fakes import MODEL, router_with_fakes
 
 GOOD, BAD = "pdk-good-5f0c2a9e", "pdk-bad-77d1b3c4"
 
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    ray.init(num_cpus=2, namespace="pdserve-auth-test", log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=128,
-                      default_max_tokens=4, max_body_bytes=64 * 1024,
-                      namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32},
-                      metrics_export_s=0, api_key_digests=[key_digest(GOOD)])
-    prefill = serve.deployment(FakePrefill, name="prefill", request_router_config=request_router("prefill"),
-                               ray_actor_options=ZERO).bind()
-    decode = serve.deployment(FakeDecode, name="decode", request_router_config=request_router("decode"),
-                              ray_actor_options=ZERO).bind()
-    serve.run(serve.deployment(Router, name="router", ray_actor_options=ZERO).bind(spec.__dict__, prefill, decode),
-              name="auth")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    spec = {"default_max_tokens": 4, "api_key_digests": [key_digest(GOOD)]}
+    with router_with_fakes("pdserve-auth-test", spec) as url:
+        yield url
 
 
 BODY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3}

@@ -15,15 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
-from ray import serve
 
 from cluster.app import ROUTER_CONTROL_SLOTS
-from cluster.model import prepare_default_model
-from cluster.runtime import free_port, wait_until
-from router.app import Router, RouterSpec
+from cluster.runtime import wait_until
 
-from .fakes import MODEL, ZERO, FakeDecode, FakePrefill, request_router
+from .fakes import MODEL, router_with_fakes
 
 DECODE_S_PER_TOKEN = 0.05
 MAX_INFLIGHT = 6
@@ -37,23 +33,11 @@ def faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(faults: Path) -> Iterator[str]:
-    ray.init(num_cpus=2, namespace="pdserve-faults-test", log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=1024,
-                      default_max_tokens=8, max_body_bytes=64 * 1024,
-                      namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32},
-                      metrics_export_s=0, max_inflight_requests=MAX_INFLIGHT, request_timeout_s=TIMEOUT_S)
-    prefill = serve.deployment(FakePrefill, name="prefill", num_replicas=2, request_router_config=request_router(
-        "prefill"), ray_actor_options=ZERO).bind(0.0, str(faults))
-    decode = serve.deployment(FakeDecode, name="decode", num_replicas=2, request_router_config=request_router(
-        "decode"), ray_actor_options=ZERO).bind(DECODE_S_PER_TOKEN, str(faults))
-    router = serve.deployment(Router, name="router", ray_actor_options=ZERO,
-                              max_ongoing_requests=MAX_INFLIGHT + ROUTER_CONTROL_SLOTS)  # as cluster.app sets it
-    serve.run(router.bind(spec.__dict__, prefill, decode), name="t")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    spec = {"max_model_len": 1024, "max_inflight_requests": MAX_INFLIGHT, "request_timeout_s": TIMEOUT_S}
+    with router_with_fakes("pdserve-faults-test", spec, prefill=(2, (0.0, str(faults))),
+                           decode=(2, (DECODE_S_PER_TOKEN, str(faults))),
+                           router_options={"max_ongoing_requests": MAX_INFLIGHT + ROUTER_CONTROL_SLOTS}) as url:
+        yield url  # the router's Serve cap as cluster.app sets it
 
 
 def body(max_tokens: int, **extra: Any) -> dict[str, Any]:

@@ -15,16 +15,10 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ray import serve
 
-from cluster.model import prepare_default_model
-from cluster.runtime import free_port
-from router.app import Router, RouterSpec
-
-from .fakes import MODEL, ZERO, FakeDecode, FakePrefill, request_router
+from .fakes import MODEL, router_with_fakes
 
 SEEN: Counter[int] = Counter()  # status codes of every fuzzed request, over the module
 ERROR_TYPES = {"invalid_request_error", "authentication_error", "not_found_error", "request_too_large",
@@ -35,29 +29,14 @@ FUZZ = settings(max_examples=250, deadline=None, database=None, derandomize=True
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    ray.init(num_cpus=2, namespace="pdserve-fuzz-test", log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=256,
-                      default_max_tokens=4, max_body_bytes=16 * 1024,
-                      namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32},
-                      metrics_export_s=0)
-    prefill = serve.deployment(FakePrefill, name="prefill", request_router_config=request_router("prefill"),
-                               ray_actor_options=ZERO).bind()
-    decode = serve.deployment(FakeDecode, name="decode", request_router_config=request_router("decode"),
-                              ray_actor_options=ZERO).bind()
-    router = serve.deployment(Router, name="router", ray_actor_options=ZERO)
-    serve.run(router.bind(spec.__dict__, prefill, decode), name="t")
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60) as client:
+    spec = {"max_model_len": 256, "default_max_tokens": 4, "max_body_bytes": 16 * 1024}
+    with router_with_fakes("pdserve-fuzz-test", spec) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield url
         assert sum(SEEN.values()) >= 1000, SEEN  # the module's promise: at least a thousand
         # Healthy afterwards: alive, and a plain request is served as before.
         assert client.get("/health").status_code == 200
         ok = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == " Paris.."
-    serve.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -17,38 +17,21 @@ from typing import Any
 
 import httpx
 import pytest
-import ray
 from prometheus_client.parser import text_string_to_metric_families
-from ray import serve
 
-from cluster.model import prepare_default_model
 from cluster.runtime import free_port, wait_until
 from cluster.status import render as render_status
-from router.app import Router, RouterSpec
 
-from .fakes import MODEL, ZERO, FakeDecode, FakePrefill, request_router
+from .fakes import MODEL, router_with_fakes
 
 RAY_METRICS_PORT = free_port()  # this node's metrics agent: Ray's export, as Ray's Prometheus scrapes it
 
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    ray.init(num_cpus=2, namespace="pdserve-http-test", log_to_driver=False, _metrics_export_port=RAY_METRICS_PORT)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=128,
-                      default_max_tokens=8, max_body_bytes=64 * 1024,
-                      namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32},
-                      metrics_export_s=1.0)
-    prefill = serve.deployment(FakePrefill, name="prefill", num_replicas=2,
-                               request_router_config=request_router("prefill"), ray_actor_options=ZERO).bind()
-    decode = serve.deployment(FakeDecode, name="decode", request_router_config=request_router("decode"),
-                              ray_actor_options=ZERO).bind()
-    router = serve.deployment(Router, name="router", ray_actor_options=ZERO)
-    serve.run(router.bind(spec.__dict__, prefill, decode), name="t")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with router_with_fakes("pdserve-http-test", {"metrics_export_s": 1.0}, prefill=(2, ()),
+                           _metrics_export_port=RAY_METRICS_PORT) as url:
+        yield url
 
 
 def post(url: str, path: str, body: Any, raw: bytes | None = None) -> httpx.Response:
