@@ -212,7 +212,7 @@ async def killer(app: str, every_s: float, stop: asyncio.Event, tally: Tally) ->
 
 
 async def soak(args: argparse.Namespace, state: RunState) -> tuple[Tally, list[dict[str, Any]], float]:
-    base = state.url.rstrip("/") + "/v1"
+    base = state.url.rstrip("/")  # the OpenAI base URL, .../v1
     model = httpx.get(f"{base}/models", timeout=30).json()["data"][0]["id"]
     tally, samples, stop = Tally(), [], asyncio.Event()
     deadline = time.monotonic() + args.minutes * 60
