@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import redis
 
-from cluster.runtime import RunState
+from cluster.runtime import RunState, serve_replica_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
@@ -137,21 +137,9 @@ async def bad_request(client: httpx.AsyncClient, model: str, rng: random.Random,
         tally.lose(f"bad input answered {r.status_code}: {r.text}")
 
 
-def replica_pids(app: str, role: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if f"ServeReplica:{app}:{role}".encode() in (proc / "cmdline").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
-
-
 def serving_rss_mib(app: str) -> float:
     """Resident memory of the Serve replicas of ``app`` and every process under them."""
-    roots = set(replica_pids(app, ""))
+    roots = set(serve_replica_pids(app, ""))
     children: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -205,7 +193,7 @@ async def killer(app: str, every_s: float, stop: asyncio.Event, tally: Tally) ->
         except TimeoutError:
             pass
         role = roles[len(tally.kills) % 2]
-        pids = replica_pids(app, role)
+        pids = serve_replica_pids(app, role)
         if pids:
             os.kill(random.choice(pids), signal.SIGKILL)
             tally.kills.append(f"{role} at {time.strftime('%H:%M:%S')}")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from cluster.env import pdserve_home
 from cluster.log import get_logger
@@ -165,8 +165,6 @@ def redacted(url: str) -> str:
 
 def url_password(url: str) -> str | None:
     """The password a Redis URL carries (to start a Redis again with the same one)."""
-    from urllib.parse import unquote
-
     password = urlsplit(url).password
     return unquote(password) if password else None
 
@@ -217,6 +215,22 @@ def start_ray_head(num_cpus: int | None = None) -> tuple[str, str]:
         stop_ray(temp_dir)
         raise StartError(f"ray start failed:\n{done.stdout}\n{done.stderr}")
     return f"127.0.0.1:{port}", temp_dir
+
+
+def serve_replica_pids(app: str, deployment: str = "") -> list[int]:
+    """PIDs of the Serve replicas of ``app``'s ``deployment`` (all of the app's with ""): Ray
+    titles an actor's worker process with its class, ``ray::ServeReplica:<app>:<deployment>``.
+    The engine processes a replica spawns carry titles of their own and are not counted."""
+    needle = f"ServeReplica:{app}:{deployment}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+            except OSError:  # the process is gone, or not ours to look at
+                continue
+    return pids
 
 
 def pids_mentioning(text: str) -> list[int]:

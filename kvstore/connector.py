@@ -293,7 +293,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return  # whole chunks are saved after the forward, in wait_for_save
 
     def orphaned(self) -> bool:
-        """True once the replica process that started this engine has died."""
+        """True once the process that started this one (engine core or replica) has died."""
         return os.getppid() != self._parent_pid
 
     def wait_for_save(self) -> None:

@@ -18,12 +18,10 @@ class Admission:
     def __init__(self, max_inflight: int, retry_after_s: float = 1.0) -> None:
         self.max_inflight, self.retry_after_s = max_inflight, retry_after_s
         self.inflight = 0
-        self.rejected = 0  # since start: the router's /metrics counts them
 
     def admit(self) -> None:
         """Take a slot or raise ``Overloaded``; a taken slot must be given back by ``release``."""
         if self.inflight >= self.max_inflight:
-            self.rejected += 1
             raise Overloaded(f"this router has {self.inflight} requests in flight (its limit); retry after "
                              f"{self.retry_after()} s", code="too_many_requests",
                              retry_after_s=self.retry_after())

@@ -21,7 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.runtime import start_redis, url_password, wait_until
+from cluster.runtime import serve_replica_pids, start_redis, url_password, wait_until
 from kvstore.agent_rpc import AgentClient
 from kvstore.segment import HEADER_BYTES, Segment
 from router.tokenizer import PromptTokenizer
@@ -320,21 +320,6 @@ def test_killed_redis_recomputes_and_stays_correct_then_the_store_heals(
 # -- replica faults: a lost engine replica costs the client nothing ---------------------------
 
 
-def replica_pids(role: str) -> list[int]:
-    """The processes of the pool's Serve replicas (Ray titles an actor's worker process with
-    its class: ServeReplica:<app>:<deployment>); the engine cores they spawned are not counted."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if f"ServeReplica:pdserve:{role}" in cmd and "EngineCore" not in cmd:
-                found.append(int(proc.name))
-    return found
-
-
 def pool_rows(cluster: Cluster, role: str) -> list[dict]:
     base = cluster.base_url.removesuffix("/v1")
     return list(httpx.get(f"{base}/dashboard/data", timeout=30).json()["pools"].get(role, []))
@@ -343,7 +328,7 @@ def pool_rows(cluster: Cluster, role: str) -> list[dict]:
 def kill_replica(cluster: Cluster, role: str) -> str:
     """SIGKILL the pool's one replica process; its name, for checking that Serve replaced it."""
     (name,) = [r["replica"] for r in pool_rows(cluster, role)]
-    (pid,) = replica_pids(role)
+    (pid,) = serve_replica_pids("pdserve", role)
     subprocess.run(["kill", f"-{signal.SIGKILL.value}", str(pid)], check=True)
     return str(name)
 
@@ -351,7 +336,7 @@ def kill_replica(cluster: Cluster, role: str) -> str:
 def wait_replaced(cluster: Cluster, role: str, dead: str) -> None:
     def back() -> bool:
         rows = pool_rows(cluster, role)
-        return len(rows) == 1 and rows[0]["replica"] != dead and len(replica_pids(role)) == 1
+        return len(rows) == 1 and rows[0]["replica"] != dead and len(serve_replica_pids("pdserve", role)) == 1
 
     wait_until(back, 300, f"Serve to replace the killed {role} replica")
 

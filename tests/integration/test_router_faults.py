@@ -95,8 +95,7 @@ def test_a_prefill_replica_that_dies_mid_call_is_retried_on_another(base_url: st
     assert not (faults / "kill-prefill").exists()  # a replica took the cue and died
     assert metric(base_url, "pdserve_prefill_retries_total") >= 1
     # Serve replaces the dead replica; the pool is whole again and keeps serving.
-    dead = next(faults.glob("kill-prefill.taken-*"))
-    assert dead.exists()
+    assert any(faults.glob("kill-prefill.taken-*"))  # taken by a replica's process, which then exited
     wait_until(lambda: len(httpx.get(f"{base_url}/dashboard/data").json()["pools"]["prefill"]) == 2, 60,
                "Serve to replace the dead prefill replica")
     assert all(complete(base_url, 2).status_code == 200 for _ in range(4))
