@@ -62,6 +62,7 @@ def engine_spec(cfg: ClusterConfig, pool: PoolConfig, role: str, model_dir: Path
         redis_url=redis_url,
         store_prefix=cfg.kvstore.prefix,
         store_transport=cfg.kvstore.transport,
+        store_tls=cfg.kvstore.tls_files(),
         namespace=kv_namespace(cfg, model_dir),
     )
 
@@ -110,6 +111,7 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str, api_key_diges
         namespace=kv_namespace(cfg, model_dir),
         redis_url=redis_url,
         store_prefix=cfg.kvstore.prefix,
+        store_tls=cfg.kvstore.tls_files(),
         prefill_prior_tps=cfg.router.prefill_prior_tps,
         router_replicas=cfg.router.replicas,
         metrics_export_s=cfg.router.metrics_export_s,

@@ -86,6 +86,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         kv = cfg.kvstore
         state.agents = start_store(StoreNodesSpec(
             state.redis_url, kv.capacity_mb << 20, kv.prefix, {"ttl_s": kv.ttl_s, "lease_s": kv.lease_s},
+            tls=kv.tls_files(),
         ))
         state.save()
         _step(4, f"store agents on {len(state.agents)} node(s), {kv.capacity_mb} MiB of shared memory each")

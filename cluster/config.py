@@ -110,6 +110,22 @@ class PoolConfig(_Strict):
         return self
 
 
+class StoreTlsConfig(_Strict):
+    """PEM files at the same paths on every node; the certificate is issued for the name
+    ``pdserve-store`` (kvstore.peer_auth.TLS_SERVER_NAME), so one serves every agent."""
+
+    cert: str = Field(description="The agents' and engines' certificate (PEM), issued for 'pdserve-store'.")
+    key: str = Field(description="Its private key (PEM).")
+    ca: str = Field(description="The CA certificate both sides verify the other against (PEM).")
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> StoreTlsConfig:
+        missing = [p for p in (self.cert, self.key, self.ca) if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"kvstore.tls files not found: {missing}")
+        return self
+
+
 class KVStoreConfig(_Strict):
     redis_url: str | None = Field(None, description="Redis for metadata; None = start one.")
     capacity_mb: int = Field(1024, ge=1, description="Shared-memory segment per node (MiB).")
@@ -118,6 +134,20 @@ class KVStoreConfig(_Strict):
     transport: Literal["tcp", "grpc"] = Field("tcp", description="How chunks move between nodes.")
     ttl_s: float = Field(0.0, ge=0, description="Idle chunks expire after this long; 0 = never.")
     lease_s: float = Field(10.0, gt=0, description="A remote read's pin lapses after this (stuck transfer).")
+    tls: StoreTlsConfig | None = Field(
+        None, description="Serve the agents' gRPC over mutual TLS only (needs transport grpc; the plaintext "
+        "tcp slot server is then not started). Peers always prove the store token derived from Redis' password.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_needs_grpc(self) -> KVStoreConfig:
+        if self.tls is not None and self.transport != "grpc":
+            raise ValueError("kvstore.tls encrypts the grpc transport only: set kvstore.transport to grpc "
+                             "(the tcp transport is plaintext and is not served under TLS)")
+        return self
+
+    def tls_files(self) -> dict[str, str] | None:
+        return self.tls.model_dump() if self.tls is not None else None
 
 
 class RouterConfig(_Strict):

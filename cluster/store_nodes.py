@@ -33,6 +33,7 @@ class StoreNodesSpec:
     capacity_bytes: int
     prefix: str
     agent_settings: dict[str, Any] = field(default_factory=dict)  # kvstore.agent.AgentSettings
+    tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles: the agents serve gRPC over TLS only
 
 
 def agent_name(node_id: str) -> str:
@@ -53,7 +54,7 @@ def ensure_agents(spec: StoreNodesSpec, timeout_s: float = 60.0) -> list[str]:
         handle = actor_cls.options(
             name=name, namespace=AGENT_NAMESPACE, lifetime="detached", num_cpus=0, get_if_exists=True,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
-        ).remote(spec.redis_url, spec.capacity_bytes, spec.prefix, spec.agent_settings)
+        ).remote(spec.redis_url, spec.capacity_bytes, spec.prefix, spec.agent_settings, spec.tls)
         names.append(name)
         handles.append(handle)
     ray.get([h.info.remote() for h in handles], timeout=timeout_s)

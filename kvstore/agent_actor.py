@@ -17,6 +17,7 @@ from kvstore import janitor
 from kvstore.agent import AgentSettings, StoreAgent
 from kvstore.agent_rpc import AgentServers
 from kvstore.logging import get_logger
+from kvstore.peer_auth import PeerAuth
 
 log = get_logger(__name__)
 JANITOR_EVERY_S = 30
@@ -25,11 +26,13 @@ JANITOR_EVERY_S = 30
 class StoreAgentActor:
     def __init__(
         self, redis_url: str, capacity_bytes: int, prefix: str, settings: dict[str, Any] | None = None,
+        tls: dict[str, str] | None = None,
     ) -> None:
         node_id = ray.get_runtime_context().get_node_id()
         host = ray.util.get_node_ip_address()
         self._agent = StoreAgent(node_id, redis_url, capacity_bytes, prefix, settings=AgentSettings(**(settings or {})))
-        self._servers: AgentServers | None = AgentServers(self._agent, host)
+        auth = PeerAuth.for_store(redis_url, prefix, tls)  # only peers with the cluster's token
+        self._servers: AgentServers | None = AgentServers(self._agent, host, auth)
         self._agent.tick()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="pdkv-agent-tick", daemon=True)

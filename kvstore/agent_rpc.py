@@ -4,7 +4,8 @@ Engines (spawned by vLLM, not Ray workers) reach their node's agent here to allo
 commit slots. Reads need no call here: same-node readers map the segment and pin slots with
 file locks; other nodes use a transport (``kvstore.transport``: the tcp slot server, or the
 grpc transport's streaming methods, which share this server). Control methods are unary msgpack
-maps; errors travel as gRPC status codes.
+maps; errors travel as gRPC status codes. Every call must carry the cluster's store token
+(``kvstore.peer_auth``); the server may also be TLS-only.
 
     Allocate {lengths: [int]}                       -> {offsets: [int]}
     Commit   {entries: [[key, off, len, digest]]}   -> {committed: int}
@@ -26,6 +27,7 @@ import msgpack
 
 from kvstore.agent import AgentStats, CommitEntry, StoreAgent
 from kvstore.logging import get_logger
+from kvstore.peer_auth import PeerAuth
 from kvstore.transport import TcpSlotServer, grpc_stream
 from kvstore.transport.grpc_stream import CHANNEL_OPTIONS, SERVICE
 
@@ -49,7 +51,9 @@ def _handlers(agent: StoreAgent) -> dict[str, Callable[[dict[str, Any]], Any]]:
     }
 
 
-def serve(agent: StoreAgent, host: str, port: int = 0, threads: int = 8) -> tuple[grpc.Server, int]:
+def serve(
+    agent: StoreAgent, host: str, auth: PeerAuth, port: int = 0, threads: int = 8,
+) -> tuple[grpc.Server, int]:
     """Start the agent's gRPC server; returns it and the bound port (0 = any free port)."""
 
     def wrap(fn: Callable[[dict[str, Any]], Any]) -> Callable[[bytes, grpc.ServicerContext], bytes]:
@@ -68,9 +72,11 @@ def serve(agent: StoreAgent, host: str, port: int = 0, threads: int = 8) -> tupl
         for name, fn in _handlers(agent).items()
     }
     methods.update(grpc_stream.handlers(agent))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS, interceptors=auth.interceptors(),
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = auth.add_port(server, f"{host}:{port}")
     if bound == 0:
         raise RuntimeError(f"could not bind the store agent to {host}:{port}")
     server.start()
@@ -79,34 +85,36 @@ def serve(agent: StoreAgent, host: str, port: int = 0, threads: int = 8) -> tupl
 
 class AgentServers:
     """The agent's two listeners: gRPC (control + grpc transport) and the tcp slot server.
-    Sets the agent's advertised addresses; ``stop`` closes both."""
+    Sets the agent's advertised addresses; ``stop`` closes both. With TLS the plaintext tcp
+    slot server is not started (no data address: tcp readers miss and recompute)."""
 
-    def __init__(self, agent: StoreAgent, host: str) -> None:
-        self.grpc, port = serve(agent, host)
-        self.tcp = TcpSlotServer(agent, host)
+    def __init__(self, agent: StoreAgent, host: str, auth: PeerAuth) -> None:
+        self.grpc, port = serve(agent, host, auth)
+        self.tcp = TcpSlotServer(agent, host, auth) if auth.tls is None else None
         agent.address = f"{host}:{port}"
-        agent.data_address = f"{host}:{self.tcp.port}"
+        agent.data_address = f"{host}:{self.tcp.port}" if self.tcp else ""
 
     def stop(self, grace_s: float = 0.5) -> None:
-        self.tcp.close()
+        if self.tcp is not None:
+            self.tcp.close()
         self.grpc.stop(grace=grace_s).wait()
 
 
 class AgentClient:
     """Blocking client; every call has a deadline so a stuck agent becomes a miss."""
 
-    def __init__(self, address: str, timeout_s: float = 2.0) -> None:
+    def __init__(self, address: str, auth: PeerAuth, timeout_s: float = 2.0) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-
+        self._metadata = auth.call_metadata()
+        self._channel = auth.channel(address, CHANNEL_OPTIONS)
 
     def _call(self, method: str, body: dict[str, Any]) -> bytes:
         stub = self._channel.unary_unary(f"/{SERVICE}/{method}")
         try:
-            result: bytes = stub(msgpack.packb(body), timeout=self.timeout_s)
+            result: bytes = stub(msgpack.packb(body), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
-            raise AgentUnavailable(f"{method} on {self.address}: {e.code().name}") from e
+            raise AgentUnavailable(f"{method} on {self.address}: {e.code().name}: {e.details()}") from e
         return result
 
     def allocate(self, lengths: list[int]) -> list[int]:

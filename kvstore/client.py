@@ -19,6 +19,7 @@ from kvstore.agent import CommitEntry
 from kvstore.agent_rpc import AgentClient, AgentUnavailable
 from kvstore.logging import get_logger
 from kvstore.metadata import AgentInfo, ChunkLocation, MetadataStore, connect
+from kvstore.peer_auth import PeerAuth, TlsFiles
 from kvstore.segment import (
     CHECK_BLOCK,
     HEADER_BYTES,
@@ -80,16 +81,18 @@ def histogram_fields(name: str, seconds: float) -> dict[str, int]:
 class StoreClient:
     def __init__(
         self, redis_url: str, prefix: str, node_id: str, timeout_s: float = 1.0, transport: str = "tcp",
+        tls: TlsFiles | dict[str, str] | None = None,
     ) -> None:
         if transport not in REMOTE_TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; choose from {sorted(REMOTE_TRANSPORTS)}")
         self.node_id = node_id
         self.meta = MetadataStore(connect(redis_url, timeout_s), prefix)
         self._timeout_s = timeout_s
+        self._auth = PeerAuth.for_store(redis_url, prefix, tls)
         self._agents: dict[str, AgentClient] = {}
         self._infos: dict[str, tuple[AgentInfo, float]] = {}
         self.shm = ShmTransport()
-        self.remote: Transport = REMOTE_TRANSPORTS[transport](timeout_s=max(5.0, timeout_s))
+        self.remote: Transport = REMOTE_TRANSPORTS[transport](self._auth, timeout_s=max(5.0, timeout_s))
         self._staging = bytearray()
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="pdkv-verify")
         self.counters: dict[str, int] = {}
@@ -377,7 +380,7 @@ class StoreClient:
             self._infos[node_id] = (info, now)
         client = self._agents.get(info.address)
         if client is None:
-            client = self._agents[info.address] = AgentClient(info.address, self._timeout_s * 2)
+            client = self._agents[info.address] = AgentClient(info.address, self._auth, self._timeout_s * 2)
         return info, client
 
     def close(self) -> None:

@@ -76,6 +76,7 @@ class ConnectorSettings:
     instance: str
     namespace: KVNamespace
     transport: str = "tcp"  # for chunks on other nodes; same-node chunks map the segment
+    tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields, for the grpc transport
 
     @classmethod
     def parse(cls, extra: dict[str, Any], vllm_config: VllmConfig) -> ConnectorSettings:
@@ -95,6 +96,7 @@ class ConnectorSettings:
             instance=str(extra.get("instance", "engine")),
             namespace=KVNamespace(**ns),
             transport=str(extra.get("transport", "tcp")),
+            tls=dict(extra["tls"]) if extra.get("tls") else None,
         )
 
 
@@ -139,7 +141,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._enabled = False
             log.warning("tensor-parallel engines do not use the store yet (per-rank keys); always recompute")
         s = self.settings
-        self._store = StoreClient(s.redis_url, s.prefix, s.node_id, transport=s.transport)
+        self._store = StoreClient(s.redis_url, s.prefix, s.node_id, transport=s.transport, tls=s.tls)
         self._warn = _Warner()
         # scheduler side
         self._planner = StepPlanner(s.namespace.chunk_tokens, self._block_size, self._save_enabled)

@@ -126,6 +126,7 @@ class EngineHost:
                 "redis_url": spec.redis_url,
                 "prefix": spec.store_prefix,
                 "transport": spec.store_transport,
+                "tls": spec.store_tls,
                 "node_id": self.node_id,
                 "instance": replica_name,
                 "namespace": dict(spec.namespace),

@@ -147,6 +147,7 @@ class EngineSpec:
     store_transport: str  # tcp | grpc, for chunks held by other nodes
     namespace: dict[str, Any]  # kvstore.hashing.KVNamespace fields (tp_rank set per worker)
     tensor_parallel_size: int = 1  # ranks of this replica's engine, in its placement group
+    store_tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields (grpc transport)
 
     @property
     def executor_backend(self) -> str | None:

@@ -21,6 +21,7 @@ from typing import Any
 from kvstore.agent_rpc import AgentClient, AgentUnavailable
 from kvstore.client import LATENCY_BUCKETS
 from kvstore.metadata import MetadataStore
+from kvstore.peer_auth import PeerAuth
 
 
 @dataclass
@@ -33,7 +34,7 @@ class StoreStats:
         return asdict(self)
 
 
-def collect(meta: MetadataStore, timeout_s: float = 1.0) -> StoreStats:
+def collect(meta: MetadataStore, auth: PeerAuth, timeout_s: float = 1.0) -> StoreStats:
     """A snapshot of the whole store (one Redis scan, one Stats call per agent). An agent that
     does not answer is reported as ``{"unreachable": 1}`` rather than failing the snapshot."""
     out = StoreStats(totals=meta.stats())
@@ -41,7 +42,7 @@ def collect(meta: MetadataStore, timeout_s: float = 1.0) -> StoreStats:
         instance = name.decode().removeprefix(f"{meta.prefix}:stats:")
         out.instances[instance] = meta.stats(instance)
     for info in meta.agents():
-        client = AgentClient(info.address, timeout_s)
+        client = AgentClient(info.address, auth, timeout_s)
         try:
             out.nodes[info.node_id] = {**asdict(client.stats()), "address": info.address}
         except AgentUnavailable:

@@ -36,6 +36,7 @@ from kvstore.hashing import KVNamespace, chunk_keys
 from kvstore.logging import get_logger
 from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
 from kvstore.metadata import MetadataStore, connect
+from kvstore.peer_auth import PeerAuth
 from kvstore.stats import StoreStats, collect, render_prometheus
 from router.admission import Admission
 from router.auth import ApiKeys
@@ -67,6 +68,7 @@ class RouterSpec:
     namespace: dict[str, Any]
     redis_url: str = ""  # the store's metadata, for /metrics ("" = no store metrics)
     store_prefix: str = "pdkv"
+    store_tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields, to reach the agents
     prefill_prior_tps: float = 350.0  # prefill tokens/s assumed until a replica's rate is measured
     router_replicas: int = 1
     metrics_export_s: float = 5.0  # how often pdserve's metrics go out through Ray's export; 0 = never
@@ -258,7 +260,7 @@ class Router:
         pools still show)."""
         meta = MetadataStore(connect(self.spec.redis_url), self.spec.store_prefix)
         try:
-            return collect(meta)
+            return collect(meta, PeerAuth.for_store(self.spec.redis_url, self.spec.store_prefix, self.spec.store_tls))
         except Exception as e:
             log.warning("store stats unavailable: %s", e)
             return None

@@ -15,8 +15,9 @@ AGENT_SCRIPT = """
 import sys, time
 from kvstore.agent import StoreAgent
 from kvstore.agent_rpc import AgentServers
+from kvstore.peer_auth import PeerAuth
 agent = StoreAgent("bench-A", sys.argv[1], int(sys.argv[2]), sys.argv[3])
-servers = AgentServers(agent, "127.0.0.1")
+servers = AgentServers(agent, "127.0.0.1", PeerAuth.for_store(sys.argv[1], sys.argv[3]))
 agent.tick()
 print("ready", flush=True)
 while True:

@@ -76,6 +76,7 @@ class Store(Method):
     def __init__(self, w: Workload, redis_url: str, transport: str) -> None:
         from kvstore.agent_rpc import AgentClient
         from kvstore.client import StoreClient
+        from kvstore.peer_auth import PeerAuth
 
         super().__init__(w)
         self.name = transport
@@ -86,7 +87,7 @@ class Store(Method):
         self.client = StoreClient(redis_url, prefix, node, transport="tcp" if transport == "shm" else transport)
         info = self.client.meta.agent("bench-A")
         assert info is not None
-        self.agent = AgentClient(info.address)
+        self.agent = AgentClient(info.address, PeerAuth.for_store(redis_url, prefix))
         self.keys = [uuid.uuid4().bytes for _ in range(w.n)]
         self.locs: list[Any] = []
 

@@ -48,6 +48,9 @@ class SlotHost(Protocol):
 
 
 class Transport(ABC):
+    """Remote transports are constructed as ``cls(auth, timeout_s=...)``: every remote transport proves
+    the cluster's store token to the agent it reaches (``kvstore.peer_auth``)."""
+
     name: ClassVar[str]
     _scratch = bytearray()  # replaced per instance on first growth (see _landing)
 

@@ -18,6 +18,7 @@ import grpc
 import msgpack
 
 from kvstore.metadata import AgentInfo
+from kvstore.peer_auth import PeerAuth
 from kvstore.transport.base import OnSlot, SlotHost, Transport, TransportError, slot_spans
 
 SERVICE = "pdserve.StoreAgent"
@@ -81,14 +82,16 @@ def handlers(host: SlotHost) -> dict[str, grpc.RpcMethodHandler]:
 class GrpcTransport(Transport):
     name = "grpc"
 
-    def __init__(self, timeout_s: float = 5.0) -> None:
+    def __init__(self, auth: PeerAuth, timeout_s: float = 5.0) -> None:
         self.timeout_s = timeout_s
+        self._auth = auth
+        self._metadata = self._auth.call_metadata()
         self._channels: dict[str, grpc.Channel] = {}
 
     def _channel(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = self._channels[address] = self._auth.channel(address, CHANNEL_OPTIONS)
         return ch
 
     def read(
@@ -104,7 +107,7 @@ class GrpcTransport(Transport):
         spans = slot_spans(lengths)
         slot, pos = 0, 0
         try:
-            for frame in stub(body, timeout=self.timeout_s):
+            for frame in stub(body, timeout=self.timeout_s, metadata=self._metadata):
                 dest[pos : pos + len(frame)] = frame
                 pos += len(frame)
                 while slot < len(spans) and spans[slot][1] <= pos:
@@ -128,7 +131,7 @@ class GrpcTransport(Transport):
 
         stub = self._channel(peer.address).stream_unary(f"/{SERVICE}/WriteSlots")
         try:
-            stub(stream(), timeout=self.timeout_s)
+            stub(stream(), timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as e:
             raise TransportError(f"write to {peer.address}: {e.code().name}: {e.details()}") from e
 

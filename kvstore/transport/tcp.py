@@ -6,7 +6,14 @@ Here the server ``sendfile``s the slots straight from the segment file (the kern
 from its own pages; no Python buffer, the GIL released for each whole slot) and the client
 receives with ``recv_into`` straight into the caller's buffer.
 
-Wire (little endian), one request at a time per connection:
+Wire (little endian). A connection opens with the store's peer check
+(``kvstore.peer_auth``):
+
+    server    "PDKH" | 32-byte random challenge
+    client    HMAC-SHA256(store token, challenge)
+    server    reply (below): status 0, or 1 and "unauthenticated" before it hangs up
+
+then one request at a time:
 
     request   "PDKT" | op u8 | pad 3 | count u32 | count x (offset u64, length u64)
               op 1 = read, 2 = write (followed by the slots' bytes, back to back)
@@ -25,11 +32,14 @@ from contextlib import contextmanager
 
 from kvstore.logging import get_logger
 from kvstore.metadata import AgentInfo
+from kvstore.peer_auth import CHALLENGE_BYTES, PeerAuth
 from kvstore.transport.base import OnSlot, SlotHost, Transport, TransportError, slot_spans
 
 log = get_logger(__name__)
 
 _MAGIC = b"PDKT"
+_HELLO = b"PDKH"
+_HANDSHAKE_TIMEOUT_S = 10.0  # a peer that connects and says nothing does not keep a thread
 _REQ = struct.Struct("<4sB3xI")
 _SLOT = struct.Struct("<QQ")
 _REPLY = struct.Struct("<B3xI")
@@ -83,8 +93,9 @@ def _tune(sock: socket.socket) -> None:
 class TcpSlotServer:
     """Serves one-sided slot reads and writes of an agent's segment, a thread per peer."""
 
-    def __init__(self, host: SlotHost, bind_host: str, port: int = 0) -> None:
+    def __init__(self, host: SlotHost, bind_host: str, auth: PeerAuth, port: int = 0) -> None:
         self._host = host
+        self._auth = auth
         self._listener = socket.create_server((bind_host, port), backlog=64, reuse_port=False)
         self.port = self._listener.getsockname()[1]
         self._conns: set[socket.socket] = set()
@@ -103,9 +114,26 @@ class TcpSlotServer:
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="pdkv-tcp-peer", daemon=True).start()
 
+    def _admit(self, conn: socket.socket) -> bool:
+        """The peer check that opens every connection (see the module's wire)."""
+        challenge = os.urandom(CHALLENGE_BYTES)
+        conn.settimeout(_HANDSHAKE_TIMEOUT_S)
+        conn.sendall(_HELLO + challenge)
+        answer = bytearray(CHALLENGE_BYTES)
+        _recv_exact(conn, memoryview(answer))
+        if not self._auth.accepts_answer(challenge, bytes(answer)):
+            log.warning("refused a store peer without the cluster token")
+            self._error(conn, "unauthenticated: this store agent takes only peers of its cluster")
+            return False
+        conn.settimeout(None)
+        conn.sendall(_REPLY.pack(0, 0))
+        return True
+
     def _serve(self, conn: socket.socket) -> None:
         head = bytearray(_REQ.size)
         try:
+            if not self._admit(conn):
+                return
             while True:
                 try:
                     _recv_exact(conn, memoryview(head))
@@ -186,22 +214,38 @@ class TcpTransport(Transport):
 
     name = "tcp"
 
-    def __init__(self, timeout_s: float = 5.0) -> None:
+    def __init__(self, auth: PeerAuth, timeout_s: float = 5.0) -> None:
         self.timeout_s = timeout_s
+        self._auth = auth
         self._conns: dict[str, socket.socket] = {}
         self._lock = threading.Lock()
 
     def _conn(self, address: str) -> socket.socket:
         sock = self._conns.get(address)
         if sock is None:
+            if not address:
+                raise TransportError("the agent serves no tcp slot server (TLS-only: use the grpc transport)")
             host, port = address.rsplit(":", 1)
             try:
                 sock = socket.create_connection((host, int(port)), timeout=self.timeout_s)
             except OSError as e:
                 raise TransportError(f"cannot reach slot server {address}: {e}") from e
             _tune(sock)
+            try:
+                self._prove(sock, address)
+            except BaseException:
+                sock.close()
+                raise
             self._conns[address] = sock
         return sock
+
+    def _prove(self, sock: socket.socket, address: str) -> None:
+        hello = bytearray(len(_HELLO) + CHALLENGE_BYTES)
+        _recv_exact(sock, memoryview(hello))
+        if hello[: len(_HELLO)] != _HELLO:
+            raise TransportError(f"{address} is not a store slot server")
+        sock.sendall(self._auth.answer(bytes(hello[len(_HELLO) :])))
+        self._reply(sock, address)
 
     def _drop(self, address: str) -> None:
         sock = self._conns.pop(address, None)

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.runtime import serve_replica_pids, start_redis, url_password, wait_until
 from kvstore.agent_rpc import AgentClient
+from kvstore.peer_auth import PeerAuth
 from kvstore.segment import HEADER_BYTES, Segment
 from router.tokenizer import PromptTokenizer
 from tests.e2e.conftest import Cluster
@@ -259,7 +260,7 @@ def test_emptied_store_recomputes_and_stays_correct(
     meta = store(cluster)
     meta.clear_chunks()
     for agent in meta.agents():
-        AgentClient(agent.address).clear()
+        AgentClient(agent.address, PeerAuth.for_store(cluster.state().redis_url, meta.prefix)).clear()
     # Long prompts that share no first chunk, so none can reuse what another re-saves here.
     prompts: list[str] = []
     for p in EQUIVALENCE:

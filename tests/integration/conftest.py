@@ -8,6 +8,7 @@ import pytest
 
 from kvstore.agent import AgentSettings, StoreAgent
 from kvstore.agent_rpc import AgentServers
+from kvstore.peer_auth import PeerAuth
 
 AgentFactory = Callable[..., StoreAgent]
 
@@ -18,7 +19,7 @@ def make_agent(redis_url: str, prefix: str) -> Iterator[AgentFactory]:
 
     def make(node_id: str = "node-A", capacity: int = 64 << 20, **settings: float) -> StoreAgent:
         agent = StoreAgent(node_id, redis_url, capacity, prefix, settings=AgentSettings(**settings))
-        servers = AgentServers(agent, "127.0.0.1")
+        servers = AgentServers(agent, "127.0.0.1", PeerAuth.for_store(redis_url, prefix))
         agent.tick()
         started.append((agent, servers))
         return agent

@@ -19,6 +19,7 @@ from kvstore.agent import StoreAgent
 from kvstore.agent_rpc import AgentClient, AgentUnavailable
 from kvstore.client import ChunkToSave, StoreClient
 from kvstore.metadata import MetadataStore, connect
+from kvstore.peer_auth import PeerAuth
 from kvstore.segment import HEADER_BYTES, SlotLocks
 
 from .conftest import AgentFactory
@@ -103,7 +104,8 @@ def test_idle_chunks_expire_and_abandoned_writes_are_reclaimed(
     c = StoreClient(redis_url, prefix, "node-A")
     keys = [make_key("ttl", i) for i in range(2)]
     put(c, keys)
-    abandoned = AgentClient(agent.address).allocate([4096])  # a writer that died before commit
+    writer = AgentClient(agent.address, PeerAuth.for_store(redis_url, prefix))
+    abandoned = writer.allocate([4096])  # a writer that died before commit
     assert agent.snapshot().pending == 1
     time.sleep(0.4)
     agent.tick()
@@ -119,7 +121,7 @@ def test_redis_restart_loses_nothing_the_agent_holds(make_agent: AgentFactory, p
         agent = StoreAgent("node-A", url, 1 << 20, prefix)
         from kvstore.agent_rpc import AgentServers
 
-        servers = AgentServers(agent, "127.0.0.1")
+        servers = AgentServers(agent, "127.0.0.1", PeerAuth.for_store(url, prefix))
         agent.tick()
         c = StoreClient(url, prefix, "node-B")
         keys = [make_key("rr", i) for i in range(3)]
@@ -147,8 +149,10 @@ _AGENT_PROC = """
 import sys, time
 from kvstore.agent import StoreAgent
 from kvstore.agent_rpc import AgentServers
+from kvstore.peer_auth import PeerAuth
 agent = StoreAgent("node-K", sys.argv[1], 64 << 20, sys.argv[2])
-servers = AgentServers(agent, "127.0.0.1")  # held: a collected server stops serving
+# held: a collected server stops serving
+servers = AgentServers(agent, "127.0.0.1", PeerAuth.for_store(sys.argv[1], sys.argv[2]))
 agent.tick()
 print("ready", flush=True)
 time.sleep(600)
@@ -190,10 +194,10 @@ def test_agent_killed_mid_transfer_fails_the_rest_fast_and_keeps_the_prefix(redi
     reap_orphan_segments()  # the killed agent's segment
 
 
-def test_agent_rpc_errors_are_typed(make_agent: AgentFactory) -> None:
+def test_agent_rpc_errors_are_typed(make_agent: AgentFactory, redis_url: str, prefix: str) -> None:
     agent = make_agent()
     with pytest.raises(AgentUnavailable):
-        AgentClient("127.0.0.1:1", timeout_s=0.5).stats()
-    client = AgentClient(agent.address)
+        AgentClient("127.0.0.1:1", PeerAuth(), timeout_s=0.5).stats()
+    client = AgentClient(agent.address, PeerAuth.for_store(redis_url, prefix))
     assert client.stats().capacity == agent.alloc.capacity
     client.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvstore.client import ChunkToSave, StoreClient
+from kvstore.peer_auth import PeerAuth
 from kvstore.segment import HEADER_BYTES
 from kvstore.stats import collect, render_prometheus
 
@@ -25,7 +26,7 @@ def test_collect_and_prometheus_export(make_agent: AgentFactory, redis_url: str,
     local.meta.add_counters("engine-a", local.drain_counters(), 0.0)
     remote.meta.add_counters("engine-b", remote.drain_counters(), 0.0)
 
-    stats = collect(local.meta)
+    stats = collect(local.meta, PeerAuth.for_store(redis_url, prefix))
     assert stats.totals["loaded_local_chunks"] == 3 and stats.totals["loaded_remote_chunks"] == 2
     assert stats.instances["engine-b"]["bytes_in_tcp"] == 2 * (HEADER_BYTES + 4096)
     node = stats.nodes["node-A"]

@@ -16,6 +16,7 @@ import pytest
 from kvstore.agent import StoreAgent
 from kvstore.client import ChunkToSave, StoreClient
 from kvstore.metadata import ChunkLocation
+from kvstore.peer_auth import PeerAuth
 from kvstore.segment import HEADER_BYTES
 from kvstore.transport import REMOTE_TRANSPORTS, ShmTransport, Transport, TransportError
 
@@ -162,8 +163,9 @@ def test_concurrent_readers_and_writers(client: StoreClient, agent: StoreAgent, 
 
 
 @pytest.mark.parametrize("name", TRANSPORTS)
-def test_transport_refuses_slots_outside_the_segment(agent: StoreAgent, name: str) -> None:
-    t: Transport = ShmTransport() if name == "shm" else REMOTE_TRANSPORTS[name]()
+def test_transport_refuses_slots_outside_the_segment(agent: StoreAgent, name: str, redis_url: str, prefix: str) -> None:
+    auth = PeerAuth.for_store(redis_url, prefix)
+    t: Transport = ShmTransport() if name == "shm" else REMOTE_TRANSPORTS[name](auth)
     try:
         with pytest.raises(TransportError):
             t.read(agent.info(), [agent.segment.size - 8], [64], lambda i, v: None)

@@ -52,3 +52,18 @@ def test_redis_urls_are_redacted_for_print_and_their_password_recovered() -> Non
     assert redacted(url) == "redis://:***@10.0.0.5:6379/0" and "s3cr" not in redacted(url)
     assert url_password(url) == "s3cr/t"
     assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0" and url_password("redis://h:1/0") is None
+
+
+def test_store_tls_needs_the_grpc_transport_and_its_files(tmp_path: Path) -> None:
+    for name in ("store.pem", "store.key", "ca.pem"):
+        (tmp_path / name).write_text("PEM")
+    tls = [f"kvstore.tls={{'cert': '{tmp_path}/store.pem', 'key': '{tmp_path}/store.key', 'ca': '{tmp_path}/ca.pem'}}"]
+    with pytest.raises(ValidationError, match="transport to grpc"):
+        ClusterConfig.load(None, tls)  # tcp, the default, is plaintext
+    cfg = ClusterConfig.load(None, [*tls, "kvstore.transport=grpc"])
+    assert cfg.kvstore.tls_files() == {"cert": f"{tmp_path}/store.pem", "key": f"{tmp_path}/store.key",
+                                       "ca": f"{tmp_path}/ca.pem"}
+    (tmp_path / "ca.pem").unlink()
+    with pytest.raises(ValidationError, match="not found"):
+        ClusterConfig.load(None, [*tls, "kvstore.transport=grpc"])
+    assert ClusterConfig().kvstore.tls_files() is None
