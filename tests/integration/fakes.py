@@ -5,6 +5,7 @@ routing stats the way they do."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -131,11 +132,14 @@ class FakePrefill:
 class FakeDecode:
     """Streams tokens 43, 44, ... after the prompt's last; resumed on a longer input (prompt +
     tokens already sent) it goes on from there, as a greedy engine would. ``s_per_token``
-    paces the stream; with ``fault_dir`` it dies mid-stream on cue (``die_if_told``)."""
+    paces the stream; with ``fault_dir`` it dies mid-stream on cue (``die_if_told``); with
+    ``slots`` it runs at most that many sequences at once and queues the rest, as an engine
+    with ``max_num_seqs`` does."""
 
-    def __init__(self, s_per_token: float = 0.0, fault_dir: str = "") -> None:
+    def __init__(self, s_per_token: float = 0.0, fault_dir: str = "", slots: int = 0) -> None:
         self.generated = self.inflight = 0
         self.s_per_token, self.fault_dir = s_per_token, fault_dir
+        self.slots = asyncio.Semaphore(slots) if slots else contextlib.nullcontext()
         self.tag = serve.get_replica_context().replica_tag
 
     async def decode(self, payload: bytes, routing: bytes | None = None) -> AsyncIterator[bytes]:
@@ -144,14 +148,15 @@ class FakeDecode:
         done = len(req.token_ids) - 1 - req.token_ids.index(42)  # tokens after the first one already sent
         self.inflight += 1
         try:
-            for i in range(req.sampling.max_tokens):
-                if i == 3:
-                    die_if_told(self.fault_dir, "kill-decode")
-                last = i == req.sampling.max_tokens - 1
-                self.generated += 1
-                await asyncio.sleep(self.s_per_token)
-                yield EngineDelta((43 + done + i,), ".", finish_reason="length" if last else None,
-                                  replica=f"fake-d-{self.tag}").encode()
+            async with self.slots:
+                for i in range(req.sampling.max_tokens):
+                    if i == 3:
+                        die_if_told(self.fault_dir, "kill-decode")
+                    last = i == req.sampling.max_tokens - 1
+                    self.generated += 1
+                    await asyncio.sleep(self.s_per_token)
+                    yield EngineDelta((43 + done + i,), ".", finish_reason="length" if last else None,
+                                      replica=f"fake-d-{self.tag}").encode()
         finally:
             self.inflight -= 1
 
