@@ -126,5 +126,5 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str, api_key_diges
     # unseen and unbounded: the router takes all it admits, and answers 429 past that itself.
     router = serve.deployment(Router, name="router", num_replicas=cfg.router.replicas,
                               max_ongoing_requests=cfg.router.max_inflight_requests + ROUTER_CONTROL_SLOTS,
-                              ray_actor_options={"num_cpus": 0})
+                              ray_actor_options={"num_cpus": 0, "resources": dict(cfg.router.resources)})
     return router.bind(asdict(spec), prefill, decode)

@@ -33,6 +33,7 @@ from cluster.runtime import (
 )
 from cluster.status import render as render_status
 from kvstore import janitor
+from kvstore.agent import reap_orphan_segments
 
 log = get_logger(__name__)
 
@@ -172,6 +173,7 @@ def _down(state: RunState) -> None:
     stop_ray(state.ray_temp_dir)
     stop_pid(state.redis_pid)
     janitor.sweep(min_age_s=0)  # every engine is down: what no process maps now is an orphan
+    reap_orphan_segments()  # segments of store agents that died with their node (a dropped node)
     RunState.clear()
 
 

@@ -188,6 +188,11 @@ class RouterConfig(_Strict):
     decode_resumes: int = Field(
         3, ge=0, description="Times a decode stream whose replica is lost is resumed on another replica.",
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per router replica: keeps the HTTP tier on nodes that offer them "
+        "(e.g. the head, not the GPU nodes an engine fault or a scale-down takes away).",
+    )
     proxy_location: Literal["HeadOnly", "EveryNode"] = Field(
         "HeadOnly", description="Where Serve runs HTTP proxies (EveryNode needs a port free on every node).",
     )

@@ -1,20 +1,26 @@
 """Three Ray nodes (ray.cluster_utils, custom resources): prefill on node P, two decode
 replicas on nodes D1 and D2. Every decode replica pulls the prompt's KV from P's store agent
 over the tcp transport; the output is token-for-token the monolithic engine's, and the store
-reports where every loaded chunk came from."""
+reports where every loaded chunk came from. Then a decode node is dropped from the cluster
+mid-stream: the stream goes on from the other node with no token lost or repeated, the
+departed node's agent leaves the metadata, and the cluster keeps serving equal outputs."""
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import ray
 from ray.cluster_utils import Cluster as RayCluster
 
+from cluster.runtime import wait_until
 from router.tokenizer import PromptTokenizer
-from tests.e2e.conftest import HERE, running_pdserve
-from tests.e2e.helpers import CHUNK, assert_matches_reference, complete_all, n_tokens, store
+from tests.e2e.conftest import HERE, Cluster, running_pdserve
+from tests.e2e.helpers import CHUNK, FP_TIE, MODEL, assert_matches_reference, complete_all, n_tokens, store
 from tests.e2e.prompts import EQUIVALENCE
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def three_nodes() -> Iterator[RayCluster]:
-    c = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"pd_prefill": 1}})
+    c = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"pd_prefill": 1, "pd_router": 1}})
     for _ in range(2):
         c.add_node(num_cpus=1, resources={"pd_decode": 1})
     ray.init(address=c.address)
@@ -60,3 +66,68 @@ def test_three_nodes_decode_pulls_the_kv_across_nodes_and_matches_monolithic(
         assert sum(r["remote"] for r in report.values()) == loaded  # every loaded chunk crossed nodes
         assert sum(r["same_node"] for r in report.values()) == 0 and sum(r["failed"] for r in report.values()) == 0
         assert all(r["bytes_in_tcp"] > 0 for r in report.values() if r["remote"])
+
+        _drop_a_decode_node_mid_stream(cluster, three_nodes, prompts[0])
+        # Healthy afterwards: the surviving nodes serve every prompt, still equal to monolithic.
+        for prompt, res in zip(prompts[:4], complete_all(cluster, prompts[:4], concurrency=2), strict=True):
+            assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
+            assert res["pdserve"]["decode_resumes"] == 0
+
+
+def _decode_rows(cluster: Cluster) -> list[dict]:
+    base = cluster.base_url.removesuffix("/v1")
+    return list(httpx.get(f"{base}/dashboard/data", timeout=30).json()["pools"].get("decode", []))
+
+
+def _busy_decode_node(cluster: Cluster) -> str:
+    """The node of the one decode replica running a sequence (routing stats lag ~0.5 s)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        busy = [row["node"] for row in _decode_rows(cluster) if row["running"]]
+        if len(busy) == 1:
+            return str(busy[0])
+        time.sleep(0.1)
+    raise AssertionError(f"no single busy decode replica: {_decode_rows(cluster)}")
+
+
+def _drop_a_decode_node_mid_stream(cluster: Cluster, nodes: RayCluster, prompt: str) -> None:
+    """A long greedy stream; after 16 tokens the node its decode replica runs on leaves the
+    Ray cluster (raylet, replica, engine and store agent gone at once). The client's stream
+    is the uninterrupted one's, token for token (resumed on the other decode node, which
+    loads the prompt's KV from the prefill node's agent)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 160, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "logprobs": 2}
+    whole = httpx.post(f"{cluster.base_url}/completions", json=body, timeout=300).json()
+    want = whole["choices"][0]["token_ids"]
+    gaps = [sorted(top.values(), reverse=True) for top in whole["choices"][0]["logprobs"]["top_logprobs"]]
+    meta = store(cluster)
+    got: list[int] = []
+    last: dict = {}
+    dropped = ""
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{cluster.base_url}/completions", json=stream_body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            last = event
+            for choice in event["choices"]:
+                got.extend(choice.get("token_ids") or [])
+            if len(got) >= 16 and not dropped:
+                busy = _busy_decode_node(cluster)
+                (node,) = [n for n in nodes.worker_nodes if n.node_id == busy]
+                nodes.remove_node(node, allow_graceful=False)
+                dropped = busy
+    assert dropped and last["pdserve"]["decode_resumes"] == 1, last
+    assert last["pdserve"]["decode_replica"] and len(got) == len(want) == 160
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a != b:  # only a floating-point near-tie may turn the two runs apart
+            assert len(gaps[i]) == 2 and gaps[i][0] - gaps[i][1] < FP_TIE, (i, a, b, gaps[i])
+            break
+    # The departed node's agent and chunks leave the metadata (reaped by the surviving agents).
+    wait_until(lambda: dropped not in {a.node_id for a in meta.agents()} and not meta.node_chunks(dropped),
+               60, "the dropped node's agent to leave the store's metadata")
+    wait_until(lambda: [row["node"] for row in _decode_rows(cluster)] != [] and
+               dropped not in {row["node"] for row in _decode_rows(cluster)}, 60,
+               "the router to stop listing the dropped node's replica")
