@@ -1,11 +1,13 @@
-"""pdserve (1 prefill engine on core 0 + 1 decode engine on core 1) against one monolithic
-vLLM server on both cores, same prompts, same concurrency, one system at a time.
+"""pdserve (1 prefill engine on core 0 + 1 decode engine on core 1) against its peers on the
+same two cores, same prompts, same concurrency, one system at a time: one monolithic vLLM
+server on both cores, Ray Serve LLM colocated (one engine on both cores) and Ray Serve LLM's
+own prefill/decode app (core 0 + core 1, vLLM's ExampleConnector; ``bench.peers.rayllm``).
 
     .venv/bin/python -m bench.compare [--prompts 32 --input-len 256 --output-len 64
                                        --concurrency 4 --out bench/results/compare.json]
 
 Prints TTFT / TPOT / end-to-end percentiles and output tok/s per system, then the ratios
-pdserve / monolithic, and writes every figure, the per-request data, the exact command, the
+pdserve / each peer, and writes every figure, the per-request data, the exact command, the
 git commit and a timestamp to --out. Server logs go to <out stem>.logs/.
 """
 
@@ -29,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.client import Prompt, build_prompts, run_load, wordlike_vocab
-from bench.servers import Running, SystemStartError, monolithic_system, pdserve_system
+from bench.servers import Running, SystemStartError, monolithic_system, pdserve_system, rayllm_system
 from bench.stats import FIGURES, RequestResult, ratios, summarize
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEMS = ("pdserve", "monolithic")
+SYSTEMS = ("pdserve", "monolithic", "rayllm", "rayllm_pd")
+PEERS = SYSTEMS[1:]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, default=None,
                    help="checkpoint directory (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help="comma-separated subset of pdserve,monolithic, run in this order")
+                   help=f"comma-separated subset of {','.join(SYSTEMS)}, run in this order")
     p.add_argument("--pdserve-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra `pdserve up --set` overrides (repeatable)")
     p.add_argument("--pdserve-env", action="append", default=[], metavar="NAME=VALUE",
@@ -151,7 +154,7 @@ def _row(label: str, values: dict[str, Any], fmt: Callable[[str, Any], str]) -> 
     return f"{label:<14}" + "".join(f"{fmt(k, values.get(k)):>13}" for k in FIGURES)
 
 
-def render_table(entries: list[dict[str, Any]], ratio_block: dict[str, float | None] | None) -> str:
+def render_table(entries: list[dict[str, Any]], ratio_blocks: dict[str, dict[str, float | None]]) -> str:
     def fig(k: str, v: Any) -> str:
         _, scale, f = _LABELS[k]
         return "-" if v is None else f.format(v * scale)
@@ -166,11 +169,11 @@ def render_table(entries: list[dict[str, Any]], ratio_block: dict[str, float | N
             err = [ln for ln in e.get("error", "?").splitlines() if ln.strip()] or ["?"]
             why = f" ... {err[-1].strip()}" if len(err) > 1 else ""
             lines.append(f"{e['system']:<14}  no figures: {err[0][:100]}{why[:160]}")
-    if ratio_block is not None:
+    if ratio_blocks:
         lines.append("")
-        lines.append("ratio pdserve / monolithic (latency < 1 = pdserve faster; tok/s > 1 = pdserve"
-                     " faster)")
-        lines.append(_row("pd/mono", ratio_block, lambda _, v: "-" if v is None else f"{v:.2f}x"))
+        lines.append("ratio pdserve / peer (latency < 1 = pdserve faster; tok/s > 1 = pdserve faster)")
+        for peer, block in ratio_blocks.items():
+            lines.append(_row(f"/ {peer}", block, lambda _, v: "-" if v is None else f"{v:.2f}x"))
     return "\n".join(lines)
 
 
@@ -194,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "pdserve":
             extra_env = dict(kv.split("=", 1) for kv in args.pdserve_env)
             return pdserve_system(model_dir, model, log_dir, args.pdserve_set, extra_env)
-        return monolithic_system(model_dir, model, log_dir)
+        if name == "monolithic":
+            return monolithic_system(model_dir, model, log_dir)
+        return rayllm_system("colocated" if name == "rayllm" else "pd", model_dir, model, log_dir)
 
     started = dt.datetime.now(dt.UTC)
     # Other work on this 2-core host skews every figure: record how busy it was around us.
@@ -205,11 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         entries.append(bench_system(name, ctx(name), model, warmup, prompts, args.concurrency,
                                     args.output_len))
     by_name = {e["system"]: e for e in entries}
-    ratio_block = None
-    if all("summary" in by_name.get(s, {}) for s in SYSTEMS):
-        ratio_block = ratios(by_name["pdserve"]["summary"], by_name["monolithic"]["summary"])
+    ratio_blocks = {peer: ratios(by_name["pdserve"]["summary"], by_name[peer]["summary"]) for peer in PEERS
+                    if "summary" in by_name.get("pdserve", {}) and "summary" in by_name.get(peer, {})}
 
-    table = render_table(entries, ratio_block)
+    table = render_table(entries, ratio_blocks)
     print()
     print(f"{args.prompts} prompts x ~{args.input_len} tokens (+-{args.jitter:.0%}) -> "
           f"{args.output_len} tokens, concurrency {args.concurrency}, model {model}")
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                    "pdserve_env": args.pdserve_env,
                    "prompt_lengths": [len(p.token_ids) for p in prompts]},
         "systems": by_name,
-        "ratios_pdserve_over_monolithic": ratio_block,
+        "ratios_pdserve_over": ratio_blocks,
         "table": table,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,12 @@
-"""The two systems under test, each as a context manager that starts it, waits until it
+"""The systems under test, each as a context manager that starts it, waits until it
 really answers, yields its base URL, and always stops what it started.
 
 - pdserve: the real CLI (`pdserve up` / `pdserve down`) with a private PDSERVE_HOME, so its
   state file, Redis and Ray temp dir are this run's own and `down` stops exactly those.
 - monolithic: one vLLM OpenAI server on both cores, in its own session, killed by process
   group. It is spawned as a separate interpreter so no bench/ module imports torch or vLLM.
+- rayllm / rayllm_pd: Ray Serve LLM's own apps (``bench.peers.rayllm``: colocated, and its
+  prefill/decode app), a private Ray in its own session, killed the same way.
 """
 
 from __future__ import annotations
@@ -256,3 +258,40 @@ def _stop_session(proc: subprocess.Popen[bytes]) -> list[str]:
     # Spawned children that left the process group but kept the session.
     _kill_all(_pids_where(lambda p: _session_of(p) == sid), signal.SIGKILL)
     return notes
+
+
+# -- Ray Serve LLM ------------------------------------------------------------------------
+
+
+@contextmanager
+def rayllm_system(mode: str, model_dir: Path, model: str, log_dir: Path,
+                  start_timeout_s: float = 600.0) -> Iterator[Running]:
+    """Ray Serve LLM, ``mode`` colocated (``build_openai_app``) or pd (``build_pd_openai_app``),
+    with the same model, cores and KV budget as the others (``bench.peers.rayllm``)."""
+    from bench.peers.env import rayllm_env
+
+    name = "rayllm" if mode == "colocated" else "rayllm_pd"
+    port = free_port()
+    log = log_dir / f"{name}.log"
+    kv_dir = tempfile.mkdtemp(prefix="rayllm-kv-", dir="/dev/shm")  # the P/D app's KV files
+    cmd = [sys.executable, "-m", "bench.peers.rayllm", "--mode", mode, "--model-dir", str(model_dir),
+           "--model", model, "--port", str(port), "--kv-dir", kv_dir]
+    running = Running(name, f"http://127.0.0.1:{port}/v1", 0.0, str(log))
+    env = rayllm_env()
+    out = log.open("w")
+    out.write(" ".join(cmd) + "\n")
+    out.flush()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, cwd=str(Path(__file__).resolve().parents[1]), stdout=out,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_ready(running.base_url, model, t0 + start_timeout_s, lambda: proc.poll() is None,
+                    log, f"Ray Serve LLM ({mode})")
+        running.startup_s = time.monotonic() - t0
+        yield running
+    finally:
+        running.notes += _stop_session(proc)  # SIGTERM: the app shuts Serve and Ray down
+        out.close()
+        shutil.rmtree(kv_dir, ignore_errors=True)
+        for note in running.notes:
+            print(f"[bench] {name} cleanup: {note}", file=sys.stderr, flush=True)
