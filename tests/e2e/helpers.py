@@ -4,6 +4,8 @@ check, and the store's counters."""
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -62,3 +64,38 @@ def role_counter(meta: MetadataStore, role: str, name: str) -> int:
 
 def n_tokens(tok: PromptTokenizer, prompt: str) -> int:
     return len(tok.encode(prompt))
+
+
+def stream_through_a_fault(cluster: Cluster, prompt: str, fault: Callable[[], str], after_tokens: int = 16,
+                           max_tokens: int = 160) -> str:
+    """A long greedy completion run whole, then streamed with ``fault`` injected after
+    ``after_tokens`` tokens (it returns what it broke). Asserts the stream goes on, is resumed
+    exactly once, and equals the uninterrupted run token for token (a divergence allowed
+    only at a floating-point near-tie). Returns what ``fault`` returned."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "logprobs": 2}
+    whole = httpx.post(f"{cluster.base_url}/completions", json=body, timeout=300).json()
+    want = whole["choices"][0]["token_ids"]
+    gaps = [sorted(top.values(), reverse=True) for top in whole["choices"][0]["logprobs"]["top_logprobs"]]
+    got: list[int] = []
+    last: dict[str, Any] = {}
+    broken = ""
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{cluster.base_url}/completions", json=stream_body, timeout=600) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            last = event
+            for choice in event["choices"]:
+                got.extend(choice.get("token_ids") or [])
+            if len(got) >= after_tokens and not broken:
+                broken = fault()
+    assert broken and last["pdserve"]["decode_resumes"] == 1, last
+    assert len(got) == len(want) == max_tokens
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        if a != b:  # only a floating-point near-tie may turn the two runs apart
+            assert len(gaps[i]) == 2 and gaps[i][0] - gaps[i][1] < FP_TIE, (i, a, b, gaps[i])
+            break
+    return broken

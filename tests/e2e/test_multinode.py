@@ -7,7 +7,6 @@ departed node's agent leaves the metadata, and the cluster keeps serving equal o
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,14 @@ from ray.cluster_utils import Cluster as RayCluster
 from cluster.runtime import wait_until
 from router.tokenizer import PromptTokenizer
 from tests.e2e.conftest import HERE, Cluster, running_pdserve
-from tests.e2e.helpers import CHUNK, FP_TIE, MODEL, assert_matches_reference, complete_all, n_tokens, store
+from tests.e2e.helpers import (
+    CHUNK,
+    assert_matches_reference,
+    complete_all,
+    n_tokens,
+    store,
+    stream_through_a_fault,
+)
 from tests.e2e.prompts import EQUIVALENCE
 
 pytestmark = pytest.mark.e2e
@@ -95,36 +101,15 @@ def _drop_a_decode_node_mid_stream(cluster: Cluster, nodes: RayCluster, prompt: 
     Ray cluster (raylet, replica, engine and store agent gone at once). The client's stream
     is the uninterrupted one's, token for token (resumed on the other decode node, which
     loads the prompt's KV from the prefill node's agent)."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 160, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True, "logprobs": 2}
-    whole = httpx.post(f"{cluster.base_url}/completions", json=body, timeout=300).json()
-    want = whole["choices"][0]["token_ids"]
-    gaps = [sorted(top.values(), reverse=True) for top in whole["choices"][0]["logprobs"]["top_logprobs"]]
     meta = store(cluster)
-    got: list[int] = []
-    last: dict = {}
-    dropped = ""
-    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", f"{cluster.base_url}/completions", json=stream_body, timeout=600) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            last = event
-            for choice in event["choices"]:
-                got.extend(choice.get("token_ids") or [])
-            if len(got) >= 16 and not dropped:
-                busy = _busy_decode_node(cluster)
-                (node,) = [n for n in nodes.worker_nodes if n.node_id == busy]
-                nodes.remove_node(node, allow_graceful=False)
-                dropped = busy
-    assert dropped and last["pdserve"]["decode_resumes"] == 1, last
-    assert last["pdserve"]["decode_replica"] and len(got) == len(want) == 160
-    for i, (a, b) in enumerate(zip(got, want, strict=True)):
-        if a != b:  # only a floating-point near-tie may turn the two runs apart
-            assert len(gaps[i]) == 2 and gaps[i][0] - gaps[i][1] < FP_TIE, (i, a, b, gaps[i])
-            break
+
+    def drop() -> str:
+        busy = _busy_decode_node(cluster)
+        (node,) = [n for n in nodes.worker_nodes if n.node_id == busy]
+        nodes.remove_node(node, allow_graceful=False)
+        return busy
+
+    dropped = stream_through_a_fault(cluster, prompt, drop)
     # The departed node's agent and chunks leave the metadata (reaped by the surviving agents).
     wait_until(lambda: dropped not in {a.node_id for a in meta.agents()} and not meta.node_chunks(dropped),
                60, "the dropped node's agent to leave the store's metadata")
