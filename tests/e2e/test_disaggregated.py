@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cluster.runtime import serve_replica_pids, start_redis, url_password, wait_until
 from kvstore.agent_rpc import AgentClient
 from kvstore.peer_auth import PeerAuth
-from kvstore.segment import HEADER_BYTES, Segment
+from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
 from router.tokenizer import PromptTokenizer
 from tests.e2e.conftest import Cluster
 from tests.e2e.helpers import (
@@ -317,6 +317,44 @@ def test_killed_redis_recomputes_and_stays_correct_then_the_store_heals(
     assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
     want = n_tokens(tokenizer, prompt) // CHUNK * CHUNK
     assert res["pdserve"]["decode_cached_tokens"] == want > 0, (res["pdserve"], store(cluster).stats())
+
+
+def test_killed_store_agent_costs_nothing_and_a_new_agent_takes_over(
+    cluster: Cluster, reference: dict, tokenizer: PromptTokenizer
+) -> None:
+    """The node's store agent is SIGKILLed. Serving goes on (a save that cannot reach it is
+    skipped, a load it cannot serve recomputed); the supervisor starts a new agent on the
+    node within seconds, which unlinks the dead one's segment and drops its chunks from the
+    metadata; the prompts after that are saved and loaded through the new agent."""
+    meta = store(cluster)
+    (old,) = meta.agents()
+    (pid,) = [int(p.name) for p in Path("/proc").iterdir()
+              if p.name.isdigit() and _cmdline_starts(p, b"ray::StoreAgentActor")]
+    subprocess.run(["kill", f"-{signal.SIGKILL.value}", str(pid)], check=True)
+    prompts = [p for p in EQUIVALENCE if n_tokens(tokenizer, p) > CHUNK and len(reference[p]["token_ids"]) > 1][:3]
+    for prompt, res in zip(prompts, complete_all(cluster, prompts, concurrency=1), strict=True):
+        assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
+
+    def taken_over() -> bool:
+        agents = meta.agents()
+        return len(agents) == 1 and agents[0].segment != old.segment
+
+    wait_until(taken_over, 60, "the supervisor to start a new store agent on the node")
+    (new,) = meta.agents()
+    assert not Path(SHM_DIR, old.segment).exists()  # the dead agent's segment, unlinked
+    assert all(loc.segment == new.segment for _k, loc in meta.node_chunks(new.node_id))
+    # Healed: a prompt not seen before is saved by prefill and loaded by decode again.
+    prompt = next(p for p in reversed(FRESH) if len(reference[p]["token_ids"]) > 1 and n_tokens(tokenizer, p) > CHUNK)
+    (res,) = complete_all(cluster, [prompt])
+    assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
+    assert res["pdserve"]["decode_cached_tokens"] == n_tokens(tokenizer, prompt) // CHUNK * CHUNK > 0
+
+
+def _cmdline_starts(proc: Path, title: bytes) -> bool:
+    try:
+        return (proc / "cmdline").read_bytes().startswith(title)
+    except OSError:  # gone, or not ours to read
+        return False
 
 
 # -- replica faults: a lost engine replica costs the client nothing ---------------------------
