@@ -293,5 +293,10 @@ def rayllm_system(mode: str, model_dir: Path, model: str, log_dir: Path,
         running.notes += _stop_session(proc)  # SIGTERM: the app shuts Serve and Ray down
         out.close()
         shutil.rmtree(kv_dir, ignore_errors=True)
+        # vLLM's queues of engines that SIGKILL ended (only what no live process maps).
+        from kvstore import janitor
+
+        if freed := janitor.sweep(min_age_s=0):
+            running.notes.append(f"freed {freed >> 20} MiB of shared memory its engines left behind")
         for note in running.notes:
             print(f"[bench] {name} cleanup: {note}", file=sys.stderr, flush=True)
