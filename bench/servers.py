@@ -28,6 +28,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.peers.env import cpu_engine_env
+
 _UP_LINE = re.compile(r"pdserve is up: OpenAI base URL (\S+)")
 
 
@@ -214,8 +216,7 @@ def monolithic_system(model_dir: Path, model: str, log_dir: Path,
     log = log_dir / "monolithic.log"
     # Both cores for one engine, none reserved for the frontend: the fair peer of pdserve's
     # two one-core engines (see shared/ENVIRONMENT.md, "CPU binding decides speed").
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, **cpu_engine_env("0-1")}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--served-model-name", model, "--dtype", "float32", "--block-size", "32",
            "--max-model-len", "2048", "--enforce-eager", "--port", str(port),

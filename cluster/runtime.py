@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from cluster.env import pdserve_home
 from cluster.log import get_logger
+from kvstore.metadata import redis_password
 
 log = get_logger(__name__)
 
@@ -165,8 +166,7 @@ def redacted(url: str) -> str:
 
 def url_password(url: str) -> str | None:
     """The password a Redis URL carries (to start a Redis again with the same one)."""
-    password = urlsplit(url).password
-    return unquote(password) if password else None
+    return redis_password(url)
 
 
 def _wait_for_redis(pidfile: Path, port: int, url: str) -> tuple[str, int, int]:
@@ -221,12 +221,17 @@ def serve_replica_pids(app: str, deployment: str = "") -> list[int]:
     """PIDs of the Serve replicas of ``app``'s ``deployment`` (all of the app's with ""): Ray
     titles an actor's worker process with its class, ``ray::ServeReplica:<app>:<deployment>``.
     The engine processes a replica spawns carry titles of their own and are not counted."""
-    needle = f"ServeReplica:{app}:{deployment}".encode()
+    return pids_titled(f"ServeReplica:{app}:{deployment}")
+
+
+def pids_titled(needle: str) -> list[int]:
+    """PIDs whose command line (Ray's process title for an actor: ``ray::<Class>``) holds ``needle``."""
+    raw = needle.encode()
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                if raw in Path(f"/proc/{entry}/cmdline").read_bytes():
                     pids.append(int(entry))
             except OSError:  # the process is gone, or not ours to look at
                 continue

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
+from urllib.parse import unquote, urlsplit
 
 import msgpack
 import redis
@@ -86,6 +87,12 @@ class StoreEvent:
     op: str  # "stored" | "removed"
     node_id: str
     keys: list[bytes]
+
+
+def redis_password(redis_url: str) -> str | None:
+    """The password a Redis URL carries, percent-decoded (None without one)."""
+    password = urlsplit(redis_url).password
+    return unquote(password) if password else None
 
 
 def connect(url: str, timeout_s: float = 1.0) -> redis.Redis:

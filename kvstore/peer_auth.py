@@ -15,8 +15,8 @@ How each wire carries the proof:
           configured the tcp slot server is not started at all.
     grpc  every call carries the token in the ``x-pdkv-token`` metadata; a server
           interceptor answers UNAUTHENTICATED to any call without the right one. Optional
-          TLS (one cluster certificate, verified against the cluster CA; mutual when the
-          agents are given the CA) protects the token and the bytes on untrusted links.
+          mutual TLS (one cluster certificate on both ends, each verified against the
+          cluster CA) protects the token and the bytes on untrusted links.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import grpc
 
 from kvstore.logging import get_logger
+from kvstore.metadata import redis_password
 
 log = get_logger(__name__)
 
@@ -112,10 +112,10 @@ class PeerAuth:
 
 def store_token(redis_url: str, prefix: str) -> bytes | None:
     """The store's peer token, derived from the Redis password its URL carries (or None)."""
-    password = urlsplit(redis_url).password
-    if not password:
+    password = redis_password(redis_url)
+    if password is None:
         return None
-    return hmac.new(unquote(password).encode(), b"pdserve-store-peer\0" + prefix.encode(), hashlib.sha256).digest()
+    return hmac.new(password.encode(), b"pdserve-store-peer\0" + prefix.encode(), hashlib.sha256).digest()
 
 
 class _TokenInterceptor(grpc.ServerInterceptor):

@@ -199,6 +199,8 @@ class Router:
         self._rates = CounterRates()
         self._store_stats_at: tuple[float, StoreStats | None] = (float("-inf"), None)
         self._store_stats_lock = threading.Lock()
+        # How this router proves itself to the store agents when it asks for their stats.
+        self._store_auth = PeerAuth.for_store(self.spec.redis_url, self.spec.store_prefix, self.spec.store_tls)
         self._index_feed: StoreIndexFeed | None = None
         if self.spec.redis_url:
             url, prefix = self.spec.redis_url, self.spec.store_prefix
@@ -260,7 +262,7 @@ class Router:
         pools still show)."""
         meta = MetadataStore(connect(self.spec.redis_url), self.spec.store_prefix)
         try:
-            return collect(meta, PeerAuth.for_store(self.spec.redis_url, self.spec.store_prefix, self.spec.store_tls))
+            return collect(meta, self._store_auth)
         except Exception as e:
             log.warning("store stats unavailable: %s", e)
             return None

@@ -17,6 +17,13 @@ from pathlib import Path
 RAYLLM_LIBS = ("pyarrow", "smart_open", "jsonref", "mmh3")
 
 
+def cpu_engine_env(cores: str) -> dict[str, str]:
+    """A vLLM CPU engine's environment in every peer: its cores, none reserved for the
+    frontend, 1 GiB of KV (pdserve's engines get the same; shared/ENVIRONMENT.md, "CPU
+    binding decides speed")."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
 def libs_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pdserve" / "peers" / "rayllm-libs"
 

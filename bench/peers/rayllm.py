@@ -26,14 +26,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from bench.peers.env import cpu_engine_env
+
 ENGINE = {"dtype": "float32", "block_size": 32, "max_model_len": 2048, "enforce_eager": True}
-
-
-def _cpu_env(cores: str) -> dict[str, Any]:
-    """The engine's runtime env: its cores, no core reserved for the frontend, 1 GiB of KV
-    (as pdserve's engines and the monolithic peer are given)."""
-    return {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                         "VLLM_CPU_KVCACHE_SPACE": "1"}}
 
 
 def llm_config(model_dir: str, model: str, cores: str, **engine: Any) -> Any:
@@ -44,7 +39,7 @@ def llm_config(model_dir: str, model: str, cores: str, **engine: Any) -> Any:
         engine_kwargs={**ENGINE, **engine},
         placement_group_config={"bundles": [{"CPU": 1}]},  # CPU only: no accelerator bundle
         deployment_config={"num_replicas": 1},
-        runtime_env=_cpu_env(cores),
+        runtime_env={"env_vars": cpu_engine_env(cores)},
     )
 
 
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Logical CPUs only decide what Ray agrees to schedule: each engine's replica takes a
     # bundle of CPUs and the ingress one more, which two would not fit. The physical budget
-    # is the engines' core binding (_cpu_env), the same two cores every system gets.
+    # is the engines' core binding (cpu_engine_env), the same two cores every system gets.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unwinds through the cleanup below
     try:

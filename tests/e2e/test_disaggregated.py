@@ -21,7 +21,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.runtime import serve_replica_pids, start_redis, url_password, wait_until
+from cluster.runtime import pids_titled, serve_replica_pids, start_redis, url_password, wait_until
 from kvstore.agent_rpc import AgentClient
 from kvstore.peer_auth import PeerAuth
 from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
@@ -328,8 +328,7 @@ def test_killed_store_agent_costs_nothing_and_a_new_agent_takes_over(
     metadata; the prompts after that are saved and loaded through the new agent."""
     meta = store(cluster)
     (old,) = meta.agents()
-    (pid,) = [int(p.name) for p in Path("/proc").iterdir()
-              if p.name.isdigit() and _cmdline_starts(p, b"ray::StoreAgentActor")]
+    (pid,) = pids_titled("ray::StoreAgentActor")
     subprocess.run(["kill", f"-{signal.SIGKILL.value}", str(pid)], check=True)
     prompts = [p for p in EQUIVALENCE if n_tokens(tokenizer, p) > CHUNK and len(reference[p]["token_ids"]) > 1][:3]
     for prompt, res in zip(prompts, complete_all(cluster, prompts, concurrency=1), strict=True):
@@ -348,13 +347,6 @@ def test_killed_store_agent_costs_nothing_and_a_new_agent_takes_over(
     (res,) = complete_all(cluster, [prompt])
     assert_matches_reference(prompt, res["choices"][0]["token_ids"], reference[prompt])
     assert res["pdserve"]["decode_cached_tokens"] == n_tokens(tokenizer, prompt) // CHUNK * CHUNK > 0
-
-
-def _cmdline_starts(proc: Path, title: bytes) -> bool:
-    try:
-        return (proc / "cmdline").read_bytes().startswith(title)
-    except OSError:  # gone, or not ours to read
-        return False
 
 
 # -- replica faults: a lost engine replica costs the client nothing ---------------------------
