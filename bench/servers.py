@@ -126,15 +126,15 @@ def _kill_all(pids: list[int], sig: int) -> None:
 @contextmanager
 def pdserve_system(model_dir: Path, model: str, log_dir: Path, sets: list[str],
                    extra_env: dict[str, str] | None = None,
-                   up_timeout_s: float = 600.0) -> Iterator[Running]:
+                   up_timeout_s: float = 600.0, log_name: str = "pdserve") -> Iterator[Running]:
     home = Path(tempfile.mkdtemp(prefix="pdbench-home-"))
     # extra_env reaches `up` and `down` alike: both talk to the same Ray cluster.
     env = {**os.environ, **(extra_env or {}), "PDSERVE_HOME": str(home)}
-    log = log_dir / "pdserve.log"
+    log = log_dir / f"{log_name}.log"
     cmd = [_bin("pdserve"), "up", "--set", f"model={model_dir}"]
     for s in sets:
         cmd += ["--set", s]
-    running = Running("pdserve", "", 0.0, str(log))
+    running = Running(log_name, "", 0.0, str(log))
     state_file = home / "run" / "state.json"
     state: dict[str, object] = {}
     try:

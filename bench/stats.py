@@ -7,18 +7,9 @@ Nothing here touches the network or the clock, so the unit tests pin the exact a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-# Figures every system summary carries; the ratio block and the table iterate over these.
-FIGURES: tuple[str, ...] = (
-    "ttft_p50_s", "ttft_p90_s",
-    "tpot_p50_s", "tpot_p90_s",
-    "e2e_p50_s", "e2e_p90_s",
-    "max_gap_p90_s",
-    "output_tok_per_s",
-)
 
 
 @dataclass
@@ -93,45 +84,3 @@ def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
-
-
-def summarize(results: Sequence[RequestResult], wall_s: float) -> dict[str, float | int | None]:
-    """Percentiles over successful requests plus run-level throughput.
-
-    ``output_tok_per_s`` is total output tokens of successful requests over the wall time
-    of the measured run (first send to last byte), i.e. what the system delivered under
-    this concurrency, not a per-request rate.
-    """
-    ok = [r for r in results if r.ok]
-    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
-    tpots = [r.tpot_s for r in ok if r.tpot_s is not None]
-    e2e = [r.e2e_s for r in ok]
-    gaps = [r.max_gap_s for r in ok if r.max_gap_s is not None]
-    out_tokens = sum(r.n_out for r in ok)
-    return {
-        "requests": len(results),
-        "failed": len(results) - len(ok),
-        "prompt_tokens": sum(r.prompt_tokens for r in ok),
-        "output_tokens": out_tokens,
-        "wall_s": wall_s,
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p90_s": percentile(ttft, 90),
-        "tpot_p50_s": percentile(tpots, 50),
-        "tpot_p90_s": percentile(tpots, 90),
-        "e2e_p50_s": percentile(e2e, 50),
-        "e2e_p90_s": percentile(e2e, 90),
-        "max_gap_p90_s": percentile(gaps, 90),
-        "output_tok_per_s": ratio(float(out_tokens), wall_s),
-    }
-
-
-def ratios(
-    a: Mapping[str, float | int | None], b: Mapping[str, float | int | None],
-    keys: Sequence[str] = FIGURES,
-) -> dict[str, float | None]:
-    """Figure-by-figure a/b. For latencies < 1 means a is faster; for tok/s > 1 does."""
-    out: dict[str, float | None] = {}
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        out[k] = ratio(None if va is None else float(va), None if vb is None else float(vb))
-    return out

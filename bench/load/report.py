@@ -63,6 +63,9 @@ def summarize_run(results: Sequence[RequestResult], wall_s: float, slos: Sequenc
         "tpot": [r.tpot_s for r in ok if r.tpot_s is not None],
         "itl": [g for r in ok for g in inter_token_gaps(r)],
         "e2e": [r.e2e_s for r in ok],
+        # Per request, its longest wait between two tokens: the stall a reader notices, which
+        # ITL percentiles (pooled over every token) hide.
+        "max_gap": [g for r in ok if (g := r.max_gap_s) is not None],
     }
     out: dict[str, Any] = {
         "requests": len(results), "failed": len(results) - len(ok), "wall_s": round(wall_s, 3),

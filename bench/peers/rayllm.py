@@ -20,6 +20,7 @@ that only this process imports from.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -31,6 +32,11 @@ from bench.peers.env import cpu_engine_env
 ENGINE = {"dtype": "float32", "block_size": 32, "max_model_len": 2048, "enforce_eager": True}
 
 
+def _engine_pythonpath() -> str:
+    repo = str(Path(__file__).resolve().parents[2])
+    return os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+
+
 def llm_config(model_dir: str, model: str, cores: str, **engine: Any) -> Any:
     from ray.serve.llm import LLMConfig
 
@@ -39,7 +45,8 @@ def llm_config(model_dir: str, model: str, cores: str, **engine: Any) -> Any:
         engine_kwargs={**ENGINE, **engine},
         placement_group_config={"bundles": [{"CPU": 1}]},  # CPU only: no accelerator bundle
         deployment_config={"num_replicas": 1},
-        runtime_env={"env_vars": cpu_engine_env(cores)},
+        # The engines import the connector from this repository (bench.peers.example_connector).
+        runtime_env={"env_vars": {**cpu_engine_env(cores), "PYTHONPATH": _engine_pythonpath()}},
     )
 
 
@@ -50,8 +57,10 @@ def build(mode: str, model_dir: str, model: str, kv_dir: str) -> Any:
         return build_openai_app({"llm_configs": [llm_config(model_dir, model, "0-1")]})
 
     def kv(role: str) -> dict[str, Any]:
-        return {"kv_connector": "ExampleConnector", "kv_role": role,
-                "kv_connector_extra_config": {"shared_storage_path": kv_dir}}
+        # The stock ExampleConnector kills its engine on prompts shorter than a block plus
+        # two tokens; bench.peers.example_connector says why and is the one-line fix.
+        return {"kv_connector": "SafeExampleConnector", "kv_connector_module_path": "bench.peers.example_connector",
+                "kv_role": role, "kv_connector_extra_config": {"shared_storage_path": kv_dir}}
 
     return build_pd_openai_app({
         "prefill_config": llm_config(model_dir, model, "0", kv_transfer_config=kv("kv_producer")),
