@@ -8,7 +8,8 @@ TPOT, ITL and end-to-end percentiles, throughput and goodput under SLOs.
 Without ``--url`` it loads the pdserve cluster that ``pdserve up`` started here. Each
 ``--rate`` (sessions per second, Poisson arrivals) is one run; ``--concurrency`` runs a
 closed loop instead. Results: a markdown table on stdout, JSON (every figure and every
-request) at ``--out``.
+request) at ``--out``, and next to it PNG plots: latency CDFs and, with several rates,
+goodput against the offered rate.
 """
 
 from __future__ import annotations
@@ -124,6 +125,26 @@ def resolve_target(args: argparse.Namespace) -> tuple[str, str]:
     return url, model
 
 
+def plot(report: dict[str, Any], out: Path) -> list[str]:
+    """Next to the JSON: TTFT and TPOT CDFs, one line per run, and with several rates,
+    goodput against the offered rate, one line per SLO."""
+    from bench.plots import latency_cdfs, lines
+
+    runs = report["runs"]
+    panels = {metric: {name: [r[f"{metric}_s"] for r in run["records"] if r["ok"] and r[f"{metric}_s"] is not None]
+                       for name, run in runs.items()} for metric in ("ttft", "tpot")}
+    files = [latency_cdfs({"TTFT": panels["ttft"], "TPOT": panels["tpot"]},
+                          out.with_name(out.stem + "-latency-cdf.png"), "ms")]
+    rated = {name: run for name, run in runs.items() if run.get("offered_sessions_per_s") is not None}
+    if len(rated) > 1:
+        slos = sorted({slo for run in rated.values() for slo in run["goodput"]})
+        series = {slo: [(run["offered_sessions_per_s"], run["goodput"][slo]["requests_per_s"] or 0.0)
+                        for run in rated.values()] for slo in slos}
+        files.append(lines(series, out.with_name(out.stem + "-goodput-vs-rate.png"), "offered sessions/s",
+                           "requests/s within the SLO", "goodput against the offered rate"))
+    return [str(f) for f in files]
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.client import wordlike_vocab
     from cluster.model import prepare_default_model
@@ -156,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     report["table"] = table
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            report["plots"] = plot(report, args.out)
+        except ImportError as e:  # matplotlib comes with pdserve's test/bench extras
+            report["plots"] = []
+            print(f"[bench] no plots: {e}")
         args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table)
     failed = sum(r["failed"] for r in report["runs"].values())

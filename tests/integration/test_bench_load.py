@@ -103,3 +103,6 @@ def test_pdserve_bench_writes_every_figure_and_request(echo: EchoServer, tmp_pat
         assert set(run["goodput"]) == {"chat", "code"} and run["goodput"]["chat"]["met"] == 6
         assert len(run["records"]) == 6
     assert "| rate 40/s |" in report["table"]
+    # Beside the JSON: latency CDFs, and goodput against the offered rate (two rates here).
+    assert [Path(p).name for p in report["plots"]] == ["bench-latency-cdf.png", "bench-goodput-vs-rate.png"]
+    assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in report["plots"])
