@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.compare.plan import (
     CPU_SLO_SCALE,
+    DEFAULT_SYSTEMS,
     FULL,
     POLICY_SYSTEM,
     QUICK,
@@ -44,7 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a few requests per workload (CI-sized)")
-    p.add_argument("--systems", default=",".join(SYSTEMS),
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help=f"comma-separated subset of {','.join(SYSTEMS)}, run in this order")
     p.add_argument("--slo-scale", type=float, default=CPU_SLO_SCALE,
                    help="stretch the chat SLO (TTFT 1 s, TPOT 30 ms) by this for slower hardware")

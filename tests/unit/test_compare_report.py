@@ -9,7 +9,18 @@ from typing import Any
 import pytest
 
 from bench.compare.cli import parse_args, plot
-from bench.compare.plan import FULL, PEERS, POLICY_SYSTEM, POLICY_WORKLOADS, QUICK, SYSTEMS, WORKLOADS, chat_slo
+from bench.compare.plan import (
+    DEFAULT_SYSTEMS,
+    FULL,
+    PEERS,
+    POLICIES,
+    POLICY_SYSTEM,
+    POLICY_WORKLOADS,
+    QUICK,
+    SYSTEMS,
+    WORKLOADS,
+    chat_slo,
+)
 from bench.compare.report import headline, markdown, policy_table, ratios, workload_table
 
 
@@ -73,7 +84,8 @@ def test_plots_are_written_for_every_workload_with_figures(tmp_path: Path) -> No
 
 def test_the_plan_runs_every_system_and_workload_and_refuses_unknown_systems() -> None:
     args = parse_args([])
-    assert args.systems == list(SYSTEMS) and SYSTEMS[0] == "pdserve" and set(PEERS) <= set(SYSTEMS)
+    assert args.systems == list(DEFAULT_SYSTEMS) and DEFAULT_SYSTEMS[0] == "pdserve"
+    assert set(PEERS) <= set(DEFAULT_SYSTEMS) and {POLICY_SYSTEM + p for p in POLICIES} <= set(SYSTEMS)
     assert parse_args(["--systems", "pdserve,rayllm_pd"]).systems == ["pdserve", "rayllm_pd"]
     with pytest.raises(SystemExit) as e:
         parse_args(["--systems", "pdserve,sglang"])
