@@ -237,8 +237,13 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _block_rows(self, cache: torch.Tensor) -> torch.Tensor:
         """A view of one layer's cache as [num_blocks, ...]: row b is all of block b's bytes,
         whatever the attention backend's layout ([blocks, ...] on CPU, [2, blocks, ...] for
-        split K/V layouts)."""
+        split K/V layouts). A permuted view is taken in memory order: CUDA FlashAttention
+        (vLLM 0.26) hands over logical [blocks, heads, tokens, 2*head] over NHD memory
+        [blocks, tokens, heads, 2*head], so a block's bytes are still one contiguous run."""
         n = self._num_blocks
+        if not cache.is_contiguous():
+            strides = cache.stride()
+            cache = cache.permute(*sorted(range(cache.dim()), key=lambda d: -strides[d]))
         for dim, size in enumerate(cache.shape):
             if size % n == 0 and size >= n:
                 return cache.view(*cache.shape[:dim], n, -1).movedim(dim, 0)

@@ -1,0 +1,195 @@
+"""KV path bandwidth on one GPU: the connector's own copy code between a paged GPU KV cache
+and a store segment, against plain pinned ``torch`` copies of the same bytes.
+
+    save:  GPU paged cache --PDStoreConnector._extract--> segment slot --seal (xxh3)-->
+    load:  segment slot --verify (xxh3)--> PDStoreConnector._inject --> GPU paged cache
+    limit: contiguous GPU buffer <--copy_(non_blocking)--> pinned host buffer (D2H / H2D)
+
+The cache is laid out as vLLM 0.26's FlashAttention backend lays it out (per layer NHD
+memory ``[num_blocks, block_size, kv_heads, 2 * head_dim]`` seen through the permuted view
+``[num_blocks, kv_heads, block_size, 2 * head_dim]``), with a Llama-3.2-1B shape by default
+(16 layers, 8 KV heads, head_dim 64, bf16: 32 KiB per token), and a chunk is
+``chunk_tokens // block_size`` consecutive blocks of every layer, as the store keeps it. What
+is not timed: Redis (lookup, commit) and the agent's slot allocation, which cost the same per
+chunk on any device. Each size runs ``--repeat`` timed passes over distinct slots; the
+median is reported.
+
+    python3 -m bench.gpu.kvpath --out bench/results/gpu-kvpath.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from kvstore.connector import PDStoreConnector
+from kvstore.connector_plan import LoadItem, SaveItem
+from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
+
+KIB = 1024
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--cache-gib", type=float, default=4.0, help="GPU KV cache size (all layers)")
+    ap.add_argument("--sizes-kib", default="256,512,1024,2048,4096,8192,16384,32768,65536")
+    ap.add_argument("--segment-mib", type=int, default=1024, help="store segment (capped by /dev/shm's free space)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of the code path (no pinned memory)")
+    ap.add_argument("--out", default="")
+    return ap.parse_args()
+
+
+class Cache:
+    """A paged KV cache as the attention backend allocates it, and the connector's copy code
+    bound to it (the real methods, called on a stand-in for the connector's state)."""
+
+    def __init__(self, a: argparse.Namespace, block_size: int) -> None:
+        self.dtype = getattr(torch, a.dtype)
+        per_block = 2 * block_size * a.kv_heads * a.head_dim * self.dtype.itemsize  # one layer
+        self.num_blocks = int(a.cache_gib * (1 << 30) / (per_block * a.layers))
+        # vLLM 0.26's CUDA FlashAttention cache: NHD memory [blocks, tokens, heads, 2*head_dim],
+        # handed to the connector as the logical permuted view [blocks, heads, tokens, 2*head_dim]
+        self.layers = [torch.randn(self.num_blocks, block_size, a.kv_heads, 2 * a.head_dim, device=a.device)
+                       .to(self.dtype).permute(0, 2, 1, 3) for _ in range(a.layers)]
+        self.block_bytes = per_block * a.layers  # one block of every layer
+        self.conn = SimpleNamespace(_num_blocks=self.num_blocks, _planner=SimpleNamespace(blocks_per_chunk=1))
+        self.conn._blocks = [PDStoreConnector._block_rows(self.conn, t) for t in self.layers]
+        self.conn._chunk_view = lambda payload, n: PDStoreConnector._chunk_view(self.conn, payload, n)
+        self.conn._chunk_nbytes = lambda: PDStoreConnector._chunk_nbytes(self.conn)
+
+    def set_chunk_blocks(self, n: int) -> None:
+        self.conn._planner.blocks_per_chunk = n
+
+    def extract(self, block_ids: tuple[int, ...], payload: memoryview) -> None:
+        PDStoreConnector._extract(self.conn, SaveItem(b"k" * 16, block_ids), payload)
+
+    def inject(self, block_ids: tuple[int, ...], payload: memoryview) -> None:
+        PDStoreConnector._inject(self.conn, payload, LoadItem(b"k" * 16, None, block_ids, 0))  # type: ignore[arg-type]
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, n: int) -> float:
+    sync()
+    t = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    sync()
+    return (time.perf_counter() - t) / n
+
+
+def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -> dict[str, Any]:
+    slot = HEADER_BYTES + nbytes
+    slots = max(1, min(16, seg.size // slot))
+    cache.set_chunk_blocks(blocks)
+    starts = list(range(0, cache.num_blocks - blocks, max(blocks, (cache.num_blocks - blocks) // slots)))[:slots]
+    ids = [tuple(range(s, s + blocks)) for s in starts]
+    key = b"k" * 16
+    digests = [0] * slots
+
+    def save(i: int, seal: bool = True) -> None:
+        j = i % slots
+        cache.extract(ids[j], seg.payload(j * slot, nbytes))
+        if seal:
+            digests[j] = seg.seal(j * slot, key, nbytes)
+
+    def load(i: int, verify: bool = True) -> None:
+        j = i % slots
+        payload = seg.verify(j * slot, key, nbytes, digests[j]) if verify else seg.payload(j * slot, nbytes)
+        cache.inject(ids[(j + 1) % slots], payload)  # into other blocks than it came from
+
+    on_gpu = cache.layers[0].is_cuda
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=cache.layers[0].device)
+    pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=on_gpu)
+    pageable = torch.empty(nbytes, dtype=torch.uint8)
+
+    cases = {
+        "save": lambda i: save(i), "save_copy_only": lambda i: save(i, seal=False),
+        "load": lambda i: load(i), "load_copy_only": lambda i: load(i, verify=False),
+        "pinned_d2h": lambda i: pinned.copy_(gpu, non_blocking=True),
+        "pinned_h2d": lambda i: gpu.copy_(pinned, non_blocking=True),
+        "pageable_d2h": lambda i: pageable.copy_(gpu), "pageable_h2d": lambda i: gpu.copy_(pageable),
+    }
+    n = max(2, min(64, (256 << 20) // nbytes))  # ~256 MiB per timed pass
+    for i in range(slots):  # fault the slots in and seal them (load verifies them)
+        save(i)
+    row: dict[str, Any] = {"chunk_bytes": nbytes, "blocks_per_chunk": blocks, "iters": n}
+    for name, fn in cases.items():
+        fn(0)
+        secs = statistics.median(timed(fn, n) for _ in range(repeat))
+        row[f"{name}_GBps"] = round(nbytes / secs / 1e9, 2)
+    for path, limit in (("save", "pinned_d2h"), ("load", "pinned_h2d")):
+        row[f"{path}_vs_pinned"] = round(row[f"{path}_GBps"] / row[f"{limit}_GBps"], 3)
+    # the round trip is exact: what was saved loads back bit for bit
+    save(0)
+    cache.inject(ids[1 % slots], seg.verify(0, key, nbytes, digests[0]))
+    for layer in cache.conn._blocks:
+        assert torch.equal(layer[list(ids[0])], layer[list(ids[1 % slots])])
+    return row
+
+
+def main() -> None:
+    a = parse_args()
+    free = os.statvfs(SHM_DIR)
+    shm_free = free.f_bavail * free.f_frsize
+    seg_bytes = min(a.segment_mib << 20, int(shm_free * 0.8))
+    seg = Segment.create(f"pdkv-bench-{uuid.uuid4().hex[:8]}", seg_bytes)
+    rows = []
+    try:
+        caches: dict[int, Cache] = {}
+        for kib in (int(s) for s in a.sizes_kib.split(",")):
+            nbytes = kib * KIB
+            bs = a.block_size
+            per_block_all_layers = 2 * bs * a.kv_heads * a.head_dim * getattr(torch, a.dtype).itemsize * a.layers
+            while nbytes < per_block_all_layers and bs > 1:  # a chunk smaller than one block: smaller blocks
+                bs //= 2
+                per_block_all_layers //= 2
+            if nbytes % per_block_all_layers or HEADER_BYTES + nbytes > seg_bytes:
+                print(f"skip {kib} KiB: not whole blocks of {per_block_all_layers} B, or over the segment")
+                continue
+            if bs not in caches:
+                caches.clear()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                caches[bs] = Cache(a, bs)
+            row = measure(caches[bs], seg, nbytes, nbytes // per_block_all_layers, a.repeat)
+            row["block_size"] = bs
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        seg.close()
+    result = {
+        "gpu": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu (dry run)", "torch": torch.__version__,
+        "model_shape": {"layers": a.layers, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dtype": a.dtype,
+                        "kv_bytes_per_token": 2 * a.kv_heads * a.head_dim * getattr(torch, a.dtype).itemsize
+                        * a.layers},
+        "segment_bytes": seg_bytes, "shm_free_bytes": shm_free, "repeat": a.repeat, "rows": rows,
+    }
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(f"{'chunk':>9} {'save':>7} {'load':>7} {'pin D2H':>8} {'pin H2D':>8} {'save/pin':>8} {'load/pin':>8}  GB/s")
+    for r in rows:
+        print(f"{r['chunk_bytes'] // KIB:>7}Ki {r['save_GBps']:>7} {r['load_GBps']:>7} {r['pinned_d2h_GBps']:>8} "
+              f"{r['pinned_h2d_GBps']:>8} {r['save_vs_pinned']:>8} {r['load_vs_pinned']:>8}")
+
+
+if __name__ == "__main__":
+    main()

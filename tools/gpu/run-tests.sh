@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# ON THE GPU MACHINE, from the repo root, in the call that carries the last part (or any later
+# call while the machine is warm): bring vLLM + Ray + Redis up from the carried parts and run
+# `python3 -m pytest tests/gpu`. Everything is logged to $OUT/gpu-tests.log.
+#
+#   bash tools/gpu/run-tests.sh [extra pytest args]
+#
+# Needs: the .whl-gpu/pNN parts added with device-install.sh (or /tmp/site already there),
+# .whl-gpu/extra carried in this call (or /tmp/pdextra already there): stage-extra.sh.
+# Env knobs: PYTEST_BUDGET_S (420: pytest is interrupted, and tears its cluster down, after
+# this long, leaving time to send the logs back inside a 600 s call), SITE (/tmp/site).
+# After the tests: BENCH=1 also runs bench/gpu/kvpath.py (JSON to $OUT/gpu-kvpath.json).
+set -uo pipefail
+REPO=$(pwd)
+OUT=${OUT:-/tmp/pdgpu-out}; mkdir -p "$OUT"
+SITE=${SITE:-/tmp/site}
+EXTRA=/tmp/pdextra
+T0=$(date +%s)
+say() { echo "[run-tests +$(( $(date +%s) - T0 ))s] $*"; }
+
+save_ray_logs() {  # every 3 s: the .out/.err/.log files of each Ray session pdserve starts
+  while sleep 3; do
+    for d in /tmp/pdray-*/session_2*/logs; do
+      [ -d "$d" ] || continue
+      (cd "$d" && find . -type f \( -name '*.out' -o -name '*.err' -o -name '*.log' \) \
+        -exec cp -u --parents {} /tmp/pdgpu-logs/ \; 2>/dev/null)
+    done
+  done
+}
+
+main() {
+
+# -- 1. the site tree (vLLM, Ray and their closure) and the extra part (redis-py, redis-server)
+if [ ! -d "$SITE/vllm" ]; then
+  bash tools/gpu/device-install.sh install "$SITE" || { say "install failed"; return 3; }
+fi
+if [ ! -x "$EXTRA/bin/redis-server" ]; then
+  want=$(sed -n 's/^sha256=//p' .whl-gpu/extra/MANIFEST 2>/dev/null)
+  got=$(sha256sum .whl-gpu/extra/extra.tar.xz 2>/dev/null | cut -d' ' -f1)
+  [ -n "$want" ] && [ "$want" = "$got" ] || { say "extra part missing or damaged (carry .whl-gpu/extra)"; return 3; }
+  mkdir -p "$EXTRA" && xz -dc .whl-gpu/extra/extra.tar.xz | tar -xf - -C "$EXTRA"
+fi
+export PATH=$EXTRA/bin:$PATH
+export PYTHONPATH=$REPO:$SITE:$EXTRA/site PYTHONUNBUFFERED=1
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 RAY_USAGE_STATS_ENABLED=0
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PDSERVE_GPU_TESTS_DEVICE=cuda  # never a silent skip here: no GPU found is a failure
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+# -- 2. a python whose bin/ holds a `ray` script: `pdserve up` runs `<python's dir>/ray start`
+# and the parts carry no console scripts. Written next to the image's python when that is
+# writable (root there), else into a venv that sees the image's packages through a .pth file.
+PY=$(command -v python3)
+PYBIN=$(python3 -c 'import os, sys; print(os.path.dirname(sys.executable))')
+if [ ! -x "$PYBIN/ray" ] && [ ! -w "$PYBIN" ]; then
+  python3 -m venv --without-pip /tmp/pdvenv
+  IMG_SITE=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+  VSITE=$(/tmp/pdvenv/bin/python3 -c 'import site; print(site.getsitepackages()[0])')
+  echo "$IMG_SITE" > "$VSITE/image.pth"
+  PYBIN=/tmp/pdvenv/bin PY=/tmp/pdvenv/bin/python3
+fi
+if [ ! -x "$PYBIN/ray" ]; then
+  printf '#!%s\nimport sys\nfrom ray.scripts.scripts import main\nsys.exit(main())\n' "$PYBIN/python3" > "$PYBIN/ray"
+  chmod +x "$PYBIN/ray"
+fi
+say "python $PY, ray script $PYBIN/ray"
+
+# -- 3. what the machine is
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+df -h /dev/shm /tmp | tail -2
+nproc
+"$PY" - <<'PYEOF'
+import time
+t = time.time()
+import ray, redis, torch, vllm
+print(f"IMPORT vllm {vllm.__version__} ray {ray.__version__} torch {torch.__version__} redis-py {redis.__version__} "
+      f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name(0)} in {time.time() - t:.1f}s")
+PYEOF
+
+# -- 4. Redis: the carried server starts and answers
+redis-server --version
+RPORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+redis-server --port "$RPORT" --save "" --appendonly no --daemonize yes --dir /tmp >/dev/null
+for _ in $(seq 50); do redis-cli -p "$RPORT" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+if redis-cli -p "$RPORT" ping | grep -q PONG; then say "RESULT redis-server starts and answers PING"; else say "RESULT redis-server FAILED"; fi
+redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1
+
+# -- 5. the tests. `pdserve down` (or a failed `up`) removes Ray's temp dir with every engine's
+# log: a background copier keeps them in /tmp/pdgpu-logs for the post-mortem.
+say "pytest tests/gpu (budget ${PYTEST_BUDGET_S:-420}s)"
+rm -rf /tmp/pdgpu-pytest /tmp/pdgpu-logs && mkdir -p /tmp/pdgpu-logs
+save_ray_logs &
+local saver=$!
+timeout -s INT -k 60 "${PYTEST_BUDGET_S:-420}" "$PY" -m pytest tests/gpu -v -s -rA -p no:cacheprovider \
+  --basetemp=/tmp/pdgpu-pytest "$@"
+rc=$?
+kill "$saver" 2>/dev/null; wait "$saver" 2>/dev/null
+say "RESULT pytest tests/gpu rc=$rc"
+tar -C /tmp/pdgpu-logs -cJf "$OUT/ray-logs.tar.xz" . && ls -la "$OUT"
+if [ "$rc" != 0 ]; then  # the engines' tracebacks, into this log
+  grep -rh -B3 -A25 -E "Traceback|Error in memory profiling|No available memory" /tmp/pdgpu-logs | head -300
+fi
+
+# -- 6. optional: the KV path bandwidth benchmark on the same machine
+if [ "${BENCH:-0}" = 1 ]; then
+  say "bench/gpu/kvpath.py"
+  timeout -k 10 "${BENCH_BUDGET_S:-150}" "$PY" -m bench.gpu.kvpath --out "$OUT/gpu-kvpath.json"
+  say "RESULT kvpath rc=$?"
+fi
+return "$rc"
+}
+
+main "$@" 2>&1 | tee -a "$OUT/gpu-tests.log"
+exit "${PIPESTATUS[0]}"
