@@ -16,6 +16,14 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def latency_cdfs(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path, xlabel: str) -> Path:
     """One panel per key of ``panels`` (e.g. a workload), one empirical CDF per series in it
     (e.g. a system); values in seconds, drawn in milliseconds."""
@@ -31,11 +39,7 @@ def latency_cdfs(panels: Mapping[str, Mapping[str, Sequence[float]]], path: Path
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def grouped_bars(groups: Mapping[str, Mapping[str, float | None]], path: Path, ylabel: str, title: str) -> Path:
@@ -54,11 +58,7 @@ def grouped_bars(groups: Mapping[str, Mapping[str, float | None]], path: Path, y
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def lines(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, xlabel: str, ylabel: str,
@@ -74,8 +74,4 @@ def lines(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, xlabe
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -10,7 +10,9 @@ from typing import Any
 
 import httpx
 
+from kvstore.agent_rpc import AgentClient
 from kvstore.metadata import MetadataStore, connect
+from kvstore.peer_auth import PeerAuth
 from router.tokenizer import PromptTokenizer
 from tests.e2e.conftest import MAX_TOKENS, Cluster
 
@@ -53,6 +55,25 @@ def assert_matches_reference(prompt: str, got: list[int], ref: dict[str, Any]) -
 
 def store(cluster: Cluster) -> MetadataStore:
     return MetadataStore(connect(cluster.state().redis_url), "pdkv")
+
+
+def empty_store(cluster: Cluster) -> None:
+    """Every chunk gone: the metadata in Redis and the bytes in every agent's segment."""
+    meta = store(cluster)
+    meta.clear_chunks()
+    for agent in meta.agents():
+        AgentClient(agent.address, PeerAuth.for_store(cluster.state().redis_url, meta.prefix)).clear()
+
+
+def distinct_long_prompts(tokenizer: PromptTokenizer, prompts: list[str], chunk: int) -> list[str]:
+    """Prompts over three chunks long that share no first chunk: sent one at a time, none can
+    reuse what another re-saves."""
+    out: list[str] = []
+    for p in prompts:
+        ids = tokenizer.encode(p)
+        if len(ids) > 3 * chunk and all(tokenizer.encode(q)[:chunk] != ids[:chunk] for q in out):
+            out.append(p)
+    return out
 
 
 def role_counter(meta: MetadataStore, role: str, name: str) -> int:

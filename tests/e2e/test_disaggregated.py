@@ -22,8 +22,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.runtime import pids_titled, serve_replica_pids, start_redis, url_password, wait_until
-from kvstore.agent_rpc import AgentClient
-from kvstore.peer_auth import PeerAuth
 from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
 from router.tokenizer import PromptTokenizer
 from tests.e2e.conftest import Cluster
@@ -32,6 +30,8 @@ from tests.e2e.helpers import (
     MODEL,
     assert_matches_reference,
     complete_all,
+    distinct_long_prompts,
+    empty_store,
     n_tokens,
     role_counter,
     store,
@@ -258,16 +258,8 @@ def test_redis_password_is_in_no_log_and_on_no_command_line(cluster: Cluster) ->
 def test_emptied_store_recomputes_and_stays_correct(
     cluster: Cluster, reference: dict, tokenizer: PromptTokenizer
 ) -> None:
-    meta = store(cluster)
-    meta.clear_chunks()
-    for agent in meta.agents():
-        AgentClient(agent.address, PeerAuth.for_store(cluster.state().redis_url, meta.prefix)).clear()
-    # Long prompts that share no first chunk, so none can reuse what another re-saves here.
-    prompts: list[str] = []
-    for p in EQUIVALENCE:
-        ids = tokenizer.encode(p)
-        if len(ids) > 3 * CHUNK and all(tokenizer.encode(q)[:CHUNK] != ids[:CHUNK] for q in prompts):
-            prompts.append(p)
+    empty_store(cluster)
+    prompts = distinct_long_prompts(tokenizer, EQUIVALENCE, CHUNK)
     assert len(prompts) >= 3
     for prompt, res in zip(prompts, complete_all(cluster, prompts, concurrency=1), strict=True):
         assert res["pdserve"]["prefill_cached_tokens"] == 0  # nothing left to load: recomputed

@@ -51,9 +51,10 @@ def reference(model_dir: Path, tokenizer: PromptTokenizer, tmp_path_factory: pyt
     d = tmp_path_factory.mktemp("reference")
     spec = {"model": str(model_dir), "device": DEVICE.name, "dtype": DEVICE.dtype, "block_size": BLOCK,
             "max_model_len": MAX_MODEL_LEN, "max_tokens": MAX_TOKENS, "gpu_memory_utilization": 0.25,
+            "ignore_eos": True, "seed": 0,
             "prompts": [tokenizer.encode(t) for t in PROMPTS]}
     (d / "in.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "tests.gpu.reference", str(d / "in.json"), str(d / "out.json")],
+    subprocess.run([sys.executable, "-m", "tests.e2e.reference", str(d / "in.json"), str(d / "out.json")],
                    check=True, timeout=300, cwd=REPO)
     return dict(zip(PROMPTS, json.loads((d / "out.json").read_text()), strict=True))
 

@@ -19,11 +19,9 @@ from tests.gpu.device import DEVICE, SKIP_REASON
 if DEVICE is None:
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
-from kvstore.agent_rpc import AgentClient  # noqa: E402
-from kvstore.peer_auth import PeerAuth  # noqa: E402
 from router.tokenizer import PromptTokenizer  # noqa: E402
 from tests.e2e.conftest import Cluster  # noqa: E402
-from tests.e2e.helpers import role_counter, store  # noqa: E402
+from tests.e2e.helpers import distinct_long_prompts, empty_store, role_counter, store  # noqa: E402
 from tests.gpu.conftest import BLOCK, MAX_TOKENS, MODEL_NAME, PROMPTS  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -115,16 +113,8 @@ def test_decode_replica_loads_the_prompt_kv_from_the_store(
 def test_emptied_store_recomputes_and_stays_correct(
     cluster: Cluster, reference: dict, tokenizer: PromptTokenizer
 ) -> None:
-    meta = store(cluster)
-    meta.clear_chunks()
-    for agent in meta.agents():
-        AgentClient(agent.address, PeerAuth.for_store(cluster.state().redis_url, meta.prefix)).clear()
-    # Long prompts that share no first chunk, one at a time, so none reuses what another re-saves.
-    prompts: list[str] = []
-    for p in PROMPTS:
-        ids = tokenizer.encode(p)
-        if len(ids) > 3 * BLOCK and all(tokenizer.encode(q)[:BLOCK] != ids[:BLOCK] for q in prompts):
-            prompts.append(p)
+    empty_store(cluster)
+    prompts = distinct_long_prompts(tokenizer, PROMPTS, BLOCK)
     assert len(prompts) >= 3
     results = complete_all(cluster, prompts, concurrency=1)
     for prompt, res in zip(prompts, results, strict=True):
