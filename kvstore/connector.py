@@ -48,6 +48,7 @@ from kvstore.connector_plan import (
 )
 from kvstore.hashing import KVNamespace, chunk_keys
 from kvstore.logging import get_logger
+from kvstore.segment import clear_digest_hints
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -58,6 +59,12 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = get_logger(__name__)
+
+
+def gpu_path_enabled() -> bool:
+    """The CUDA KV path (kvstore/gpu_path.py: pinned segment, one gathered copy per chunk,
+    checksums on several threads) unless PDSERVE_GPU_KV_PATH=0."""
+    return os.environ.get("PDSERVE_GPU_KV_PATH", "1") != "0"
 
 
 @dataclass
@@ -149,6 +156,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._pending_loads: dict[str, LoadPlan] = {}
         # worker side: per layer, a [num_blocks, ...] view whose rows are whole blocks
         self._blocks: list[torch.Tensor] = []
+        self._gpu: Any = None  # kvstore.gpu_path.GpuKVPath when the cache is on CUDA
         self._failed_blocks: set[int] = set()
         self._counters: dict[str, int] = {}
         # The process that started this one (the engine core, or the replica): once it is
@@ -233,6 +241,10 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._blocks = [self._block_rows(t) for t in kv_caches.values()]
+        if self._blocks and self._blocks[0].is_cuda and gpu_path_enabled():
+            from kvstore.gpu_path import GpuKVPath  # CUDA only: never imported on CPU engines
+
+            self._gpu = GpuKVPath(self._blocks)
 
     def _block_rows(self, cache: torch.Tensor) -> torch.Tensor:
         """A view of one layer's cache as [num_blocks, ...]: row b is all of block b's bytes,
@@ -288,6 +300,9 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         per = self._planner.blocks_per_chunk
         if len(payload) != self._chunk_nbytes():
             raise ValueError(f"chunk holds {len(payload)} B, this engine expects {self._chunk_nbytes()}")
+        if self._gpu is not None:
+            self._gpu.inject(payload, item.block_ids, per, item.skip_blocks)
+            return
         src = self._chunk_view(payload, per)
         ids = torch.tensor(item.block_ids, device=self._blocks[0].device)
         for layer, rows in enumerate(self._blocks):
@@ -329,9 +344,15 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         except Exception as e:
             self._warn("save", e)
             self._count("save_failures", len(items))
+        finally:
+            if self._gpu is not None:
+                clear_digest_hints()  # a hint whose seal never ran must not outlive the step
         self._flush_counters()
 
     def _extract(self, item: SaveItem, payload: memoryview) -> None:
+        if self._gpu is not None:
+            self._gpu.extract(item.block_ids, payload)
+            return
         dst = self._chunk_view(payload, len(item.block_ids))
         ids = torch.tensor(item.block_ids, device=self._blocks[0].device)
         for layer, rows in enumerate(self._blocks):
@@ -363,4 +384,6 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._warn("stats", e)
 
     def shutdown(self) -> None:
+        if self._gpu is not None:
+            self._gpu.close()
         self._store.close()

@@ -3,7 +3,12 @@ and a store segment, against plain pinned ``torch`` copies of the same bytes.
 
     save:  GPU paged cache --PDStoreConnector._extract--> segment slot --seal (xxh3)-->
     load:  segment slot --verify (xxh3)--> PDStoreConnector._inject --> GPU paged cache
+    load_store: the same, verified by StoreClient's own same-node read
+           (``_read_local_split``, what ``batch_get`` runs for slots >= 512 KiB)
     limit: contiguous GPU buffer <--copy_(non_blocking)--> pinned host buffer (D2H / H2D)
+
+On CUDA the connector's copies go through ``kvstore.gpu_path`` (``--legacy``: the generic
+per-layer path, as before it).
 
 The cache is laid out as vLLM 0.26's FlashAttention backend lays it out (per layer NHD
 memory ``[num_blocks, block_size, kv_heads, 2 * head_dim]`` seen through the permuted view
@@ -25,13 +30,17 @@ import os
 import statistics
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from kvstore import segment as segmod
+from kvstore.client import StoreClient
 from kvstore.connector import PDStoreConnector
 from kvstore.connector_plan import LoadItem, SaveItem
+from kvstore.metadata import ChunkLocation
 from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
 
 KIB = 1024
@@ -49,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--segment-mib", type=int, default=1024, help="store segment (capped by /dev/shm's free space)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the code path (no pinned memory)")
+    ap.add_argument("--legacy", action="store_true", help="the generic per-layer copy path, not kvstore.gpu_path")
     ap.add_argument("--out", default="")
     return ap.parse_args()
 
@@ -70,6 +80,11 @@ class Cache:
         self.conn._blocks = [PDStoreConnector._block_rows(self.conn, t) for t in self.layers]
         self.conn._chunk_view = lambda payload, n: PDStoreConnector._chunk_view(self.conn, payload, n)
         self.conn._chunk_nbytes = lambda: PDStoreConnector._chunk_nbytes(self.conn)
+        self.conn._gpu = None
+        if self.layers[0].is_cuda and not a.legacy:
+            from kvstore.gpu_path import GpuKVPath
+
+            self.conn._gpu = GpuKVPath(self.conn._blocks)
 
     def set_chunk_blocks(self, n: int) -> None:
         self.conn._planner.blocks_per_chunk = n
@@ -95,6 +110,9 @@ def timed(fn: Any, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
+verifier = ThreadPoolExecutor(1, thread_name_prefix="pdkv-verify")
+
+
 def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -> dict[str, Any]:
     slot = HEADER_BYTES + nbytes
     slots = max(1, min(16, seg.size // slot))
@@ -115,6 +133,18 @@ def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -
         payload = seg.verify(j * slot, key, nbytes, digests[j]) if verify else seg.payload(j * slot, nbytes)
         cache.inject(ids[(j + 1) % slots], payload)  # into other blocks than it came from
 
+    # StoreClient's same-node verified read (the real code, on a stand-in for its state)
+    client = SimpleNamespace(_verifier=verifier, shm=SimpleNamespace(segment=lambda name: seg))
+    info = SimpleNamespace(segment=seg.name)
+
+    def load_store(i: int) -> None:
+        j = i % slots
+        loc = ChunkLocation(node_id="n", segment=seg.name, offset=j * slot, length=nbytes, checksum=digests[j])
+        got = StoreClient._read_local_split(
+            client, info, [0], [slot], [key], [loc],  # type: ignore[arg-type]
+            lambda _i, payload: cache.inject(ids[(j + 1) % slots], payload), None)
+        assert got == [(0, "ok")], got
+
     on_gpu = cache.layers[0].is_cuda
     gpu = torch.empty(nbytes, dtype=torch.uint8, device=cache.layers[0].device)
     pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=on_gpu)
@@ -123,6 +153,7 @@ def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -
     cases = {
         "save": lambda i: save(i), "save_copy_only": lambda i: save(i, seal=False),
         "load": lambda i: load(i), "load_copy_only": lambda i: load(i, verify=False),
+        "load_store": load_store,
         "pinned_d2h": lambda i: pinned.copy_(gpu, non_blocking=True),
         "pinned_h2d": lambda i: gpu.copy_(pinned, non_blocking=True),
         "pageable_d2h": lambda i: pageable.copy_(gpu), "pageable_h2d": lambda i: gpu.copy_(pageable),
@@ -135,10 +166,12 @@ def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -
         fn(0)
         secs = statistics.median(timed(fn, n) for _ in range(repeat))
         row[f"{name}_GBps"] = round(nbytes / secs / 1e9, 2)
-    for path, limit in (("save", "pinned_d2h"), ("load", "pinned_h2d")):
+        segmod.clear_digest_hints()  # the copy-only saves leave theirs unsealed
+    for path, limit in (("save", "pinned_d2h"), ("load", "pinned_h2d"), ("load_store", "pinned_h2d")):
         row[f"{path}_vs_pinned"] = round(row[f"{path}_GBps"] / row[f"{limit}_GBps"], 3)
     # the round trip is exact: what was saved loads back bit for bit
     save(0)
+    assert digests[0] == segmod.checksum(seg.payload(0, nbytes)), "the sealed digest is not the payload's"
     cache.inject(ids[1 % slots], seg.verify(0, key, nbytes, digests[0]))
     for layer in cache.conn._blocks:
         assert torch.equal(layer[list(ids[0])], layer[list(ids[1 % slots])])
@@ -165,6 +198,9 @@ def main() -> None:
                 print(f"skip {kib} KiB: not whole blocks of {per_block_all_layers} B, or over the segment")
                 continue
             if bs not in caches:
+                for c in caches.values():
+                    if c.conn._gpu is not None:
+                        c.conn._gpu.close()
                 caches.clear()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -180,15 +216,18 @@ def main() -> None:
         "model_shape": {"layers": a.layers, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dtype": a.dtype,
                         "kv_bytes_per_token": 2 * a.kv_heads * a.head_dim * getattr(torch, a.dtype).itemsize
                         * a.layers},
+        "path": "legacy" if a.legacy or a.device != "cuda" else "kvstore.gpu_path",
         "segment_bytes": seg_bytes, "shm_free_bytes": shm_free, "repeat": a.repeat, "rows": rows,
     }
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"{'chunk':>9} {'save':>7} {'load':>7} {'pin D2H':>8} {'pin H2D':>8} {'save/pin':>8} {'load/pin':>8}  GB/s")
+    print(f"{'chunk':>9} {'save':>7} {'load':>7} {'ld_store':>8} {'pin D2H':>8} {'pin H2D':>8} {'save/pin':>8} "
+          f"{'load/pin':>8} {'lds/pin':>8}  GB/s")
     for r in rows:
-        print(f"{r['chunk_bytes'] // KIB:>7}Ki {r['save_GBps']:>7} {r['load_GBps']:>7} {r['pinned_d2h_GBps']:>8} "
-              f"{r['pinned_h2d_GBps']:>8} {r['save_vs_pinned']:>8} {r['load_vs_pinned']:>8}")
+        print(f"{r['chunk_bytes'] // KIB:>7}Ki {r['save_GBps']:>7} {r['load_GBps']:>7} {r['load_store_GBps']:>8} "
+              f"{r['pinned_d2h_GBps']:>8} {r['pinned_h2d_GBps']:>8} {r['save_vs_pinned']:>8} {r['load_vs_pinned']:>8} "
+              f"{r['load_store_vs_pinned']:>8}")
 
 
 if __name__ == "__main__":

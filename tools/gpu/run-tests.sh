@@ -9,7 +9,8 @@
 # .whl-gpu/extra carried in this call (or /tmp/pdextra already there): stage-extra.sh.
 # Env knobs: PYTEST_BUDGET_S (420: pytest is interrupted, and tears its cluster down, after
 # this long, leaving time to send the logs back inside a 600 s call), SITE (/tmp/site).
-# After the tests: BENCH=1 also runs bench/gpu/kvpath.py (JSON to $OUT/gpu-kvpath.json).
+# After the tests: BENCH=1 also runs bench/gpu/kvpath.py (JSON to $OUT/gpu-kvpath.json),
+# BENCH_LEGACY=1 then also its --legacy run (the per-layer path, $OUT/gpu-kvpath-legacy.json).
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/pdgpu-out}; mkdir -p "$OUT"
@@ -106,6 +107,10 @@ if [ "${BENCH:-0}" = 1 ]; then
   say "bench/gpu/kvpath.py"
   timeout -k 10 "${BENCH_BUDGET_S:-150}" "$PY" -m bench.gpu.kvpath --out "$OUT/gpu-kvpath.json"
   say "RESULT kvpath rc=$?"
+  if [ "${BENCH_LEGACY:-0}" = 1 ]; then  # the generic per-layer path, on the same machine
+    timeout -k 10 "${BENCH_BUDGET_S:-150}" "$PY" -m bench.gpu.kvpath --legacy --out "$OUT/gpu-kvpath-legacy.json"
+    say "RESULT kvpath --legacy rc=$?"
+  fi
 fi
 return "$rc"
 }

@@ -1,0 +1,70 @@
+# ruff: noqa: B023, E402
+"""ON THE GPU MACHINE: where kvstore.gpu_path's time goes, stage by stage (us per chunk)."""
+
+import sys
+import time
+import uuid
+
+import torch
+
+sys.path.insert(0, ".")
+from kvstore import segment as segmod
+from kvstore.gpu_path import GpuKVPath
+from kvstore.segment import Segment, check_blocks
+
+L, H, D, BS = 16, 8, 64, 16
+nb = 2048
+layers = [torch.randn(nb, BS, H, 2 * D, device="cuda").to(torch.bfloat16) for _ in range(L)]
+rows = [t.reshape(nb, -1) for t in layers]
+per_block = rows[0][0].numel() * 2 * L
+path = GpuKVPath(rows)
+seg = Segment.create(f"pdkv-prof-{uuid.uuid4().hex[:8]}", 1 << 30)
+key = b"k" * 16
+
+
+def t_us(fn, it=20):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(it):
+        fn()
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t) / it * 1e6, 1)
+
+
+try:
+    for kib in (1024, 4096, 65536):
+        n = kib * 1024
+        blocks = n // per_block
+        ids = list(range(blocks))
+        payload = seg.payload(0, n)
+        path.registry.pinned(payload)
+        host = torch.frombuffer(payload, dtype=torch.uint8)
+        pin = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        flat, view = path._stage(n, blocks)
+        idt = torch.tensor(ids, device="cuda")
+        mvs = [payload[a:b] for a, b in check_blocks(n)]
+        r = {
+            "ids_to_dev": t_us(lambda: torch.tensor(ids, dtype=torch.long).to("cuda", non_blocking=True)),
+            "gather16": t_us(lambda: [torch.index_select(rw, 0, idt, out=view[i]) for i, rw in enumerate(rows)]),
+            "d2h_seg": t_us(lambda: host.copy_(flat, non_blocking=True)),
+            "d2h_pin": t_us(lambda: pin.copy_(flat, non_blocking=True)),
+            "h2d_seg": t_us(lambda: flat.copy_(host, non_blocking=True)),
+            "hash_pool": t_us(lambda: path._map_digests(mvs)),
+            "hash_1thr": t_us(lambda: [segmod.block_digest(m) for m in mvs]),
+            "hash_pool_gil": t_us(lambda: list(path.pool.map(segmod.block_digest, mvs))),
+            "scatter16": t_us(lambda: [rw.index_copy_(0, idt, view[i]) for i, rw in enumerate(rows)]),
+            "extract": t_us(lambda: path.extract(ids, payload)),
+            "seal": t_us(lambda: (path.extract(ids, payload), seg.seal(0, key, n))),
+            "verify": t_us(lambda: seg.verify(0, key, n, segmod.checksum(payload))),
+            "inject": t_us(lambda: path.inject(payload, ids, blocks, 0)),
+        }
+        print(f"PROF {kib} KiB", r, flush=True)
+    print("is_pinned", host.is_pinned())
+finally:
+    path.close()
+    try:
+        seg.close()
+    except BufferError:  # a view of the mapping is still alive here: unlink by hand
+        import os
+        os.unlink(seg.path)
