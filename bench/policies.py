@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 
 from bench.client import Prompt, request_body, stream_one, wordlike_vocab
+from bench.load.report import prefix_hit_rate
 from bench.servers import pdserve_system
 from bench.stats import RequestResult, percentile
 
@@ -99,13 +100,11 @@ def summarize(runs: list[tuple[int, RequestResult]]) -> dict[str, Any]:
     results = [r for _, r in runs]
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
-    prompt = sum(r.prompt_tokens for r in ok)
-    cached = sum(int(r.trace.get("prefill_cached_tokens", 0)) for r in ok)
     split = Counter(str(r.trace.get("prefill_replica", "?")) for r in ok)
     return {
         "requests": len(results), "failed": len(results) - len(ok),
         "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
-        "prefix_hit_rate": cached / prompt if prompt else None,
+        "prefix_hit_rate": prefix_hit_rate(results),
         "prefill_split": sorted(split.values(), reverse=True),
         "errors": sorted({r.error for r in results if not r.ok})[:3],
     }

@@ -16,20 +16,10 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from bench.compare.plan import Plan
-from bench.load.driver import Pacing, Sent, run_sessions
-from bench.load.report import Slo, summarize_run
-from bench.load.workloads import Session, Turn
+from bench.load.driver import Pacing, Sent, records, run_sessions
+from bench.load.report import Slo, prefix_hit_rate, summarize_run
+from bench.load.workloads import Session, Turn, random_workload
 from bench.servers import Running, SystemStartError
-
-
-def records(sent: Sequence[Sent]) -> list[dict[str, Any]]:
-    return [{"session": s.session, "turn": s.turn, "sent_s": round(s.sent_s, 4),
-             "prompt_tokens": s.result.prompt_tokens, "output_tokens": s.result.n_out,
-             "usage_completion_tokens": s.result.usage_completion_tokens,
-             "ttft_s": s.result.ttft_s, "tpot_s": s.result.tpot_s, "e2e_s": s.result.e2e_s,
-             "max_gap_s": s.result.max_gap_s, "ok": s.result.ok, "error": s.result.error or None,
-             "cached_tokens": s.result.trace.get("prefill_cached_tokens"),
-             "prefill_replica": s.result.trace.get("prefill_replica")} for s in sent]
 
 
 def checks(sent: Sequence[Sent], sessions: Sequence[Session]) -> list[str]:
@@ -48,19 +38,9 @@ def checks(sent: Sequence[Sent], sessions: Sequence[Session]) -> list[str]:
     return notes
 
 
-def prefix_hit_rate(sent: Sequence[Sent]) -> float | None:
-    """Prompt tokens the prefill engine took from a cache (its own or the store) instead of
-    computing; only pdserve reports it per request (its ``pdserve`` response field)."""
-    ok = [s.result for s in sent if s.result.ok and s.result.trace]
-    prompt = sum(r.prompt_tokens for r in ok)
-    return sum(int(r.trace.get("prefill_cached_tokens", 0)) for r in ok) / prompt if prompt else None
-
-
 def warmup_sessions(plan: Plan, vocab: Sequence[int], seed: int) -> list[Session]:
     """Random prompts of the random workload's shape from a seed no workload uses, so the
     warm-up fills no prefix cache that a measured request could hit."""
-    from bench.load.workloads import random_workload
-
     sessions = random_workload(vocab, plan.shapes["random"], seed - 1)[: plan.warmup]
     return [Session([Turn(s.turns[0].new_tokens, 2)]) for s in sessions]
 
@@ -69,7 +49,7 @@ def run_workload(base_url: str, model: str, sessions: list[Session], plan: Plan,
                  slos: Sequence[Slo]) -> dict[str, Any]:
     sent, wall = asyncio.run(run_sessions(base_url, model, sessions, Pacing(False, plan.concurrency, plan.timeout_s)))
     summary = summarize_run([s.result for s in sent], wall, slos)
-    summary["prefix_hit_rate"] = prefix_hit_rate(sent)
+    summary["prefix_hit_rate"] = prefix_hit_rate([s.result for s in sent])
     summary["checks"] = checks(sent, sessions)
     return {"summary": summary, "records": records(sent)}
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from bench.load.driver import Pacing, run_sessions
+from bench.load.driver import Pacing, records, run_sessions
 from bench.load.report import SCENARIOS, Slo, markdown, summarize_run
 from bench.load.workloads import (
     Session,
@@ -166,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         sent, wall = asyncio.run(run_sessions(url, model, sessions, pacing))
         summary = summarize_run([s.result for s in sent], wall, targets)
         summary["offered_sessions_per_s"] = rate
-        summary["records"] = [{"session": s.session, "turn": s.turn, "sent_s": round(s.sent_s, 4),
-                               "prompt_tokens": s.result.prompt_tokens, "output_tokens": s.result.n_out,
-                               "ttft_s": s.result.ttft_s, "tpot_s": s.result.tpot_s, "e2e_s": s.result.e2e_s,
-                               "ok": s.result.ok, "error": s.result.error} for s in sent]
+        summary["records"] = records(sent)
         report["runs"][name] = summary
         print(f"[bench] {name}: {summary['requests']} requests, {summary['failed']} failed, "
               f"{wall:.1f} s", flush=True)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -31,6 +33,17 @@ class Sent:
     turn: int
     result: RequestResult
     sent_s: float  # from the run's start
+
+
+def records(sent: Sequence[Sent]) -> list[dict[str, Any]]:
+    """Every request as the JSON reports keep it (pdserve's routing fields where it sent them)."""
+    return [{"session": s.session, "turn": s.turn, "sent_s": round(s.sent_s, 4),
+             "prompt_tokens": s.result.prompt_tokens, "output_tokens": s.result.n_out,
+             "usage_completion_tokens": s.result.usage_completion_tokens,
+             "ttft_s": s.result.ttft_s, "tpot_s": s.result.tpot_s, "e2e_s": s.result.e2e_s,
+             "max_gap_s": s.result.max_gap_s, "ok": s.result.ok, "error": s.result.error or None,
+             "cached_tokens": s.result.trace.get("prefill_cached_tokens"),
+             "prefill_replica": s.result.trace.get("prefill_replica")} for s in sent]
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,15 @@ def summarize_run(results: Sequence[RequestResult], wall_s: float, slos: Sequenc
     return out
 
 
+def prefix_hit_rate(results: Sequence[RequestResult]) -> float | None:
+    """Prompt tokens the prefill engine took from a cache (its own or the store) instead of
+    computing, over the successful requests; only pdserve reports it per request (its
+    ``pdserve`` response field), so None for other servers."""
+    ok = [r for r in results if r.ok and r.trace]
+    prompt = sum(r.prompt_tokens for r in ok)
+    return sum(int(r.trace.get("prefill_cached_tokens", 0)) for r in ok) / prompt if prompt else None
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.0f}"
 
