@@ -35,6 +35,7 @@ from kvstore.segment import (
 )
 from kvstore.transport import REMOTE_TRANSPORTS, ShmTransport, Transport, TransportError
 from kvstore.transport.base import slot_spans
+from kvstore.verify import LandingDigests
 
 log = get_logger(__name__)
 
@@ -234,18 +235,32 @@ class StoreClient:
 
             overlap = min(lengths, default=0) >= OVERLAP_MIN_BYTES  # whole run, so calls never overlap
             group: list[tuple[int, memoryview]] = []
+            # From another node each block is hashed as it lands (kvstore.verify): a slot is
+            # verified when its last byte is in, and only on_chunk is left for the helper.
+            landing = None if local else LandingDigests(lengths)
 
             def hand_off() -> None:
                 if group:
-                    pending.append(self._verifier.submit(self._deliver_group, list(group), keys, locs, on_chunk))
+                    deliver = self._hand_over if landing is not None else self._deliver_group
+                    pending.append(self._verifier.submit(deliver, list(group), keys, locs, on_chunk))
                     group.clear()
 
             def on_slot(j: int, slot: memoryview) -> None:
                 i = run[j]
-                if not overlap:
+                if landing is not None:
+                    verdict = landing.verdict(j, slot, keys[i], locs[i].length, locs[i].checksum)
+                    if verdict != "ok":
+                        settle(i, verdict)
+                        return
+                    slot = slot[HEADER_BYTES : HEADER_BYTES + locs[i].length]
+                    if not overlap:
+                        on_chunk(i, slot)
+                        settle(i, verdict)
+                        return
+                elif not overlap:
                     settle(i, self._deliver(i, keys[i], locs[i], slot, on_chunk))
                     return
-                group.append((i, slot))  # verified and handed over while the next ones copy
+                group.append((i, slot))  # handed over while the next ones arrive
                 if sum(len(s) for _, s in group) >= OVERLAP_GROUP_BYTES:
                     hand_off()
 
@@ -254,7 +269,8 @@ class StoreClient:
                     for i, verdict in self._read_local_split(info, run, lengths, keys, locs, on_chunk, dest):
                         settle(i, verdict)
                 else:
-                    transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest)
+                    transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest,
+                                   None if landing is None else landing.landed)
             finally:  # every complete slot is settled before its pin or its buffer goes away
                 hand_off()
                 error = None
@@ -364,6 +380,16 @@ class StoreClient:
         on_chunk: Callable[[int, memoryview], None],
     ) -> list[tuple[int, str]]:
         return [(i, cls._deliver(i, keys[i], locs[i], slot, on_chunk)) for i, slot in group]
+
+    @staticmethod
+    def _hand_over(
+        group: list[tuple[int, memoryview]], keys: Sequence[bytes], locs: Sequence[ChunkLocation],
+        on_chunk: Callable[[int, memoryview], None],
+    ) -> list[tuple[int, str]]:
+        """Hand verified payloads over (the helper thread's share of a remote run)."""
+        for i, payload in group:
+            on_chunk(i, payload)
+        return [(i, "ok") for i, _ in group]
 
     # -- plumbing -------------------------------------------------------------------------
 

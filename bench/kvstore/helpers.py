@@ -12,17 +12,22 @@ _RECV_STEP = 4 << 20  # the same receive size the tcp transport uses
 
 # A store agent on node "bench-A", in its own process as on a real node.
 AGENT_SCRIPT = """
-import sys, time
+import signal, sys, time
 from kvstore.agent import StoreAgent
 from kvstore.agent_rpc import AgentServers
 from kvstore.peer_auth import PeerAuth
 agent = StoreAgent("bench-A", sys.argv[1], int(sys.argv[2]), sys.argv[3])
 servers = AgentServers(agent, "127.0.0.1", PeerAuth.for_store(sys.argv[1], sys.argv[3]))
 agent.tick()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the segment is unlinked below
 print("ready", flush=True)
-while True:
-    time.sleep(1)
-    agent.tick()
+try:
+    while True:
+        time.sleep(1)
+        agent.tick()
+finally:
+    servers.stop()
+    agent.close()
 """
 
 # The plainest socket server: op 1 = send n bytes, op 2 = receive n bytes and ack. It sends

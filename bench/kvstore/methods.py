@@ -65,8 +65,12 @@ class _Process:
             raise RuntimeError(f"{argv[:3]} did not start")
 
     def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        self.proc.terminate()  # the agent unlinks its segment on SIGTERM; kill would leak it
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Store(Method):

@@ -25,6 +25,9 @@ from kvstore.segment import Segment
 # on_slot(i, view): slot i's bytes (header + payload) are complete in ``view``, which is only
 # valid during the call (it may point into a segment or a reused buffer).
 OnSlot = Callable[[int, memoryview], None]
+# on_landed(buf, n): the first n bytes of the read's landing buffer ``buf`` are in (called by
+# network transports after each receive, so the reader can hash blocks while they are in cache).
+OnLanded = Callable[[memoryview, int], None]
 
 
 class TransportError(Exception):
@@ -57,11 +60,13 @@ class Transport(ABC):
     @abstractmethod
     def read(
         self, peer: AgentInfo, offsets: Sequence[int], lengths: Sequence[int], on_slot: OnSlot,
-        dest: memoryview | None = None,
+        dest: memoryview | None = None, on_landed: OnLanded | None = None,
     ) -> None:
         """Deliver each slot to ``on_slot`` in order. With ``dest`` (at least the sum of
         ``lengths`` bytes) the slots also stay there back to back; without it the transport
-        uses its own buffer (or, for shm, the segment itself)."""
+        uses its own buffer (or, for shm, the segment itself). A transport that receives the
+        slots piece by piece reports each piece to ``on_landed`` (shm, which has them all at
+        once, does not)."""
 
     @abstractmethod
     def write(self, peer: AgentInfo, offsets: Sequence[int], lengths: Sequence[int], src: memoryview) -> None:

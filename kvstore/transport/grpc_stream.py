@@ -19,7 +19,7 @@ import msgpack
 
 from kvstore.metadata import AgentInfo
 from kvstore.peer_auth import PeerAuth
-from kvstore.transport.base import OnSlot, SlotHost, Transport, TransportError, slot_spans
+from kvstore.transport.base import OnLanded, OnSlot, SlotHost, Transport, TransportError, slot_spans
 
 SERVICE = "pdserve.StoreAgent"
 FRAME_BYTES = 1 << 20  # the best frame size measured here (smaller: more per-message cost)
@@ -96,7 +96,7 @@ class GrpcTransport(Transport):
 
     def read(
         self, peer: AgentInfo, offsets: Sequence[int], lengths: Sequence[int], on_slot: OnSlot,
-        dest: memoryview | None = None,
+        dest: memoryview | None = None, on_landed: OnLanded | None = None,
     ) -> None:
         if not offsets:
             return
@@ -110,6 +110,8 @@ class GrpcTransport(Transport):
             for frame in stub(body, timeout=self.timeout_s, metadata=self._metadata):
                 dest[pos : pos + len(frame)] = frame
                 pos += len(frame)
+                if on_landed is not None:
+                    on_landed(dest, pos)
                 while slot < len(spans) and spans[slot][1] <= pos:
                     a, b = spans[slot]
                     on_slot(slot, dest[a:b])

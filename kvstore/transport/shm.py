@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from kvstore.metadata import AgentInfo
 from kvstore.segment import Segment, copy_into
-from kvstore.transport.base import OnSlot, Transport, TransportError, slot_spans
+from kvstore.transport.base import OnLanded, OnSlot, Transport, TransportError, slot_spans
 
 
 class ShmTransport(Transport):
@@ -26,7 +26,7 @@ class ShmTransport(Transport):
 
     def read(
         self, peer: AgentInfo, offsets: Sequence[int], lengths: Sequence[int], on_slot: OnSlot,
-        dest: memoryview | None = None,
+        dest: memoryview | None = None, on_landed: OnLanded | None = None,
     ) -> None:
         buf = self._checked(peer, offsets, lengths)
         if dest is None:
