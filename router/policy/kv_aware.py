@@ -64,6 +64,9 @@ class KVAwarePolicy(RoutingPolicy):
         self._pool_names: list[str] = []
         self._by_name: dict[str, int] = {}
         self._by_node: dict[str, list[int]] = {}
+        self._nodes: list[str] = []
+        self._rate_list: list[float] = []
+        self._rates_at = -1  # the rate meter's version the cached rate list is from
 
     def route(self, request: RoutingRequest | None, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
         if request is None or not replicas:
@@ -77,18 +80,18 @@ class KVAwarePolicy(RoutingPolicy):
 
     def _prefill(self, request: RoutingRequest, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
         """Runs for every request, over every replica: the common case (a replica that holds
-        nothing of the prompt on its node or in its own cache) is scored in whole-column
-        passes (C-level map / comprehension), the few warm replicas one by one after."""
+        nothing of the prompt on its node or in its own cache) is scored in one whole-column
+        pass, the few warm replicas one by one after. Per-pool lists (names, nodes, rates) are
+        rebuilt only when the pool or a measured rate changes."""
         st, ct, n, keys = self.state, self.state.chunk_tokens, request.num_prompt_tokens, request.chunk_keys
         own_depth = st.engines.prefix_by_replica(keys) if keys else {}
         node_depth, stored = st.store.prefix_by_node_and_any(keys) if keys else ({}, 0)
         limit = max(n - 1, 0)  # an engine computes at least the prompt's last token
         anywhere = min(stored * ct, limit)
         load_s = st.costs.load_s
-        names, by_name, by_node = self._pool(replicas)
-        k = len(names)
-        rates = list(map(st.rates.table().get, names, repeat(st.rates.prior_tps, k)))
-        queued = list(map(st.queued_by_replica().get, names, repeat(0, k)))
+        names, by_name, by_node, nodes = self._pool(replicas)
+        rates = self._rates(names)
+        queued = list(map(st.queued_by_replica().get, names, repeat(0, len(names))))
         if st.shared_routers:  # other routers' work, seen a stats period late
             queued = list(map(max, queued, [r.queued_tokens for r in replicas]))
         cold_tokens, cold_load_s = n - anywhere, load_s(0, anywhere)
@@ -96,43 +99,59 @@ class KVAwarePolicy(RoutingPolicy):
         # Replicas on a node whose store holds a prefix of the prompt: one term set per node.
         on_node: dict[str, tuple[int, int, int]] = {}
         for nd, depth in node_depth.items():
+            members = by_node.get(nd)
             node_t = min(depth * ct, limit)
             remote_t = max(anywhere - node_t, 0)
             on_node[nd] = (0, node_t, remote_t)
-            work, node_load_s = n - node_t - remote_t, load_s(node_t, remote_t)
-            for i in by_node.get(nd, ()):
-                scores[i] = (queued[i] + work) / rates[i] + node_load_s
+            if members:
+                work, node_load_s = n - node_t - remote_t, load_s(node_t, remote_t)
+                for i in members:
+                    scores[i] = (queued[i] + work) / rates[i] + node_load_s
         # Replicas whose own cache holds a prefix: each on its own.
         own_terms: dict[int, tuple[int, int, int]] = {}
+        warm: dict[int, int] = {}
         for name, depth in own_depth.items():
             i = by_name.get(name, -1)
             if i < 0:
                 continue
             own = min(depth * ct, limit)
-            node = min(max(node_depth.get(replicas[i].node_id, 0) * ct - own, 0), limit - own)
+            node = min(max(node_depth.get(nodes[i], 0) * ct - own, 0), limit - own)
             remote = max(anywhere - own - node, 0)
             own_terms[i] = (own, node, remote)
+            warm[i] = own
             scores[i] = (queued[i] + n - own - node - remote) / rates[i] + load_s(node, remote)
         cold = (0, 0, anywhere)
 
         def row(i: int) -> tuple[float, ...]:
-            terms = own_terms.get(i) or on_node.get(replicas[i].node_id, cold)
+            terms = own_terms.get(i) or on_node.get(nodes[i], cold)
             return (queued[i], rates[i], *terms)
 
         table = ScoreTable(names, scores, row)
-        warm = {i: t[0] for i, t in own_terms.items()}
         return self._decide(request.role, table, replicas, PREFILL_TERMS, self.tie_s, warm)
 
-    def _pool(self, replicas: Sequence[ReplicaLoad]) -> tuple[list[str], dict[str, int], dict[str, list[int]]]:
-        """Names, name -> position, node -> positions; rebuilt only when the pool changes."""
+    def _pool(
+        self, replicas: Sequence[ReplicaLoad],
+    ) -> tuple[list[str], dict[str, int], dict[str, list[int]], list[str]]:
+        """Names, name -> position, node -> positions, node per position; rebuilt only when
+        the pool changes."""
         names = [r.replica for r in replicas]
         if names != self._pool_names:
             self._pool_names = names
             self._by_name = {name: i for i, name in enumerate(names)}
+            self._nodes = [r.node_id for r in replicas]
             self._by_node = {}
-            for i, r in enumerate(replicas):
-                self._by_node.setdefault(r.node_id, []).append(i)
-        return self._pool_names, self._by_name, self._by_node
+            for i, node in enumerate(self._nodes):
+                self._by_node.setdefault(node, []).append(i)
+            self._rates_at = -1
+        return self._pool_names, self._by_name, self._by_node, self._nodes
+
+    def _rates(self, names: list[str]) -> list[float]:
+        """Each replica's measured prefill rate, in pool order (the prior where unmeasured)."""
+        meter = self.state.rates
+        if self._rates_at != meter.version:
+            self._rate_list = list(map(meter.table().get, names, repeat(meter.prior_tps, len(names))))
+            self._rates_at = meter.version
+        return self._rate_list
 
     # -- decode ----------------------------------------------------------------------------
 
