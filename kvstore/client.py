@@ -237,7 +237,7 @@ class StoreClient:
             group: list[tuple[int, memoryview]] = []
             # From another node each block is hashed as it lands (kvstore.verify): a slot is
             # verified when its last byte is in, and only on_chunk is left for the helper.
-            landing = None if local else LandingDigests(lengths)
+            landing = None if local else LandingDigests([(keys[i], locs[i].length, locs[i].checksum) for i in run])
 
             def hand_off() -> None:
                 if group:
@@ -248,14 +248,14 @@ class StoreClient:
             def on_slot(j: int, slot: memoryview) -> None:
                 i = run[j]
                 if landing is not None:
-                    verdict = landing.verdict(j, slot, keys[i], locs[i].length, locs[i].checksum)
+                    verdict = landing.verdict(j, slot)
                     if verdict != "ok":
                         settle(i, verdict)
                         return
-                    slot = slot[HEADER_BYTES : HEADER_BYTES + locs[i].length]
+                    slot = slot[HEADER_BYTES:]
                     if not overlap:
                         on_chunk(i, slot)
-                        settle(i, verdict)
+                        ok[i] = True  # settle's "ok" (no pin to touch from another node)
                         return
                 elif not overlap:
                     settle(i, self._deliver(i, keys[i], locs[i], slot, on_chunk))

@@ -163,10 +163,6 @@ class Segment:
         """Return the payload if the slot holds exactly this chunk, else raise SlotCorrupt."""
         return check_slot(self.buf, offset, key, length, digest)
 
-    def fileno(self) -> int:
-        """A descriptor of the segment file (for sendfile)."""
-        return self.locks.fileno()
-
     def touch(self, offset: int) -> None:
         _TOUCHED.pack_into(self.buf, offset + _TOUCHED_AT, time.monotonic_ns())
 
@@ -210,9 +206,6 @@ class SlotLocks:
     def try_exclusive(self, offset: int, length: int) -> bool:
         """For eviction; False while any reader holds the slot."""
         return self._set(fcntl.F_WRLCK, offset, length)
-
-    def fileno(self) -> int:
-        return self._fd
 
     def unlock(self, offset: int, length: int) -> None:
         self._set(fcntl.F_UNLCK, offset, length)

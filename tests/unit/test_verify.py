@@ -32,7 +32,7 @@ def _land(rng: random.Random, buf: bytearray, payloads: list[int], keys: list[by
     """Receive ``buf`` in random pieces, reporting a share ``report`` of them as landed, and
     take each slot's verdict as soon as it is complete (as the tcp transport does)."""
     view, total = memoryview(buf), len(buf)
-    landing = LandingDigests([HEADER_BYTES + n for n in payloads])
+    landing = LandingDigests(list(zip(keys, payloads, sums, strict=True)))
     ends, start = [], 0
     for n in payloads:
         ends.append((start, start + HEADER_BYTES + n))
@@ -44,7 +44,7 @@ def _land(rng: random.Random, buf: bytearray, payloads: list[int], keys: list[by
             landing.landed(view, pos)
         while slot < len(ends) and ends[slot][1] <= pos:
             a, b = ends[slot]
-            verdicts.append(landing.verdict(slot, view[a:b], keys[slot], payloads[slot], sums[slot]))
+            verdicts.append(landing.verdict(slot, view[a:b]))
             slot += 1
     return verdicts
 
