@@ -83,6 +83,18 @@ def _ranges(offsets: Sequence[int], lengths: Sequence[int]) -> list[tuple[int, i
     return out
 
 
+def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking, with the time limit on each send and receive kept by the
+    kernel (SO_SNDTIMEO / SO_RCVTIMEO: a stalled peer still fails the call, as an OSError).
+    A Python timeout socket polls before every call and takes what is there when it wakes:
+    cross-node reads ran at about half speed that way here (1.7-1.9 against 2.9-3.0 GB/s)."""
+    sec = int(seconds)
+    tv = struct.pack("ll", sec, int((seconds - sec) * 1e6))
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
@@ -235,6 +247,7 @@ class TcpTransport(Transport):
             except BaseException:
                 sock.close()
                 raise
+            _kernel_timeouts(sock, self.timeout_s)
             self._conns[address] = sock
         return sock
 

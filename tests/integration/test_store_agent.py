@@ -194,6 +194,46 @@ def test_agent_killed_mid_transfer_fails_the_rest_fast_and_keeps_the_prefix(redi
     reap_orphan_segments()  # the killed agent's segment
 
 
+def test_agent_stalled_mid_transfer_fails_the_rest_within_the_time_limit(redis_url: str, prefix: str) -> None:
+    """A peer that stops answering (SIGSTOP: its socket stays open) is cut off by the kernel's
+    receive time limit on the tcp transport's blocking socket, not waited on forever."""
+    proc = subprocess.Popen([sys.executable, "-c", _AGENT_PROC, redis_url, prefix], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        c = StoreClient(redis_url, prefix, "node-R")
+        keys = [make_key("stall", i) for i in range(48)]
+        n = 1 << 20  # 48 MiB: far more than the socket buffers hold, so the stop lands mid-read
+        assert c.batch_put([ChunkToSave(k, n) for k in keys],
+                           lambda i, v: v.__setitem__(slice(None), content(keys[i], n)), node_id="node-K") == 48
+        locs = [loc for loc in c.lookup(keys) if loc]
+        got: list[int] = []
+
+        def on_chunk(i: int, p: memoryview) -> None:
+            assert bytes(p) == content(keys[i], n)
+            got.append(i)
+            if i == 0:
+                os.kill(proc.pid, signal.SIGSTOP)
+
+        started = time.monotonic()
+        ok = c.batch_get(keys, locs, on_chunk)
+        waited = time.monotonic() - started
+        assert waited < 15, f"a stalled peer held the read for {waited:.1f} s"  # the limit is 5 s a call
+        first_bad = ok.index(False)
+        assert 1 <= first_bad < 48 and not any(ok[first_bad:]) and got == list(range(first_bad))
+        assert c.drain_counters()["get_failures"] == 48 - first_bad
+        os.kill(proc.pid, signal.SIGCONT)
+        assert all(c.batch_get(keys, [loc for loc in c.lookup(keys) if loc], lambda i, p: None))  # a new connection
+        c.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    MetadataStore(connect(redis_url), prefix).unregister_agent("node-K")
+    from kvstore.agent import reap_orphan_segments
+
+    reap_orphan_segments()  # the killed agent's segment
+
+
 def test_agent_rpc_errors_are_typed(make_agent: AgentFactory, redis_url: str, prefix: str) -> None:
     agent = make_agent()
     with pytest.raises(AgentUnavailable):
