@@ -57,6 +57,7 @@ def engine_spec(cfg: ClusterConfig, pool: PoolConfig, role: str, model_dir: Path
         max_num_batched_tokens=e.max_num_batched_tokens,
         kv_cache_gib=e.kv_cache_gib,
         gpu_memory_utilization=e.gpu_memory_utilization,
+        kv_cache_memory_bytes=e.kv_cache_memory_bytes,
         tensor_parallel_size=pool.tensor_parallel_size,
         cpu_binding=tuple(pool.cpu_binding),
         redis_url=redis_url,

@@ -28,6 +28,11 @@ class EngineConfig(_Strict):
     max_num_batched_tokens: int = Field(2048, ge=64, description="Token budget of one step.")
     kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache pool per engine (whole GiB).")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="GPU memory share.")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1 << 20, description="GPU KV cache size in bytes (vLLM's kv_cache_memory_bytes): skips vLLM's "
+        "memory profiling, so engines starting together on one GPU each get this much; None = sized from "
+        "gpu_memory_utilization.",
+    )
 
     @field_validator("block_size")
     @classmethod

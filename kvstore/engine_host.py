@@ -148,6 +148,10 @@ class EngineHost:
             kv_transfer_config=kv,
             kv_events_config=events,
             disable_log_stats=False,
+            # Only when set: engines sharing a GPU then skip vLLM's memory profiling, in
+            # which one engine's KV allocation counts against the other's.
+            **({"kv_cache_memory_bytes": spec.kv_cache_memory_bytes}
+               if spec.kv_cache_memory_bytes is not None else {}),
         )
         # vLLM's own metrics (vllm:* as ray_vllm_*, tagged with the Serve replica) go out through
         # Ray's metrics export next to pdserve's; outside Ray, vLLM's default Prometheus logger.

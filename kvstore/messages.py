@@ -148,6 +148,7 @@ class EngineSpec:
     namespace: dict[str, Any]  # kvstore.hashing.KVNamespace fields (tp_rank set per worker)
     tensor_parallel_size: int = 1  # ranks of this replica's engine, in its placement group
     store_tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields (grpc transport)
+    kv_cache_memory_bytes: int | None = None  # GPU: a fixed KV cache size (vLLM skips its profiling)
 
     @property
     def executor_backend(self) -> str | None:

@@ -26,6 +26,7 @@ MAX_TOKENS = 24
 MAX_MODEL_LEN = 2048
 BLOCK = 32  # cluster.yaml: engine block_size and kvstore.chunk_tokens
 MODEL_NAME = "tiny-llama"
+KV_CACHE_BYTES = 8 << 30  # per engine on CUDA (kv_cache_memory_bytes): 2M tokens of this model
 PROMPTS = list(EQUIVALENCE)  # 22 prompts of 14 to 1071 tokens with this tokenizer, 121 full chunks
 
 
@@ -67,5 +68,8 @@ def cluster(reference: dict, model_dir: Path, tmp_path_factory: pytest.TempPathF
     if DEVICE.name == "cuda":
         sets += ["prefill.gpus_per_replica=0.4", "decode.gpus_per_replica=0.4",
                  "prefill.cpu_binding=[]", "decode.cpu_binding=[]"]
+        # Both engines start at once on the one GPU: a fixed KV cache each, so neither sizes
+        # its cache from free memory the other is taking meanwhile (vLLM's profiling race).
+        sets += [f"{pool}.engine.kv_cache_memory_bytes={KV_CACHE_BYTES}" for pool in ("prefill", "decode")]
     with running_pdserve(tmp_path_factory.mktemp("pdserve-home"), HERE / "cluster.yaml", sets) as c:
         yield c

@@ -30,10 +30,21 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     "decode.engine.dtype=bfloat16",
     "router.policy=random",  # not a policy
     "prefill.bogus=1",  # typos are errors, not silently ignored
+    "decode.engine.kv_cache_memory_bytes=4096",  # a GPU KV cache below 1 MiB is a typo
 ])
 def test_bad_values_are_rejected(override: str) -> None:
     with pytest.raises((ValidationError, ValueError)):
         ClusterConfig.load(None, [override])
+
+
+def test_a_pinned_gpu_kv_cache_reaches_the_engine_spec_only_when_set(tmp_path: Path) -> None:
+    from cluster.app import engine_spec
+
+    cfg = ClusterConfig.load(None, ["prefill.engine.kv_cache_memory_bytes=8589934592"])
+    specs = {role: engine_spec(cfg, getattr(cfg, role), role, tmp_path, "redis://127.0.0.1:1")
+             for role in ("prefill", "decode")}
+    assert specs["prefill"].kv_cache_memory_bytes == 8 << 30  # engines sharing a GPU: no profiling race
+    assert specs["decode"].kv_cache_memory_bytes is None  # unset: vLLM sizes it from gpu_memory_utilization
 
 
 def test_malformed_override_and_non_mapping_yaml(tmp_path: Path) -> None:
