@@ -58,7 +58,7 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _tail(path: Path, n: int = 60) -> str:
+def log_tail(path: Path, n: int = 60) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError as e:
@@ -76,15 +76,15 @@ def completion_ok(base_url: str, model: str, timeout_s: float = 30.0) -> bool:
         return False
 
 
-def _wait_ready(base_url: str, model: str, deadline: float, alive: Callable[[], bool],
+def wait_ready(base_url: str, model: str, deadline: float, alive: Callable[[], bool],
                 log: Path, what: str) -> None:
     while time.monotonic() < deadline:
         if not alive():
-            raise SystemStartError(f"{what} exited before it answered; log tail:\n{_tail(log)}")
+            raise SystemStartError(f"{what} exited before it answered; log tail:\n{log_tail(log)}")
         if completion_ok(base_url, model):
             return
         time.sleep(1.0)
-    raise SystemStartError(f"{what} did not answer a completion in time; log tail:\n{_tail(log)}")
+    raise SystemStartError(f"{what} did not answer a completion in time; log tail:\n{log_tail(log)}")
 
 
 # -- process helpers ----------------------------------------------------------------------
@@ -150,7 +150,7 @@ def pdserve_system(model_dir: Path, model: str, log_dir: Path, sets: list[str],
                 proc.kill()
                 proc.wait()
                 raise SystemStartError(f"`pdserve up` ran over {up_timeout_s:.0f}s; log tail:\n"
-                                       f"{_tail(log)}") from None
+                                       f"{log_tail(log)}") from None
         text = log.read_text(errors="replace")
         if state_file.is_file():
             state = json.loads(state_file.read_text())
@@ -160,7 +160,7 @@ def pdserve_system(model_dir: Path, model: str, log_dir: Path, sets: list[str],
         if m is None:
             raise SystemStartError(f"`pdserve up` printed no base URL; its output:\n{text}")
         running.base_url = m.group(1)
-        _wait_ready(running.base_url, model, time.monotonic() + 120, lambda: True, log,
+        wait_ready(running.base_url, model, time.monotonic() + 120, lambda: True, log,
                     "pdserve")
         running.startup_s = time.monotonic() - t0
         yield running
@@ -230,18 +230,18 @@ def monolithic_system(model_dir: Path, model: str, log_dir: Path,
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_ready(running.base_url, model, t0 + start_timeout_s, lambda: proc.poll() is None,
+        wait_ready(running.base_url, model, t0 + start_timeout_s, lambda: proc.poll() is None,
                     log, "the vLLM server")
         running.startup_s = time.monotonic() - t0
         yield running
     finally:
-        running.notes += _stop_session(proc)
+        running.notes += stop_session(proc)
         out.close()
         for note in running.notes:
             print(f"[bench] monolithic cleanup: {note}", file=sys.stderr, flush=True)
 
 
-def _stop_session(proc: subprocess.Popen[bytes]) -> list[str]:
+def stop_session(proc: subprocess.Popen[bytes]) -> list[str]:
     sid = proc.pid
     notes: list[str] = []
     for sig, grace_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
@@ -286,12 +286,12 @@ def rayllm_system(mode: str, model_dir: Path, model: str, log_dir: Path,
     proc = subprocess.Popen(cmd, env=env, cwd=str(Path(__file__).resolve().parents[1]), stdout=out,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_ready(running.base_url, model, t0 + start_timeout_s, lambda: proc.poll() is None,
+        wait_ready(running.base_url, model, t0 + start_timeout_s, lambda: proc.poll() is None,
                     log, f"Ray Serve LLM ({mode})")
         running.startup_s = time.monotonic() - t0
         yield running
     finally:
-        running.notes += _stop_session(proc)  # SIGTERM: the app shuts Serve and Ray down
+        running.notes += stop_session(proc)  # SIGTERM: the app shuts Serve and Ray down
         out.close()
         shutil.rmtree(kv_dir, ignore_errors=True)
         # vLLM's queues of engines that SIGKILL ended (only what no live process maps).

@@ -11,6 +11,12 @@
 # this long, leaving time to send the logs back inside a 600 s call), SITE (/tmp/site).
 # After the tests: BENCH=1 also runs bench/gpu/kvpath.py (JSON to $OUT/gpu-kvpath.json),
 # BENCH_LEGACY=1 then also its --legacy run (the per-layer path, $OUT/gpu-kvpath-legacy.json).
+# SERVE_BENCH=1 runs bench/gpu/serve.py (pdserve 1P1D vs monolithic vLLM under load: JSON to
+# $OUT/gpu-serve.json, tables to $OUT/gpu-serve.md, server + engine logs in
+# $OUT/gpu-serve-logs.tar.xz) within SERVE_BENCH_BUDGET_S (270) and what is left of
+# CALL_BUDGET_S (560: seconds from this script's start to the end of everything, inside one
+# 600 s call); SERVE_BENCH_ARGS adds arguments (e.g. "--shape tiny --rates 4,16"). TESTS=0 skips
+# tests/gpu (the benchmarks alone).
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/pdgpu-out}; mkdir -p "$OUT"
@@ -19,12 +25,13 @@ EXTRA=/tmp/pdextra
 T0=$(date +%s)
 say() { echo "[run-tests +$(( $(date +%s) - T0 ))s] $*"; }
 
-save_ray_logs() {  # every 3 s: the .out/.err/.log files of each Ray session pdserve starts
+save_ray_logs() {  # every 3 s: the .out/.err/.log files of each Ray session pdserve starts, into $1
+  local dest=${1:-/tmp/pdgpu-logs}
   while sleep 3; do
     for d in /tmp/pdray-*/session_2*/logs; do
       [ -d "$d" ] || continue
       (cd "$d" && find . -type f \( -name '*.out' -o -name '*.err' -o -name '*.log' \) \
-        -exec cp -u --parents {} /tmp/pdgpu-logs/ \; 2>/dev/null)
+        -exec cp -u --parents {} "$dest/" \; 2>/dev/null)
     done
   done
 }
@@ -64,6 +71,10 @@ if [ ! -x "$PYBIN/ray" ]; then
   printf '#!%s\nimport sys\nfrom ray.scripts.scripts import main\nsys.exit(main())\n' "$PYBIN/python3" > "$PYBIN/ray"
   chmod +x "$PYBIN/ray"
 fi
+if [ ! -x "$PYBIN/pdserve" ]; then  # bench/servers.py runs `<python's dir>/pdserve up` (the CLI)
+  printf '#!%s\nimport sys\nfrom cluster.cli import main\nsys.exit(main())\n' "$PYBIN/python3" > "$PYBIN/pdserve"
+  chmod +x "$PYBIN/pdserve"
+fi
 say "python $PY, ray script $PYBIN/ray"
 
 # -- 3. what the machine is
@@ -90,17 +101,24 @@ redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1
 # log: a background copier keeps them in /tmp/pdgpu-logs for the post-mortem.
 say "pytest tests/gpu (budget ${PYTEST_BUDGET_S:-420}s)"
 rm -rf /tmp/pdgpu-pytest /tmp/pdgpu-logs && mkdir -p /tmp/pdgpu-logs
-save_ray_logs &
+save_ray_logs /tmp/pdgpu-logs &
 local saver=$!
+if [ "${TESTS:-1}" = 0 ]; then  # TESTS=0: the benchmarks alone (a later call on a warm machine)
+  say "tests/gpu skipped (TESTS=0)"; rc=0
+else
 timeout -s INT -k 60 "${PYTEST_BUDGET_S:-420}" "$PY" -m pytest tests/gpu -v -s -rA -p no:cacheprovider \
   --basetemp=/tmp/pdgpu-pytest "$@"
 rc=$?
+fi
 kill "$saver" 2>/dev/null; wait "$saver" 2>/dev/null
 say "RESULT pytest tests/gpu rc=$rc"
 tar -C /tmp/pdgpu-logs -cJf "$OUT/ray-logs.tar.xz" . && ls -la "$OUT"
 if [ "$rc" != 0 ]; then  # the engines' tracebacks, into this log
   grep -rh -B3 -A25 -E "Traceback|Error in memory profiling|No available memory" /tmp/pdgpu-logs | head -300
 fi
+# each engine's KV cache: fixed by kv_cache_memory_bytes (tests/gpu/conftest.py), or profiled
+grep -rhoE "reserved [0-9.]+ GiB memory for KV Cache|Available KV cache memory: [0-9.]+ GiB|GPU KV cache size: [0-9,]+ tokens" \
+  /tmp/pdgpu-logs | sort | uniq -c
 
 # -- 6. optional: the KV path bandwidth benchmark on the same machine
 if [ "${BENCH:-0}" = 1 ]; then
@@ -110,6 +128,30 @@ if [ "${BENCH:-0}" = 1 ]; then
   if [ "${BENCH_LEGACY:-0}" = 1 ]; then  # the generic per-layer path, on the same machine
     timeout -k 10 "${BENCH_BUDGET_S:-150}" "$PY" -m bench.gpu.kvpath --legacy --out "$OUT/gpu-kvpath-legacy.json"
     say "RESULT kvpath --legacy rc=$?"
+  fi
+fi
+
+# -- 7. optional: pdserve 1P1D vs monolithic vLLM under load, on the same GPU
+if [ "${SERVE_BENCH:-0}" = 1 ]; then
+  left=$(( ${CALL_BUDGET_S:-560} - ($(date +%s) - T0) - 40 ))
+  budget=${SERVE_BENCH_BUDGET_S:-270}; [ "$left" -lt "$budget" ] && budget=$left
+  if [ "$budget" -lt 120 ]; then
+    say "RESULT serve bench skipped: ${budget}s left"
+  else
+    say "bench/gpu/serve.py (budget ${budget}s)"
+    rm -rf /tmp/pdgpu-bench/logs && mkdir -p /tmp/pdgpu-bench/logs/ray
+    save_ray_logs /tmp/pdgpu-bench/logs/ray &
+    local saver2=$!
+    # shellcheck disable=SC2086
+    timeout -s INT -k 30 $(( budget + 20 )) "$PY" -m bench.gpu.serve --budget-s "$budget" \
+      --out "$OUT/gpu-serve.json" ${SERVE_BENCH_ARGS:-}
+    src=$?
+    kill "$saver2" 2>/dev/null; wait "$saver2" 2>/dev/null
+    say "RESULT serve bench rc=$src"
+    grep -rhoE "reserved [0-9.]+ GiB memory for KV Cache|Available KV cache memory: [0-9.]+ GiB" \
+      /tmp/pdgpu-bench/logs | sort | uniq -c
+    tar -C /tmp/pdgpu-bench/logs -cJf "$OUT/gpu-serve-logs.tar.xz" . 2>/dev/null
+    [ "$src" = 0 ] || [ "$rc" != 0 ] || rc=$src
   fi
 fi
 return "$rc"
