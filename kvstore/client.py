@@ -237,7 +237,8 @@ class StoreClient:
             group: list[tuple[int, memoryview]] = []
             # From another node each block is hashed as it lands (kvstore.verify): a slot is
             # verified when its last byte is in, and only on_chunk is left for the helper.
-            landing = None if local else LandingDigests([(keys[i], locs[i].length, locs[i].checksum) for i in run])
+            landing = None if local else LandingDigests([keys[i] for i in run], [locs[i].length for i in run],
+                                                        [locs[i].checksum for i in run])
 
             def hand_off() -> None:
                 if group:

@@ -32,7 +32,7 @@ def _land(rng: random.Random, buf: bytearray, payloads: list[int], keys: list[by
     """Receive ``buf`` in random pieces, reporting a share ``report`` of them as landed, and
     take each slot's verdict as soon as it is complete (as the tcp transport does)."""
     view, total = memoryview(buf), len(buf)
-    landing = LandingDigests(list(zip(keys, payloads, sums, strict=True)))
+    landing = LandingDigests(keys, payloads, sums)
     ends, start = [], 0
     for n in payloads:
         ends.append((start, start + HEADER_BYTES + n))
