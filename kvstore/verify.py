@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import xxhash
 
-from kvstore.segment import CHECK_BLOCK, HEADER_BYTES, SlotCorrupt, check_header, fold_digests
+from kvstore.segment import CHECK_BLOCK, HEADER_BYTES, SlotCorrupt, check_blocks, check_header, fold_digests
 
 _xxh3 = xxhash.xxh3_64_intdigest
 
@@ -31,9 +31,8 @@ class LandingDigests:
 
     def __init__(self, keys: Sequence[bytes], lengths: Sequence[int], checksums: Sequence[int]) -> None:
         self._keys, self._lengths, self._sums = keys, lengths, checksums
-        # Blocks in landing order: block k spans [_start[k], _end[k]) of the landing buffer;
-        # slot j's blocks are _first[j] .. _first[j + 1] - 1 (a block per started CHECK_BLOCK
-        # of payload, one empty block for an empty payload, as segment.check_blocks).
+        # Blocks in landing order (segment.check_blocks of each payload): block k spans
+        # [_start[k], _end[k]) of the landing buffer; slot j's are _first[j] .. _first[j + 1] - 1.
         self._start: list[int] = []
         self._end: list[int] = []
         self._first: list[int] = []
@@ -43,13 +42,13 @@ class LandingDigests:
             self._slot_at.append(pos)
             self._first.append(len(self._start))
             base = pos + HEADER_BYTES
-            if n <= CHECK_BLOCK:  # one block: the common case
+            if n <= CHECK_BLOCK:  # one block, the common case: no tuple made for it
                 self._start.append(base)
                 self._end.append(base + n)
             else:
-                for a in range(0, n, CHECK_BLOCK):
+                for a, b in check_blocks(n):
                     self._start.append(base + a)
-                    self._end.append(base + min(a + CHECK_BLOCK, n))
+                    self._end.append(base + b)
             pos = base + n
         self._first.append(len(self._start))
         self._digests = [0] * len(self._start)

@@ -109,7 +109,6 @@ class KVAwarePolicy(RoutingPolicy):
                     scores[i] = (queued[i] + work) / rates[i] + node_load_s
         # Replicas whose own cache holds a prefix: each on its own.
         own_terms: dict[int, tuple[int, int, int]] = {}
-        warm: dict[int, int] = {}
         for name, depth in own_depth.items():
             i = by_name.get(name, -1)
             if i < 0:
@@ -118,7 +117,6 @@ class KVAwarePolicy(RoutingPolicy):
             node = min(max(node_depth.get(nodes[i], 0) * ct - own, 0), limit - own)
             remote = max(anywhere - own - node, 0)
             own_terms[i] = (own, node, remote)
-            warm[i] = own
             scores[i] = (queued[i] + n - own - node - remote) / rates[i] + load_s(node, remote)
         cold = (0, 0, anywhere)
 
@@ -127,6 +125,7 @@ class KVAwarePolicy(RoutingPolicy):
             return (queued[i], rates[i], *terms)
 
         table = ScoreTable(names, scores, row)
+        warm = {i: t[0] for i, t in own_terms.items()}
         return self._decide(request.role, table, replicas, PREFILL_TERMS, self.tie_s, warm)
 
     def _pool(
