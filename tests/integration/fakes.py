@@ -26,6 +26,7 @@ from kvstore.messages import EngineDelta, EngineRequest, ReplicaLoad, scaling_st
 from router.app import Router, RouterSpec
 
 MODEL = "tiny"
+ACCEPTED_SETTLE_S = 1.0  # how long a cued prefill replica lives on after its work (see FakePrefill)
 ZERO = {"num_cpus": 0}  # the fakes must fit beside whatever else runs on a 2-core machine
 
 
@@ -103,6 +104,11 @@ class FakePrefill:
             self.sock.send_multipart((self.tag.encode(), self.seq.to_bytes(8, "big"), msgpack.packb([0.0, [event], 0])))
             self.seq += 1
         await self._compute(len(req.token_ids))
+        if self.fault_dir and (Path(self.fault_dir) / "kill-prefill").exists():
+            # Die only after Serve has told the router it took the call: a replica that dies
+            # before that is treated as never reached, and Serve resends the call itself, so
+            # the router's own retry (the subject of the fault test) would never run.
+            await asyncio.sleep(ACCEPTED_SETTLE_S)
         die_if_told(self.fault_dir, "kill-prefill")  # after the work, before the answer
         return EngineDelta((42,), " Paris", finish_reason="length", num_prompt_tokens=len(req.token_ids),
                            replica=f"prefill-{self.tag}").encode()
