@@ -233,6 +233,12 @@ class ChecksumMismatch(SlotCorrupt):
     or tampered write)."""
 
 
+def slot_head(key: bytes, length: int, digest: int) -> bytes:
+    """The bytes a slot holding exactly this chunk starts with (its header up to ``touched``,
+    which readers write): a reader that knows them checks a header with one comparison."""
+    return _HEADER.pack(_MAGIC, key, length, digest)
+
+
 def check_header(buf: memoryview, offset: int, key: bytes, length: int, digest: int) -> None:
     """Raise ``SlotCorrupt`` unless the slot at ``offset`` of ``buf`` is headed as the
     expected chunk (its payload is not read: see ``check_slot``)."""

@@ -11,16 +11,20 @@ This runs once per block and once per slot of every remote read: at 64 KiB chunk
 1,024 of each per 64 MiB. So the state is flat lists of ints (no object per block or slot:
 a tuple and a list per slot made the garbage collector run several times a read, which cost
 more than the hashing), and the common case, whole blocks inside what landed, is one tight
-loop with its state in locals.
+loop with its state in locals. The slots those blocks complete are judged in the same call
+(their expected headers are packed once, up front, so a header check is one comparison of
+bytes), and ``verdict`` is then a list lookup.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from itertools import accumulate, repeat
 
 import xxhash
 
-from kvstore.segment import CHECK_BLOCK, HEADER_BYTES, SlotCorrupt, check_blocks, check_header, fold_digests
+from kvstore.segment import CHECK_BLOCK, HEADER_BYTES, check_blocks, fold_digests, slot_head
 
 _xxh3 = xxhash.xxh3_64_intdigest
 
@@ -30,34 +34,34 @@ class LandingDigests:
     land. Per slot, in order: the key, payload length and checksum it must have."""
 
     def __init__(self, keys: Sequence[bytes], lengths: Sequence[int], checksums: Sequence[int]) -> None:
-        self._keys, self._lengths, self._sums = keys, lengths, checksums
+        self._sums = checksums
+        # Where each slot starts in the landing buffer: its predecessors' headers and payloads.
         # Blocks in landing order (segment.check_blocks of each payload): block k spans
         # [_start[k], _end[k]) of the landing buffer; slot j's are _first[j] .. _first[j + 1] - 1.
-        self._start: list[int] = []
-        self._end: list[int] = []
-        self._first: list[int] = []
-        self._slot_at: list[int] = []  # where each slot starts in the landing buffer
-        pos = 0
-        for n in lengths:
-            self._slot_at.append(pos)
-            self._first.append(len(self._start))
-            base = pos + HEADER_BYTES
-            if n <= CHECK_BLOCK:  # one block, the common case: no tuple made for it
-                self._start.append(base)
-                self._end.append(base + n)
-            else:
+        self._slot_at = list(accumulate(map(operator.add, repeat(HEADER_BYTES), lengths), initial=0))[:-1]
+        if max(lengths, default=0) <= CHECK_BLOCK:  # one block a slot, the common case: C loops only
+            self._start = list(map(operator.add, self._slot_at, repeat(HEADER_BYTES)))
+            self._end = list(map(operator.add, self._start, lengths))
+            self._first = list(range(len(lengths) + 1))
+        else:
+            self._start, self._end, self._first = [], [], []
+            for at, n in zip(self._slot_at, lengths, strict=True):
+                self._first.append(len(self._start))
                 for a, b in check_blocks(n):
-                    self._start.append(base + a)
-                    self._end.append(base + b)
-            pos = base + n
-        self._first.append(len(self._start))
+                    self._start.append(at + HEADER_BYTES + a)
+                    self._end.append(at + HEADER_BYTES + b)
+            self._first.append(len(self._start))
+        self._heads = list(map(slot_head, keys, lengths, checksums))
+        self._verdicts: list[str | None] = [None] * len(lengths)
+        self._judged = 0  # the first slot without a verdict
         self._digests = [0] * len(self._start)
         self._next = 0  # the first block without its digest
         self._partial: xxhash.xxh3_64 | None = None  # that block's stream, once some of it is hashed
         self._upto = 0  # where the partial stream stops (landing-buffer offset)
 
     def landed(self, buf: memoryview, pos: int) -> None:
-        """Bytes ``[0, pos)`` of the landing buffer ``buf`` are in: hash what they add."""
+        """Bytes ``[0, pos)`` of the landing buffer ``buf`` are in: hash what they add, and
+        judge the slots that are now complete."""
         starts, ends, digests, n = self._start, self._end, self._digests, len(self._end)
         while self._next < n:
             if self._partial is None:  # whole blocks: the common case, kept tight
@@ -70,28 +74,45 @@ class LandingDigests:
                     k += 1
                 self._next = k
                 if k == n:
-                    return
+                    break
             before = self._next
             self._stream(buf, 0, pos)  # a block that is in only in part
             if self._next == before:
-                return
+                break
+        self._judge_upto(buf, 0)
 
     def verdict(self, j: int, slot: memoryview) -> str:
         """Whether slot ``j`` (its complete bytes, ``slot``) is the expected chunk: ``ok``,
         ``slot_mismatches`` or ``checksum_failures`` (the client's counter names). What the
         transport did not report as landed is hashed here, from ``slot``."""
+        done = self._verdicts[j]
+        if done is not None:
+            return done
         first, last = self._first[j], self._first[j + 1]
         if self._next < first:  # slots never handed over: their blocks are skipped
             self._next, self._partial = first, None
+            self._judged = j
         base = self._slot_at[j]
         while self._next < last:
             self._stream(slot, base, base + len(slot))
-        try:
-            check_header(slot, 0, self._keys[j], self._lengths[j], self._sums[j])
-        except SlotCorrupt:
-            return "slot_mismatches"
-        digest = self._digests[first] if last - first == 1 else fold_digests(self._digests[first:last])
-        return "ok" if digest == self._sums[j] else "checksum_failures"
+        self._judge_upto(slot, base)
+        return self._verdicts[j] or "slot_mismatches"  # judged just above: never the fallback
+
+    def _judge_upto(self, view: memoryview, base: int) -> None:
+        """Give a verdict to every slot whose blocks all have their digests (``view`` holds
+        the landing buffer from offset ``base``; those slots lie in it)."""
+        j, first, done = self._judged, self._first, self._next
+        heads, sums, digests, at, verdicts = self._heads, self._sums, self._digests, self._slot_at, self._verdicts
+        while j < len(verdicts) and first[j + 1] <= done:
+            a = at[j] - base
+            if view[a : a + len(heads[j])].tobytes() != heads[j]:
+                verdicts[j] = "slot_mismatches"
+            else:
+                k, end = first[j], first[j + 1]
+                digest = digests[k] if end - k == 1 else fold_digests(digests[k:end])
+                verdicts[j] = "ok" if digest == sums[j] else "checksum_failures"
+            j += 1
+        self._judged = j
 
     def _stream(self, view: memoryview, base: int, pos: int) -> None:
         """Hash the current block as far as ``pos`` (a landing-buffer offset; ``view`` holds

@@ -83,6 +83,21 @@ def _ranges(offsets: Sequence[int], lengths: Sequence[int]) -> list[tuple[int, i
     return out
 
 
+def _pack_table(offsets: Sequence[int], lengths: Sequence[int]) -> bytes:
+    """The request's (offset, length) table in one struct call: a batch of 64 KiB chunks has
+    a thousand rows, and a call per row cost a few hundred microseconds on each side."""
+    if len(offsets) != len(lengths):
+        raise ValueError("offsets and lengths differ in count")
+    rows: list[int] = [0] * (2 * len(offsets))
+    rows[0::2], rows[1::2] = offsets, lengths
+    return struct.pack(f"<{len(rows)}Q", *rows)
+
+
+def _unpack_table(table: bytes | bytearray, count: int) -> tuple[list[int], list[int]]:
+    rows = struct.unpack_from(f"<{2 * count}Q", table)
+    return list(rows[0::2]), list(rows[1::2])
+
+
 def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
     """Make ``sock`` blocking, with the time limit on each send and receive kept by the
     kernel (SO_SNDTIMEO / SO_RCVTIMEO: a stalled peer still fails the call, as an OSError).
@@ -156,8 +171,7 @@ class TcpSlotServer:
                     return  # the stream is out of step: drop the connection
                 table = bytearray(_SLOT.size * count)
                 _recv_exact(conn, memoryview(table))
-                pairs = list(_SLOT.iter_unpack(table))
-                offsets, lengths = [p[0] for p in pairs], [p[1] for p in pairs]
+                offsets, lengths = _unpack_table(table, count)
                 if op == READ:
                     self._read(conn, offsets, lengths)
                 else:
@@ -283,8 +297,7 @@ class TcpTransport(Transport):
                 raise
 
     def _request(self, sock: socket.socket, op: int, offsets: Sequence[int], lengths: Sequence[int]) -> bytes:
-        table = b"".join(_SLOT.pack(o, n) for o, n in zip(offsets, lengths, strict=True))
-        return _REQ.pack(_MAGIC, op, len(offsets)) + table
+        return _REQ.pack(_MAGIC, op, len(offsets)) + _pack_table(offsets, lengths)
 
     def _reply(self, sock: socket.socket, address: str) -> None:
         head = bytearray(_REPLY.size)
