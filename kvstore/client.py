@@ -49,7 +49,13 @@ _INFO_TTL_S = 2.0
 OVERLAP_MIN_BYTES = 512 << 10
 OVERLAP_GROUP_BYTES = 4 << 20  # slots handed over together: one thread hand-off per ~4 MiB
 
-Fill = Callable[[int, memoryview], None]  # fill(i, payload): write chunk i's bytes into payload
+# fill(i, payload): write chunk i's bytes into payload; return their checksum (segment.checksum
+# of exactly those bytes) if it took it while writing, so the seal need not read them again,
+# or None to have the client hash them.
+Fill = Callable[[int, memoryview], int | None]
+# check(i, payload, checksum): copy chunk i's unverified payload out, verify the copy against
+# the checksum the slot must have, keep it only if it matches; returns whether it matched.
+SelfVerified = Callable[[int, memoryview, int], bool]
 
 
 class StoreError(Exception):
@@ -126,7 +132,8 @@ class StoreClient:
     ) -> int:
         """Store chunks on ``node_id`` (default: this node). ``fill(i, payload)`` writes chunk
         i's bytes: in place in the segment on this node, into a staging buffer that the
-        transport ships for another node. Returns how many were stored (a prefix of
+        transport ships for another node; a digest it returns is sealed as the chunk's
+        checksum (see ``Fill``). Returns how many were stored (a prefix of
         ``chunks`` when the segment is full of pinned data)."""
         if not chunks:
             return 0
@@ -153,8 +160,8 @@ class StoreClient:
         segment = self.shm.segment(info.segment)
         entries = []
         for i, (chunk, offset) in enumerate(zip(chunks, offsets, strict=True)):
-            fill(i, segment.payload(offset, chunk.nbytes))
-            digest = segment.seal(offset, chunk.key, chunk.nbytes)
+            taken = fill(i, segment.payload(offset, chunk.nbytes))
+            digest = segment.seal(offset, chunk.key, chunk.nbytes, taken)
             entries.append(CommitEntry(chunk.key, offset, chunk.nbytes, digest))
         self.count("bytes_out_shm", sum(HEADER_BYTES + c.nbytes for c in chunks))
         return entries
@@ -168,8 +175,8 @@ class StoreClient:
         staging = memoryview(self._staging)
         entries = []
         for i, (chunk, (a, _b)) in enumerate(zip(chunks, slot_spans(lengths), strict=True)):
-            fill(i, staging[a + HEADER_BYTES : a + HEADER_BYTES + chunk.nbytes])
-            digest = seal_slot(staging, a, chunk.key, chunk.nbytes)
+            taken = fill(i, staging[a + HEADER_BYTES : a + HEADER_BYTES + chunk.nbytes])
+            digest = seal_slot(staging, a, chunk.key, chunk.nbytes, taken)
             entries.append(CommitEntry(chunk.key, offsets[i], chunk.nbytes, digest))
         self.remote.write(info, offsets, lengths, staging)
         self.count(f"bytes_out_{self.remote.name}", sum(lengths))
@@ -200,6 +207,81 @@ class StoreClient:
                 run_dest = None if dest is None else dest[spans[run[0]][0] : spans[run[-1]][1]]
                 self._get_run(node, run, keys, locs, on_chunk, run_dest, ok)
         return ok
+
+    def batch_get_self_verified(
+        self, keys: Sequence[bytes], locs: Sequence[ChunkLocation], check: SelfVerified,
+    ) -> list[bool]:
+        """``batch_get`` for a caller that verifies the bytes itself, after copying them (the
+        CUDA KV path hashes its GPU copy: the host never reads the payload).
+
+        A chunk on this node is pinned, its header checked, and ``check(i, payload,
+        checksum)`` called with the slot's payload unverified while the pin holds; it returns
+        whether its copy matched ``checksum``. False is a checksum failure like ``batch_get``'s
+        own: counted, the chunk not delivered, the slot dropped. Chunks on other nodes come
+        through ``batch_get`` (verified as they land) and then ``check``. Never raises for a
+        chunk; returns, per chunk, whether it was delivered."""
+        ok = [False] * len(keys)
+        remote = [i for i, loc in enumerate(locs) if loc.node_id != self.node_id]
+        if remote:
+            matched: set[int] = set()
+
+            def deliver(j: int, payload: memoryview) -> None:
+                i = remote[j]
+                if check(i, payload, locs[i].checksum):
+                    matched.add(i)
+                else:
+                    self.count("checksum_failures")
+
+            got = self.batch_get([keys[i] for i in remote], [locs[i] for i in remote], deliver)
+            for i, delivered in zip(remote, got, strict=True):
+                ok[i] = delivered and i in matched
+        local = [i for i, loc in enumerate(locs) if loc.node_id == self.node_id]
+        if local:
+            self._get_local_self_verified(local, keys, locs, check, ok)
+        return ok
+
+    def _get_local_self_verified(
+        self, run: list[int], keys: Sequence[bytes], locs: Sequence[ChunkLocation], check: SelfVerified,
+        ok: list[bool],
+    ) -> None:
+        started = time.perf_counter()
+        damaged: list[tuple[int, bytes]] = []
+        settled = 0  # chunks of run with a verdict (counted)
+        try:
+            info, agent = self._agent(self.node_id)
+            segment = self.shm.segment(info.segment)
+            for i in run:
+                loc = locs[i]
+                span = (loc.offset, HEADER_BYTES + loc.length)
+                if not segment.locks.try_shared(*span):
+                    self.count("slot_busy")  # being evicted right now
+                    settled += 1
+                    continue
+                try:  # the pin holds until check has its copy and its verdict
+                    check_header(segment.buf, loc.offset, keys[i], loc.length, loc.checksum)
+                    if check(i, segment.payload(loc.offset, loc.length), loc.checksum):
+                        ok[i] = True
+                        segment.touch(loc.offset)  # a use, for the agent's LRU
+                    else:
+                        self.count("checksum_failures")
+                        damaged.append((loc.offset, keys[i]))
+                except SlotCorrupt:
+                    self.count("slot_mismatches")
+                finally:
+                    segment.locks.unlock(*span)
+                settled += 1
+            if damaged:  # drop them, so the next save stores a good copy
+                agent.discard(damaged)
+        except (StoreError, AgentUnavailable, TransportError, OSError) as e:
+            self._infos.pop(self.node_id, None)
+            self.count("get_failures", len(run) - settled)
+            log.debug("self-verified get on this node failed: %s", e)
+        delivered = sum(1 for i in run if ok[i])
+        self.count("loaded_local_chunks", delivered)
+        self.count(f"bytes_in_{self.shm.name}", sum(HEADER_BYTES + locs[i].length for i in run if ok[i]))
+        if delivered:
+            for name, n in histogram_fields(f"get_seconds:{self.shm.name}", time.perf_counter() - started).items():
+                self.count(name, n)
 
     def _get_run(
         self, node: str, run: list[int], keys: Sequence[bytes], locs: Sequence[ChunkLocation],

@@ -48,7 +48,6 @@ from kvstore.connector_plan import (
 )
 from kvstore.hashing import KVNamespace, chunk_keys
 from kvstore.logging import get_logger
-from kvstore.segment import clear_digest_hints
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -63,7 +62,7 @@ log = get_logger(__name__)
 
 def gpu_path_enabled() -> bool:
     """The CUDA KV path (kvstore/gpu_path.py: pinned segment, one gathered copy per chunk,
-    checksums on several threads) unless PDSERVE_GPU_KV_PATH=0."""
+    checksums on the GPU) unless PDSERVE_GPU_KV_PATH=0."""
     return os.environ.get("PDSERVE_GPU_KV_PATH", "1") != "0"
 
 
@@ -277,10 +276,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return
         for _req_id, items in meta.loads:
             try:
-                ok = self._store.batch_get(
-                    [it.key for it in items], [it.loc for it in items],
-                    lambda i, payload, items=items: self._inject(payload, items[i]),  # type: ignore[misc]
-                )
+                ok = self._load(items)
             except Exception as e:  # the engine copy itself failed: recompute all of it
                 self._warn("load", e)
                 ok = [False] * len(items)
@@ -295,6 +291,19 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             else:
                 self._warn.ok("load")
         self._flush_counters()
+
+    def _load(self, items: list[LoadItem]) -> list[bool]:
+        """Copy a request's stored chunks into its blocks; per chunk, whether it arrived.
+        The CUDA path verifies its own GPU copy of each slot (the host never hashes it);
+        every other engine takes the client's verified payloads."""
+        keys, locs = [it.key for it in items], [it.loc for it in items]
+        gpu = self._gpu
+        if gpu is not None and gpu.gpu_checksums:
+            per = self._planner.blocks_per_chunk
+            return self._store.batch_get_self_verified(
+                keys, locs, lambda i, payload, digest: bool(
+                    gpu.load_checked(payload, digest, items[i].block_ids, per, items[i].skip_blocks)))
+        return self._store.batch_get(keys, locs, lambda i, payload: self._inject(payload, items[i]))
 
     def _inject(self, payload: memoryview, item: LoadItem) -> None:
         per = self._planner.blocks_per_chunk
@@ -344,15 +353,13 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         except Exception as e:
             self._warn("save", e)
             self._count("save_failures", len(items))
-        finally:
-            if self._gpu is not None:
-                clear_digest_hints()  # a hint whose seal never ran must not outlive the step
         self._flush_counters()
 
-    def _extract(self, item: SaveItem, payload: memoryview) -> None:
+    def _extract(self, item: SaveItem, payload: memoryview) -> int | None:
+        """Write the chunk's blocks into ``payload``; returns its checksum when the copy took
+        it (the CUDA path hashes on the GPU), else None (the client hashes the slot)."""
         if self._gpu is not None:
-            self._gpu.extract(item.block_ids, payload)
-            return
+            return self._gpu.extract(item.block_ids, payload)  # type: ignore[no-any-return]
         dst = self._chunk_view(payload, len(item.block_ids))
         ids = torch.tensor(item.block_ids, device=self._blocks[0].device)
         for layer, rows in enumerate(self._blocks):
@@ -360,6 +367,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 torch.index_select(rows, 0, ids, out=dst[layer])
             else:
                 dst[layer].copy_(rows.index_select(0, ids))
+        return None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

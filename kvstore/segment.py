@@ -34,7 +34,6 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable
 
 import xxhash
 
@@ -75,34 +74,7 @@ def _address(view: memoryview) -> int:
 
 
 def checksum(data: memoryview | bytes) -> int:
-    blocks = check_blocks(len(data))
-    if _parallel is not None and len(blocks) > 1:
-        return fold_digests(_parallel([data[a:b] for a, b in blocks]))
-    return fold_digests([block_digest(data[a:b]) for a, b in blocks])
-
-
-# Set only by the CUDA KV path (kvstore/gpu_path.py): a map of block_digest over several
-# threads for payloads of more than one block, and digests its fills already took of what they
-# wrote. Both stay empty in every other process, which then runs exactly the code above.
-_parallel: Callable[[list[memoryview]], list[int]] | None = None
-_digest_hints: dict[tuple[int, int], int] = {}
-
-
-def parallel_checksums(map_digests: Callable[[list[memoryview]], list[int]] | None) -> None:
-    """Take multi-block checksums with ``map_digests`` (block_digest of each block, in
-    order), or again on the calling thread with None."""
-    global _parallel
-    _parallel = map_digests
-
-
-def hint_digest(payload: memoryview, digest: int) -> None:
-    """Tell the seal of ``payload`` (a writable view of a slot's payload) its checksum, taken
-    by the fill that just wrote it; the seal then writes it without hashing again."""
-    _digest_hints[(_address(payload), len(payload))] = digest
-
-
-def clear_digest_hints() -> None:
-    _digest_hints.clear()
+    return fold_digests([block_digest(data[a:b]) for a, b in check_blocks(len(data))])
 
 
 def block_digest(block: memoryview | bytes) -> int:
@@ -155,9 +127,10 @@ class Segment:
         start = offset + HEADER_BYTES
         return self.buf[start : start + length]
 
-    def seal(self, offset: int, key: bytes, length: int) -> int:
-        """Write the header after the payload is in place; returns the payload's checksum."""
-        return seal_slot(self.buf, offset, key, length)
+    def seal(self, offset: int, key: bytes, length: int, digest: int | None = None) -> int:
+        """Write the header after the payload is in place; returns the payload's checksum
+        (``digest`` when the writer already took it, see ``seal_slot``)."""
+        return seal_slot(self.buf, offset, key, length, digest)
 
     def verify(self, offset: int, key: bytes, length: int, digest: int) -> memoryview:
         """Return the payload if the slot holds exactly this chunk, else raise SlotCorrupt."""
@@ -216,13 +189,15 @@ class SlotLocks:
             self._fd = -1
 
 
-def seal_slot(buf: memoryview, offset: int, key: bytes, length: int) -> int:
+def seal_slot(buf: memoryview, offset: int, key: bytes, length: int, digest: int | None = None) -> int:
     """Write the header of the slot at ``offset`` of ``buf`` (a segment or a staging buffer)
-    once its payload is in place; returns the payload's checksum."""
-    data = buf[offset + HEADER_BYTES : offset + HEADER_BYTES + length]
-    digest = _digest_hints.pop((_address(data), length), None) if _digest_hints and length else None
+    once its payload is in place; returns the payload's checksum.
+
+    ``digest`` is ``checksum()`` of the payload as its writer took it while writing (the CUDA
+    KV path hashes its GPU copy of the bytes): sealed as given, the payload is not read
+    again. Without it the payload is hashed here."""
     if digest is None:
-        digest = checksum(data)
+        digest = checksum(buf[offset + HEADER_BYTES : offset + HEADER_BYTES + length])
     _TOUCHED.pack_into(buf, offset + _TOUCHED_AT, 0)  # not the previous occupant's reads
     _HEADER.pack_into(buf, offset, _MAGIC, key, length, digest)
     return digest

@@ -1,10 +1,13 @@
 """KV path bandwidth on one GPU: the connector's own copy code between a paged GPU KV cache
 and a store segment, against plain pinned ``torch`` copies of the same bytes.
 
-    save:  GPU paged cache --PDStoreConnector._extract--> segment slot --seal (xxh3)-->
-    load:  segment slot --verify (xxh3)--> PDStoreConnector._inject --> GPU paged cache
-    load_store: the same, verified by StoreClient's own same-node read
-           (``_read_local_split``, what ``batch_get`` runs for slots >= 512 KiB)
+    save:  GPU paged cache --PDStoreConnector._extract--> segment slot --seal-->
+           (on CUDA the extract takes the checksum on the GPU and the seal writes it)
+    load:  on CUDA: segment slot --GpuKVPath.load_checked (H2D, xxh3 on the GPU, compare,
+           scatter)--> GPU paged cache; else slot --verify (xxh3)--> _inject --> cache
+    load_store: the same through StoreClient's own same-node read: on CUDA
+           ``_get_local_self_verified`` (what ``batch_get_self_verified`` runs), else
+           ``_read_local_split`` (what ``batch_get`` runs for slots >= 512 KiB)
     limit: contiguous GPU buffer <--copy_(non_blocking)--> pinned host buffer (D2H / H2D)
 
 On CUDA the connector's copies go through ``kvstore.gpu_path`` (``--legacy``: the generic
@@ -89,8 +92,15 @@ class Cache:
     def set_chunk_blocks(self, n: int) -> None:
         self.conn._planner.blocks_per_chunk = n
 
-    def extract(self, block_ids: tuple[int, ...], payload: memoryview) -> None:
-        PDStoreConnector._extract(self.conn, SaveItem(b"k" * 16, block_ids), payload)
+    def extract(self, block_ids: tuple[int, ...], payload: memoryview) -> int | None:
+        return PDStoreConnector._extract(self.conn, SaveItem(b"k" * 16, block_ids), payload)
+
+    def gpu_verifies(self) -> bool:
+        return self.conn._gpu is not None and bool(self.conn._gpu.gpu_checksums)
+
+    def load_checked(self, block_ids: tuple[int, ...], payload: memoryview, digest: int) -> bool:
+        n = self.conn._planner.blocks_per_chunk
+        return bool(self.conn._gpu.load_checked(payload, digest, block_ids, n, 0))
 
     def inject(self, block_ids: tuple[int, ...], payload: memoryview) -> None:
         PDStoreConnector._inject(self.conn, payload, LoadItem(b"k" * 16, None, block_ids, 0))  # type: ignore[arg-type]
@@ -124,22 +134,35 @@ def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -
 
     def save(i: int, seal: bool = True) -> None:
         j = i % slots
-        cache.extract(ids[j], seg.payload(j * slot, nbytes))
+        taken = cache.extract(ids[j], seg.payload(j * slot, nbytes))
         if seal:
-            digests[j] = seg.seal(j * slot, key, nbytes)
+            digests[j] = seg.seal(j * slot, key, nbytes, taken)
+
+    gpu_verifies = cache.gpu_verifies()
 
     def load(i: int, verify: bool = True) -> None:
         j = i % slots
+        if gpu_verifies and verify:  # into other blocks than it came from
+            assert cache.load_checked(ids[(j + 1) % slots], seg.payload(j * slot, nbytes), digests[j])
+            return
         payload = seg.verify(j * slot, key, nbytes, digests[j]) if verify else seg.payload(j * slot, nbytes)
-        cache.inject(ids[(j + 1) % slots], payload)  # into other blocks than it came from
+        cache.inject(ids[(j + 1) % slots], payload)
 
-    # StoreClient's same-node verified read (the real code, on a stand-in for its state)
-    client = SimpleNamespace(_verifier=verifier, shm=SimpleNamespace(segment=lambda name: seg))
+    # StoreClient's same-node reads (the real code, on a stand-in for its state)
     info = SimpleNamespace(segment=seg.name)
+    client = SimpleNamespace(_verifier=verifier, shm=SimpleNamespace(segment=lambda name: seg, name="shm"), node_id="n",
+                             _agent=lambda node: (info, None), count=lambda *a: None, _infos={})
 
     def load_store(i: int) -> None:
         j = i % slots
         loc = ChunkLocation(node_id="n", segment=seg.name, offset=j * slot, length=nbytes, checksum=digests[j])
+        if gpu_verifies:
+            ok = [False]
+            StoreClient._get_local_self_verified(
+                client, [0], [key], [loc],  # type: ignore[arg-type]
+                lambda _i, payload, digest: cache.load_checked(ids[(j + 1) % slots], payload, digest), ok)
+            assert ok == [True]
+            return
         got = StoreClient._read_local_split(
             client, info, [0], [slot], [key], [loc],  # type: ignore[arg-type]
             lambda _i, payload: cache.inject(ids[(j + 1) % slots], payload), None)
@@ -166,15 +189,23 @@ def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -
         fn(0)
         secs = statistics.median(timed(fn, n) for _ in range(repeat))
         row[f"{name}_GBps"] = round(nbytes / secs / 1e9, 2)
-        segmod.clear_digest_hints()  # the copy-only saves leave theirs unsealed
     for path, limit in (("save", "pinned_d2h"), ("load", "pinned_h2d"), ("load_store", "pinned_h2d")):
         row[f"{path}_vs_pinned"] = round(row[f"{path}_GBps"] / row[f"{limit}_GBps"], 3)
     # the round trip is exact: what was saved loads back bit for bit
     save(0)
     assert digests[0] == segmod.checksum(seg.payload(0, nbytes)), "the sealed digest is not the payload's"
-    cache.inject(ids[1 % slots], seg.verify(0, key, nbytes, digests[0]))
+    load(0)
     for layer in cache.conn._blocks:
         assert torch.equal(layer[list(ids[0])], layer[list(ids[1 % slots])])
+    if gpu_verifies:  # a flipped byte fails the GPU check and writes nothing
+        payload = seg.payload(0, nbytes)
+        payload[nbytes // 2] ^= 0xFF
+        before = [layer[list(ids[2 % slots])].clone() for layer in cache.conn._blocks]
+        assert not cache.load_checked(ids[2 % slots], payload, digests[0]), "a damaged slot passed the GPU check"
+        payload[nbytes // 2] ^= 0xFF
+        for layer, was in zip(cache.conn._blocks, before, strict=True):
+            assert torch.equal(layer[list(ids[2 % slots])], was), "a damaged chunk was scattered"
+    row["checksums"] = "gpu" if gpu_verifies else "host"
     return row
 
 

@@ -17,7 +17,7 @@ from kvstore.agent import StoreAgent
 from kvstore.client import ChunkToSave, StoreClient
 from kvstore.metadata import ChunkLocation
 from kvstore.peer_auth import PeerAuth
-from kvstore.segment import HEADER_BYTES
+from kvstore.segment import HEADER_BYTES, checksum
 from kvstore.transport import REMOTE_TRANSPORTS, ShmTransport, Transport, TransportError
 
 from .conftest import AgentFactory
@@ -113,6 +113,51 @@ def test_corrupted_payload_fails_its_checksum(client: StoreClient, agent: StoreA
     assert ok == [False] and client.drain_counters()["checksum_failures"] == 1
     assert client.batch_exists([key]) == [False]  # the damaged chunk was dropped from the store
     assert put(client, [key], [8192]) == 1 and get(client, [key]) == {0: content(key, 8192)}
+
+
+def test_a_fill_that_took_the_checksum_is_sealed_with_it(client: StoreClient) -> None:
+    """The CUDA path's fill returns the checksum it took on the GPU: the seal writes it as
+    given (a wrong one is caught by the reader, so it is really the one used)."""
+    keys, n = [make_key("taken", i) for i in range(2)], (1 << 20) + 7
+    right = checksum(content(keys[0], n))
+
+    def fill(i: int, view: memoryview) -> int:
+        view[:] = content(keys[i], n)
+        return right if i == 0 else right ^ 1
+
+    assert client.batch_put([ChunkToSave(k, n) for k in keys], fill, node_id="node-A") == 2
+    assert [loc.checksum for loc in client.lookup(keys) if loc] == [right, right ^ 1]
+    assert get(client, keys) == {0: content(keys[0], n)}
+    assert client.drain_counters()["checksum_failures"] == 1
+
+
+def test_a_self_verifying_reader_gets_unverified_slots_and_its_verdict_counts(
+    client: StoreClient, agent: StoreAgent,
+) -> None:
+    """batch_get_self_verified: the reader checks the bytes itself (the CUDA path: on its GPU
+    copy); a mismatch fails only that chunk, is a counted checksum failure and drops the slot."""
+    sizes = [4096, (2 << 20) + 3, 1 << 20]
+    keys = [make_key("self", i) for i in range(3)]
+    assert put(client, keys, sizes) == 3
+    locs = [loc for loc in client.lookup(keys) if loc]
+    got: dict[int, bytes] = {}
+
+    def check(i: int, payload: memoryview, digest: int) -> bool:
+        copy = bytes(payload)
+        if checksum(copy) != digest:
+            return False
+        got[i] = copy
+        return True
+
+    assert client.batch_get_self_verified(keys, locs, check) == [True] * 3
+    assert got == {i: content(keys[i], sizes[i]) for i in range(3)}
+    assert client.drain_counters()["loaded_local_chunks" if client.node_id == "node-A" else "loaded_remote_chunks"] == 3
+    agent.segment.buf[locs[1].offset + HEADER_BYTES + (1 << 20) + 9] ^= 0xFF
+    got.clear()
+    assert client.batch_get_self_verified(keys, locs, check) == [True, False, True]
+    assert set(got) == {0, 2}
+    assert client.drain_counters()["checksum_failures"] == 1
+    assert client.batch_exists(keys) == [True, False, True]  # the damaged chunk was dropped
 
 
 @pytest.mark.parametrize("dest", [False, True], ids=["view", "dest"])

@@ -1,80 +1,78 @@
-"""The device-independent parts of the CUDA KV path: how a payload is split into copies, and
-the segment hooks it uses (digest hints for the seal, parallel checksums). The copies
-themselves run only on a GPU (tests/gpu, bench/gpu/kvpath.py)."""
+"""The device-independent parts of the CUDA KV path: a writer that took the payload's
+checksum while writing it (kvstore/gpu_path.py hashes its GPU copy) seals with it, and the
+seal then never reads the payload; its one-launch gather/scatter kernel, under Triton's
+interpreter. The copies themselves run only on a GPU (tests/gpu, bench/gpu/kvpath.py)."""
 
 import os
+import subprocess
+import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kvstore import gpu_path
 from kvstore import segment as segmod
-from kvstore.gpu_path import piece_of, piece_spans
-from kvstore.segment import CHECK_BLOCK, HEADER_BYTES, Segment, check_blocks, checksum
+from kvstore.segment import CHECK_BLOCK, Segment, checksum
 
 
 @pytest.fixture
 def seg():  # type: ignore[no-untyped-def]
     s = Segment.create(f"pdkv-test-{uuid.uuid4().hex[:8]}", 8 * CHECK_BLOCK)
     yield s
-    segmod.clear_digest_hints()
-    segmod.parallel_checksums(None)
     s.close()
 
 
-@pytest.mark.parametrize("nbytes", [1, CHECK_BLOCK, 3 * CHECK_BLOCK + 5, 9 * CHECK_BLOCK])
-def test_pieces_cover_the_payload_in_whole_check_blocks(nbytes: int) -> None:
-    piece = 2 * CHECK_BLOCK
-    spans = piece_spans(nbytes, piece)
-    assert spans[0][0] == 0 and spans[-1][1] == nbytes
-    assert all(a == b_prev for (a, _), (_, b_prev) in zip(spans[1:], spans, strict=False))
-    for a, b in check_blocks(nbytes):  # every checksum block lies inside one copy
-        assert spans[piece_of(a, piece)][0] <= a and b <= spans[piece_of(a, piece)][1]
-    with pytest.raises(ValueError):
-        piece_spans(nbytes, CHECK_BLOCK + 1)
-
-
-def test_seal_takes_the_hinted_digest_once(seg: Segment) -> None:
-    key, n = b"k" * 16, 3 * CHECK_BLOCK
+def test_seal_writes_the_given_digest_without_hashing(seg: Segment, monkeypatch: pytest.MonkeyPatch) -> None:
+    key, n = b"k" * 16, 3 * CHECK_BLOCK + 5
     payload = seg.payload(0, n)
     payload[:] = os.urandom(n)
     real = checksum(payload)
-    segmod.hint_digest(payload, real)
-    assert seg.seal(0, key, n) == real
-    assert not segmod._digest_hints  # used up
+
+    def no_hashing(data: object) -> int:
+        raise AssertionError("the seal hashed a payload whose digest it was given")
+
+    monkeypatch.setattr(segmod, "checksum", no_hashing)
+    assert seg.seal(0, key, n, real) == real
+    monkeypatch.undo()
     assert bytes(seg.verify(0, key, n, real)) == bytes(payload)
 
 
-def test_seal_without_a_hint_hashes_as_before(seg: Segment) -> None:
+def test_seal_without_a_digest_hashes_as_before(seg: Segment) -> None:
     key, n = b"k" * 16, CHECK_BLOCK + 7
     payload = seg.payload(0, n)
     payload[:] = os.urandom(n)
-    other = seg.payload(4 * CHECK_BLOCK, n)
-    segmod.hint_digest(other, 12345)  # a hint for another slot is not taken here
     assert seg.seal(0, key, n) == checksum(payload)
-    assert segmod._digest_hints
+    assert seg.seal(0, key, n, None) == checksum(payload)
 
 
-def test_parallel_checksums_equal_the_serial_ones(seg: Segment) -> None:
-    n = 5 * CHECK_BLOCK + 3
-    data = seg.payload(HEADER_BYTES, n)
-    data[:] = os.urandom(n)
-    serial = checksum(data)
-    with ThreadPoolExecutor(3) as pool:
-        calls: list[int] = []
+_COPY_ROWS_CHECK = """
+import torch
+from kvstore.gpu_path import _copy_rows
+# 3 layers of 9 blocks, rows of 6 words, each layer its own allocation and its own row stride
+layers = [torch.randint(-2**62, 2**62, (9, 6 + pad), dtype=torch.int64) for pad in (0, 2, 5)]
+table = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
+strides = torch.tensor([t.stride(0) for t in layers], dtype=torch.int64)
+ids, n_blocks = torch.tensor([7, 2, 5], dtype=torch.int64), 3
+staging = torch.zeros(3 * n_blocks * 6, dtype=torch.int64)
+_copy_rows[(3 * 3, 2)](table, strides, ids, staging, 3, n_blocks, 0, 6, TO_STAGING=True, TILE=4)
+want = torch.stack([t[ids, :6] for t in layers]).reshape(-1)
+assert torch.equal(staging, want), "gather"
+# scatter the chunk's last two blocks (skip 1) into blocks 0 and 8 of every layer
+before = [t.clone() for t in layers]
+_copy_rows[(3 * 2, 2)](table, strides, torch.tensor([0, 8]), staging, 2, n_blocks, 1, 6, TO_STAGING=False, TILE=4)
+for t, b in zip(layers, before):
+    assert torch.equal(t[0, :6], b[2, :6]) and torch.equal(t[8, :6], b[5, :6]), "scatter"
+    assert torch.equal(t[1:8], b[1:8]) and torch.equal(t[:, 6:], b[:, 6:]), "wrote outside its rows"
+print("OK")
+"""
 
-        def run(blocks: list[memoryview]) -> list[int]:
-            calls.append(len(blocks))
-            return list(pool.map(segmod.block_digest, blocks))
 
-        segmod.parallel_checksums(run)
-        assert checksum(data) == serial
-        assert checksum(data[:100]) == checksum(bytes(data[:100]))  # one block: not handed over
-        assert calls == [6]
-
-
-def test_gil_free_block_digest_equals_the_segment_one() -> None:
-    data = memoryview(bytearray(os.urandom(CHECK_BLOCK + 77)))
-    for view in (data, data[3:1000], data[:0], memoryview(bytes(data[:500]))):
-        assert gpu_path.block_digest(view) == segmod.block_digest(view)
+def test_one_launch_gather_and_scatter_move_exactly_the_chunks_rows() -> None:
+    """kvstore.gpu_path._copy_rows under Triton's interpreter (a child process: Triton reads
+    TRITON_INTERPRET at import): layers with different row strides, a tile that splits a row,
+    a scatter that skips the chunk's leading block and touches nothing else."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
+    run = subprocess.run([sys.executable, "-c", _COPY_ROWS_CHECK], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "OK", run.stderr[-3000:]

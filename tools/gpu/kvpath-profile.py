@@ -1,5 +1,8 @@
 # ruff: noqa: B023, E402
-"""ON THE GPU MACHINE: where kvstore.gpu_path's time goes, stage by stage (us per chunk)."""
+"""ON THE GPU MACHINE: where kvstore.gpu_path's time goes, stage by stage (us per chunk).
+
+    python3 tools/gpu/kvpath-profile.py
+"""
 
 import sys
 import time
@@ -8,6 +11,7 @@ import uuid
 import torch
 
 sys.path.insert(0, ".")
+from kvstore import gpu_xxh3
 from kvstore import segment as segmod
 from kvstore.gpu_path import GpuKVPath
 from kvstore.segment import Segment, check_blocks
@@ -44,23 +48,26 @@ try:
         flat, view = path._stage(n, blocks)
         idt = torch.tensor(ids, device="cuda")
         mvs = [payload[a:b] for a, b in check_blocks(n)]
+        digest = seg.seal(0, key, n, path.extract(ids, payload))
         r = {
             "ids_to_dev": t_us(lambda: torch.tensor(ids, dtype=torch.long).to("cuda", non_blocking=True)),
             "gather16": t_us(lambda: [torch.index_select(rw, 0, idt, out=view[i]) for i, rw in enumerate(rows)]),
+            "gather_fused": t_us(lambda: path._launch_rows(idt, flat, blocks, 0, to_staging=True)),
+            "scatter_fused": t_us(lambda: path._launch_rows(idt, flat, blocks, 0, to_staging=False)),
             "d2h_seg": t_us(lambda: host.copy_(flat, non_blocking=True)),
             "d2h_pin": t_us(lambda: pin.copy_(flat, non_blocking=True)),
             "h2d_seg": t_us(lambda: flat.copy_(host, non_blocking=True)),
-            "hash_pool": t_us(lambda: path._map_digests(mvs)),
-            "hash_1thr": t_us(lambda: [segmod.block_digest(m) for m in mvs]),
-            "hash_pool_gil": t_us(lambda: list(path.pool.map(segmod.block_digest, mvs))),
+            "hash_gpu": t_us(lambda: gpu_xxh3.block_digests(flat)),
+            "hash_gpu_to_host": t_us(lambda: path._fold(path._hash_async(flat))),
+            "hash_1thr_cpu": t_us(lambda: [segmod.block_digest(m) for m in mvs]),
             "scatter16": t_us(lambda: [rw.index_copy_(0, idt, view[i]) for i, rw in enumerate(rows)]),
             "extract": t_us(lambda: path.extract(ids, payload)),
-            "seal": t_us(lambda: (path.extract(ids, payload), seg.seal(0, key, n))),
-            "verify": t_us(lambda: seg.verify(0, key, n, segmod.checksum(payload))),
-            "inject": t_us(lambda: path.inject(payload, ids, blocks, 0)),
+            "extract+seal": t_us(lambda: seg.seal(0, key, n, path.extract(ids, payload))),
+            "load_checked": t_us(lambda: path.load_checked(payload, digest, ids, blocks, 0)),
+            "inject (host-verified path, no verify)": t_us(lambda: path.inject(payload, ids, blocks, 0)),
         }
         print(f"PROF {kib} KiB", r, flush=True)
-    print("is_pinned", host.is_pinned())
+    print("is_pinned", host.is_pinned(), "fused_copies", path.fused_copies, "gpu_checksums", path.gpu_checksums)
 finally:
     path.close()
     try:

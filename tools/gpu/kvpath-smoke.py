@@ -24,6 +24,8 @@ layers = [torch.randn(nb, BS, H, 2 * D, device="cuda").to(torch.bfloat16).permut
 rows = [t.permute(0, 2, 1, 3).reshape(nb, -1) for t in layers]  # memory order, as _block_rows
 per_block = rows[0][0].numel() * 2 * L
 path = GpuKVPath(rows)
+print("SMOKE gpu_checksums", path.gpu_checksums, "fused_copies", path.fused_copies, flush=True)
+assert path.gpu_checksums, "the GPU xxh3 failed its self-check"
 seg = Segment.create(f"pdkv-smoke-{uuid.uuid4().hex[:8]}", 1 << 30)
 key = b"k" * 16
 try:
@@ -37,11 +39,10 @@ try:
         digests = [0] * slot_n
 
         def save(j):
-            path.extract(ids, seg.payload(offs[j], n))
-            digests[j] = seg.seal(offs[j], key, n)
+            digests[j] = seg.seal(offs[j], key, n, path.extract(ids, seg.payload(offs[j], n)))
 
         def load(j):
-            path.inject(seg.verify(offs[j], key, n, digests[j]), dst, blocks, 0)
+            assert path.load_checked(seg.payload(offs[j], n), digests[j], dst, blocks, 0)
 
         for j in range(slot_n):
             save(j)
@@ -50,6 +51,14 @@ try:
         torch.cuda.synchronize()
         for r in rows:
             assert torch.equal(r[ids], r[dst])
+        damaged = seg.payload(offs[0], n)
+        damaged[n - 1] ^= 1  # one bit: the GPU check fails and nothing is scattered
+        other = list(range(2 * blocks, 3 * blocks))
+        before = [r[other].clone() for r in rows]
+        assert not path.load_checked(damaged, digests[0], other, blocks, 0)
+        torch.cuda.synchronize()
+        assert all(torch.equal(r[other], b) for r, b in zip(rows, before, strict=True))
+        damaged[n - 1] ^= 1
         g = torch.empty(n, dtype=torch.uint8, device="cuda")
         p = torch.empty(n, dtype=torch.uint8, pin_memory=True)
         res = {}
@@ -70,5 +79,10 @@ try:
               f"save/pin={res['save'] / res['pin_d2h']:.2f} load/pin={res['load'] / res['pin_h2d']:.2f}", flush=True)
 finally:
     path.close()
-    seg.close()
+    try:
+        seg.close()
+    except BufferError:  # torch.frombuffer views of the mapping are still alive: unlink by hand
+        import os
+
+        os.unlink(seg.path)
 print("SMOKE OK")

@@ -16,7 +16,9 @@
 # $OUT/gpu-serve-logs.tar.xz) within SERVE_BENCH_BUDGET_S (270) and what is left of
 # CALL_BUDGET_S (560: seconds from this script's start to the end of everything, inside one
 # 600 s call); SERVE_BENCH_ARGS adds arguments (e.g. "--shape tiny --rates 4,16"). TESTS=0 skips
-# tests/gpu (the benchmarks alone).
+# tests/gpu (the benchmarks alone). XXH3=1 first checks the GPU checksum kernels
+# (tests/unit/test_gpu_xxh3.py on the GPU, then tools/gpu/xxh3-bench.py: $OUT/gpu-xxh3.json);
+# those need only the image's packages, so they can also run alone in any call.
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/pdgpu-out}; mkdir -p "$OUT"
@@ -97,6 +99,14 @@ for _ in $(seq 50); do redis-cli -p "$RPORT" ping 2>/dev/null | grep -q PONG && 
 if redis-cli -p "$RPORT" ping | grep -q PONG; then say "RESULT redis-server starts and answers PING"; else say "RESULT redis-server FAILED"; fi
 redis-cli -p "$RPORT" shutdown nosave >/dev/null 2>&1
 
+# -- 4b. optional: the GPU xxh3 kernels, bit for bit against xxhash, and their speed
+if [ "${XXH3:-0}" = 1 ]; then
+  say "GPU xxh3: tests/unit/test_gpu_xxh3.py + tools/gpu/xxh3-bench.py"
+  "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_gpu_xxh3.py
+  say "RESULT gpu xxh3 tests rc=$?"
+  "$PY" tools/gpu/xxh3-bench.py --out "$OUT/gpu-xxh3.json"
+fi
+
 # -- 5. the tests. `pdserve down` (or a failed `up`) removes Ray's temp dir with every engine's
 # log: a background copier keeps them in /tmp/pdgpu-logs for the post-mortem.
 say "pytest tests/gpu (budget ${PYTEST_BUDGET_S:-420}s)"
@@ -119,6 +129,8 @@ fi
 # each engine's KV cache: fixed by kv_cache_memory_bytes (tests/gpu/conftest.py), or profiled
 grep -rhoE "reserved [0-9.]+ GiB memory for KV Cache|Available KV cache memory: [0-9.]+ GiB|GPU KV cache size: [0-9,]+ tokens" \
   /tmp/pdgpu-logs | sort | uniq -c
+# the CUDA KV path's own start line in each engine (kvstore/gpu_path.py)
+grep -rhoE "GPU KV path: .*|GPU xxh3 .*|one-launch KV gather .*" /tmp/pdgpu-logs | sort | uniq -c
 
 # -- 6. optional: the KV path bandwidth benchmark on the same machine
 if [ "${BENCH:-0}" = 1 ]; then
