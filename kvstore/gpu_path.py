@@ -282,19 +282,12 @@ class GpuKVPath:
         """Copy the unverified chunk in ``payload`` to the GPU, hash the copy there, and only
         if it matches ``checksum`` write its blocks from ``skip_blocks`` on into ``block_ids``
         of every layer; returns whether it matched (False: nothing was written)."""
-        nbytes = self._check(payload, n_blocks)
-        self.registry.pinned(payload)
-        host = torch.frombuffer(payload, dtype=torch.uint8)
-        s = self.stream
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
-            flat, view = self._stage(nbytes, n_blocks)
-            flat.copy_(host, non_blocking=True)
+        flat, view = self._copy_in(payload, n_blocks)
         try:
             digests = self._hash_async(flat)
             self.hash_stream.synchronize()  # the copy has landed too: the slot may go once we return
         except BaseException:
-            s.synchronize()  # no copy may still read the slot once its pin goes
+            self.stream.synchronize()  # no copy may still read the slot once its pin goes
             raise
         if self._fold(digests) != checksum:
             return False
@@ -305,20 +298,25 @@ class GpuKVPath:
                skip_blocks: int) -> None:
         """Copy the (host-verified) chunk in ``payload`` (``n_blocks`` blocks per layer) to the
         GPU and write its blocks from ``skip_blocks`` on into ``block_ids`` of every layer."""
-        nbytes = self._check(payload, n_blocks)
-        self.registry.pinned(payload)
-        host = torch.frombuffer(payload, dtype=torch.uint8)
-        s = self.stream
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
-            flat, view = self._stage(nbytes, n_blocks)
-            flat.copy_(host, non_blocking=True)
-            landed = torch.cuda.Event()
-            landed.record(s)
+        flat, view = self._copy_in(payload, n_blocks)
+        landed = torch.cuda.Event()
+        landed.record(self.stream)
         try:
             self._scatter(flat, view, block_ids, n_blocks, skip_blocks)  # queued behind the copy
         finally:
             landed.synchronize()  # the slot is unpinned (may be evicted) once this returns
+
+    def _copy_in(self, payload: memoryview, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue the copy of the slot's ``payload`` into the GPU staging tensor on the side
+        stream, after the engine's work so far; returns the staging tensor, flat and as blocks."""
+        nbytes = self._check(payload, n_blocks)
+        self.registry.pinned(payload)
+        host = torch.frombuffer(payload, dtype=torch.uint8)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            flat, view = self._stage(nbytes, n_blocks)
+            flat.copy_(host, non_blocking=True)
+        return flat, view
 
     def _scatter(self, flat: torch.Tensor, view: torch.Tensor, block_ids: list[int] | tuple[int, ...],
                  n_blocks: int, skip_blocks: int) -> None:
