@@ -11,8 +11,8 @@ connector can turn exactly those chunks into recompute.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kvstore.agent import CommitEntry
@@ -20,17 +20,12 @@ from kvstore.agent_rpc import AgentClient, AgentUnavailable
 from kvstore.logging import get_logger
 from kvstore.metadata import AgentInfo, ChunkLocation, MetadataStore, connect
 from kvstore.peer_auth import PeerAuth, TlsFiles
+from kvstore.read_paths import deliver_group, deliver_slot, hand_over, read_split
 from kvstore.segment import (
     CHECK_BLOCK,
     HEADER_BYTES,
-    ChecksumMismatch,
     SlotCorrupt,
-    block_digest,
-    check_blocks,
     check_header,
-    check_slot,
-    copy_into,
-    fold_digests,
     seal_slot,
 )
 from kvstore.transport import REMOTE_TRANSPORTS, ShmTransport, Transport, TransportError
@@ -324,7 +319,7 @@ class StoreClient:
 
             def hand_off() -> None:
                 if group:
-                    deliver = self._hand_over if landing is not None else self._deliver_group
+                    deliver = hand_over if landing is not None else deliver_group
                     pending.append(self._verifier.submit(deliver, list(group), keys, locs, on_chunk))
                     group.clear()
 
@@ -341,7 +336,7 @@ class StoreClient:
                         ok[i] = True  # settle's "ok" (no pin to touch from another node)
                         return
                 elif not overlap:
-                    settle(i, self._deliver(i, keys[i], locs[i], slot, on_chunk))
+                    settle(i, deliver_slot(i, keys[i], locs[i], slot, on_chunk))
                     return
                 group.append((i, slot))  # handed over while the next ones arrive
                 if sum(len(s) for _, s in group) >= OVERLAP_GROUP_BYTES:
@@ -349,7 +344,8 @@ class StoreClient:
 
             try:
                 if local and overlap and (len(run) > 1 or lengths[0] > HEADER_BYTES + CHECK_BLOCK):
-                    for i, verdict in self._read_local_split(info, run, lengths, keys, locs, on_chunk, dest):
+                    buf = self.shm.segment(info.segment).buf
+                    for i, verdict in read_split(buf, self._verifier, run, lengths, keys, locs, on_chunk, dest):
                         settle(i, verdict)
                 else:
                     transport.read(info, [locs[i].offset for i in run], lengths, on_slot, dest,
@@ -381,98 +377,6 @@ class StoreClient:
         if delivered:
             for name, n in histogram_fields(f"get_seconds:{transport.name}", time.perf_counter() - started).items():
                 self.count(name, n)
-
-    def _read_local_split(
-        self, info: AgentInfo, run: list[int], lengths: list[int], keys: Sequence[bytes],
-        locs: Sequence[ChunkLocation], on_chunk: Callable[[int, memoryview], None], dest: memoryview | None,
-    ) -> list[tuple[int, str]]:
-        """Verify (and copy into ``dest``) a same-node run on two threads, half of its
-        checksum blocks each, then hand the good chunks over in order; every slot's verdict.
-
-        Each thread hashes a block right after it copied it, from its own core's cache, so a
-        verified read costs two passes over memory (read, write) like a plain copy, spread
-        over both cores (docs/kvstore.md has the measurements)."""
-        buf = self.shm.segment(info.segment).buf
-        spans = slot_spans(lengths)
-        verdicts: dict[int, str] = {}
-        work: list[tuple[int, int, int]] = []  # (j, a, b): payload bytes a..b of slot run[j]
-        for j, i in enumerate(run):
-            loc = locs[i]
-            try:
-                check_header(buf, loc.offset, keys[i], loc.length, loc.checksum)
-            except SlotCorrupt:
-                verdicts[i] = "slot_mismatches"
-                continue
-            work += [(j, a, b) for a, b in check_blocks(loc.length)]
-        digests: dict[tuple[int, int], int] = {}
-
-        def payload(j: int) -> memoryview:  # where slot run[j]'s payload is delivered from
-            if dest is None:
-                start = locs[run[j]].offset + HEADER_BYTES
-                return buf[start : start + lengths[j] - HEADER_BYTES]
-            start = spans[j][0] + HEADER_BYTES
-            return dest[start : start + lengths[j] - HEADER_BYTES]
-
-        def part(items: Iterator[tuple[int, int, int]]) -> None:
-            for j, a, b in items:
-                block = payload(j)[a:b]
-                if dest is not None:
-                    src = locs[run[j]].offset + HEADER_BYTES
-                    copy_into(block, buf[src + a : src + b])
-                digests[(j, a)] = block_digest(block)
-
-        # Both threads take blocks from one queue (a list iterator: its next() is atomic),
-        # so a thread the OS parks for a while leaves its share to the other.
-        queue = iter(work)
-        theirs = self._verifier.submit(part, queue)
-        try:
-            part(queue)
-        finally:
-            wait([theirs])  # its slots stay pinned and its buffer alive until it is done
-        theirs.result()
-        for j, i in enumerate(run):
-            if i in verdicts:
-                continue
-            loc = locs[i]
-            if fold_digests([digests[(j, a)] for a, _ in check_blocks(loc.length)]) != loc.checksum:
-                verdicts[i] = "checksum_failures"
-                continue
-            if dest is not None:
-                copy_into(dest[spans[j][0] : spans[j][0] + HEADER_BYTES], buf[loc.offset : loc.offset + HEADER_BYTES])
-            on_chunk(i, payload(j))
-            verdicts[i] = "ok"
-        return list(verdicts.items())
-
-    @staticmethod
-    def _deliver(
-        i: int, key: bytes, loc: ChunkLocation, slot: memoryview, on_chunk: Callable[[int, memoryview], None],
-    ) -> str:
-        """Verify one slot and hand its payload over; returns the verdict's counter name."""
-        try:
-            payload = check_slot(slot, 0, key, loc.length, loc.checksum)
-        except ChecksumMismatch:
-            return "checksum_failures"
-        except SlotCorrupt:
-            return "slot_mismatches"
-        on_chunk(i, payload)
-        return "ok"
-
-    @classmethod
-    def _deliver_group(
-        cls, group: list[tuple[int, memoryview]], keys: Sequence[bytes], locs: Sequence[ChunkLocation],
-        on_chunk: Callable[[int, memoryview], None],
-    ) -> list[tuple[int, str]]:
-        return [(i, cls._deliver(i, keys[i], locs[i], slot, on_chunk)) for i, slot in group]
-
-    @staticmethod
-    def _hand_over(
-        group: list[tuple[int, memoryview]], keys: Sequence[bytes], locs: Sequence[ChunkLocation],
-        on_chunk: Callable[[int, memoryview], None],
-    ) -> list[tuple[int, str]]:
-        """Hand verified payloads over (the helper thread's share of a remote run)."""
-        for i, payload in group:
-            on_chunk(i, payload)
-        return [(i, "ok") for i, _ in group]
 
     # -- plumbing -------------------------------------------------------------------------
 

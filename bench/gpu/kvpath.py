@@ -7,7 +7,7 @@ and a store segment, against plain pinned ``torch`` copies of the same bytes.
            scatter)--> GPU paged cache; else slot --verify (xxh3)--> _inject --> cache
     load_store: the same through StoreClient's own same-node read: on CUDA
            ``_get_local_self_verified`` (what ``batch_get_self_verified`` runs), else
-           ``_read_local_split`` (what ``batch_get`` runs for slots >= 512 KiB)
+           ``read_paths.read_split`` (what ``batch_get`` runs for slots >= 512 KiB)
     limit: contiguous GPU buffer <--copy_(non_blocking)--> pinned host buffer (D2H / H2D)
 
 On CUDA the connector's copies go through ``kvstore.gpu_path`` (``--legacy``: the generic
@@ -44,6 +44,7 @@ from kvstore.client import StoreClient
 from kvstore.connector import PDStoreConnector
 from kvstore.connector_plan import LoadItem, SaveItem
 from kvstore.metadata import ChunkLocation
+from kvstore.read_paths import read_split
 from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
 
 KIB = 1024
@@ -163,9 +164,8 @@ def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -
                 lambda _i, payload, digest: cache.load_checked(ids[(j + 1) % slots], payload, digest), ok)
             assert ok == [True]
             return
-        got = StoreClient._read_local_split(
-            client, info, [0], [slot], [key], [loc],  # type: ignore[arg-type]
-            lambda _i, payload: cache.inject(ids[(j + 1) % slots], payload), None)
+        got = read_split(seg.buf, verifier, [0], [slot], [key], [loc],
+                         lambda _i, payload: cache.inject(ids[(j + 1) % slots], payload), None)
         assert got == [(0, "ok")], got
 
     on_gpu = cache.layers[0].is_cuda
