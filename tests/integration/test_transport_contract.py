@@ -214,6 +214,11 @@ def test_transport_refuses_slots_outside_the_segment(agent: StoreAgent, name: st
     try:
         with pytest.raises(TransportError):
             t.read(agent.info(), [agent.segment.size - 8], [64], lambda i, v: None)
+        if name != "shm":  # the agent checks a batch as a whole: one bad slot among good ones
+            for bad in ((agent.segment.size - 8, 64), (128, 0)):
+                with pytest.raises(TransportError):
+                    t.read(agent.info(), [0, bad[0], 64], [64, bad[1], 64], lambda i, v: None)
+            assert agent.snapshot().pinned == 0  # and a refused read pins nothing
         if name != "shm":  # shm writes are the writer's own mapping; remote ones are checked
             with pytest.raises(TransportError):
                 t.write(agent.info(), [0], [64], memoryview(bytes(64)))  # not allocated to a write
