@@ -271,12 +271,7 @@ class StoreClient:
             self._infos.pop(self.node_id, None)
             self.count("get_failures", len(run) - settled)
             log.debug("self-verified get on this node failed: %s", e)
-        delivered = sum(1 for i in run if ok[i])
-        self.count("loaded_local_chunks", delivered)
-        self.count(f"bytes_in_{self.shm.name}", sum(HEADER_BYTES + locs[i].length for i in run if ok[i]))
-        if delivered:
-            for name, n in histogram_fields(f"get_seconds:{self.shm.name}", time.perf_counter() - started).items():
-                self.count(name, n)
+        self._count_loaded("local", self.shm.name, run, locs, ok, started)
 
     def _get_run(
         self, node: str, run: list[int], keys: Sequence[bytes], locs: Sequence[ChunkLocation],
@@ -370,12 +365,17 @@ class StoreClient:
         finally:
             for i in pinned:
                 segment.locks.unlock(locs[i].offset, HEADER_BYTES + locs[i].length)  # type: ignore[union-attr]
-        source = "local" if local else "remote"
+        self._count_loaded("local" if local else "remote", transport.name, run, locs, ok, started)
+
+    def _count_loaded(self, source: str, transport: str, run: list[int], locs: Sequence[ChunkLocation],
+                      ok: list[bool], started: float) -> None:
+        """A get's counters: chunks and bytes delivered from ``source`` over ``transport``,
+        and, if any arrived, its time since ``started`` in the latency histogram."""
         delivered = sum(1 for i in run if ok[i])
         self.count(f"loaded_{source}_chunks", delivered)
-        self.count(f"bytes_in_{transport.name}", sum(HEADER_BYTES + locs[i].length for i in run if ok[i]))
+        self.count(f"bytes_in_{transport}", sum(HEADER_BYTES + locs[i].length for i in run if ok[i]))
         if delivered:
-            for name, n in histogram_fields(f"get_seconds:{transport.name}", time.perf_counter() - started).items():
+            for name, n in histogram_fields(f"get_seconds:{transport}", time.perf_counter() - started).items():
                 self.count(name, n)
 
     # -- plumbing -------------------------------------------------------------------------
