@@ -3,7 +3,7 @@ shared-prefix multi-turn chat workload, one cluster per policy, the same request
 
     .venv/bin/python -m bench.policies [--policies kv_aware,prefix_tree_approx,round_robin,least_loaded]
                                        [--conversations 8] [--turns 4] [--concurrency 4]
-                                       [--out bench/results/policies.json]
+                                       [--rounds 1] [--out bench/results/policies.json]
 
 The workload: each conversation opens with one of a few long system prompts and resends its
 whole history every turn (earlier user turns and the model's own answers, as token ids),
@@ -15,6 +15,13 @@ a policy that measures replicas sees that, one that counts requests does not.
 Per policy: TTFT p50/p90 (the routing decides where the prompt is computed, so TTFT is where
 policies differ), prefix hit rate (prompt tokens the prefill replica took from its own cache
 or the store instead of computing) and how requests split over the prefill replicas.
+
+The policies run one after another, so a slower stretch of this shared machine lands on
+whichever ran then (run 6: the same core-0 replica measured 137 tokens/s under one policy and
+176 under the next). ``--rounds R`` interleaves them: each round runs every policy once, in an
+order rotated by one each round, on conversations of their own (seed + round); the report
+pools each policy's requests over the rounds and gives kv_aware's TTFT ratio to each other
+policy per round (the rounds' median beside the pooled figures).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import asyncio
 import datetime as dt
 import json
 import random
+import statistics
 import subprocess
 import tempfile
 import time
@@ -59,14 +67,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=24)
     p.add_argument("--concurrency", type=int, default=4, help="conversations in flight")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1, help="each policy once a round, the order rotated")
     p.add_argument("--model", default=None, help="checkpoint dir (default: the default model)")
     p.add_argument("--out", type=Path, default=REPO / "bench/results/policies.json")
     return p.parse_args(argv)
 
 
-def conversations(args: argparse.Namespace, vocab: list[int]) -> list[tuple[list[int], list[list[int]]]]:
+def conversations(args: argparse.Namespace, vocab: list[int], seed: int) -> list[tuple[list[int], list[list[int]]]]:
     """(system prompt, user turns) per conversation, fixed by the seed."""
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
     systems = [[rng.choice(vocab) for _ in range(args.system_len)] for _ in range(args.system_prompts)]
     return [(systems[i % len(systems)], [[rng.choice(vocab) for _ in range(args.user_len)]
                                          for _ in range(args.turns)]) for i in range(args.conversations)]
@@ -149,7 +158,52 @@ def table(report: dict[str, Any]) -> str:
             if name != "kv_aware" and "error" not in s:
                 lines.append(f"| {name} | {base['ttft_p50_s'] / s['ttft_p50_s']:.2f}x | "
                              f"{base['ttft_p90_s'] / s['ttft_p90_s']:.2f}x |")
+    per_round = report.get("round_ratios")
+    if per_round:
+        lines += ["", f"| kv_aware / policy, per round ({len(report['rounds'])}) | TTFT p50: median (each round) "
+                      "| TTFT p90: median (each round) |", "|---|---|---|"]
+        for name, r in per_round.items():
+            lines.append(f"| {name} | {r['p50_median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['p50'])}) | "
+                         f"{r['p90_median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['p90'])}) |")
     return "\n".join(lines)
+
+
+Conversations = list[tuple[list[int], list[list[int]]]]  # (system prompt, user turns) each
+
+
+def run_policy(args: argparse.Namespace, model_dir: Path, policy: str,
+               convs: Conversations) -> tuple[dict[str, Any], list[tuple[int, RequestResult]]]:
+    """One fresh cluster routed by ``policy``, the workload through it: its report and results."""
+    with tempfile.TemporaryDirectory(prefix=f"pdbench-{policy}-") as logs:
+        t0 = time.monotonic()
+        try:
+            with pdserve_system(model_dir, model_dir.name, Path(logs),
+                                [*LAYOUT, f"router.policy={policy}"]) as running:
+                results = asyncio.run(run_workload(running.base_url, model_dir.name, convs,
+                                                   args.output_len, args.concurrency))
+                seen = own_cache_seen(running.base_url)
+                root = running.base_url.rstrip("/").removesuffix("/v1")
+                measured = httpx.get(root + "/debug/replicas", timeout=30).json()
+            return ({**summarize(results), **seen, "wall_s": round(time.monotonic() - t0, 1),
+                     "router_view": measured, "records": records(results)}, results)
+        except Exception as e:  # one policy failing still reports the others
+            return {"error": f"{type(e).__name__}: {e}"}, []
+
+
+def round_ratios(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """kv_aware's TTFT p50 and p90 over each other policy's, per round (rounds where both ran)."""
+    out: dict[str, dict[str, Any]] = {}
+    others = {name for rd in rounds for name in rd if name != "kv_aware"}
+    for name in sorted(others):
+        pairs = [(rd["kv_aware"], rd[name]) for rd in rounds
+                 if "error" not in rd.get("kv_aware", {"error": 1}) and "error" not in rd.get(name, {"error": 1})]
+        if not pairs:
+            continue
+        p50 = [round(k["ttft_p50_s"] / o["ttft_p50_s"], 3) for k, o in pairs]
+        p90 = [round(k["ttft_p90_s"] / o["ttft_p90_s"], 3) for k, o in pairs]
+        out[name] = {"p50": p50, "p90": p90, "p50_median": statistics.median(p50),
+                     "p90_median": statistics.median(p90)}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,32 +211,35 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     model_dir = Path(args.model) if args.model else prepare_default_model()
-    convs = conversations(args, wordlike_vocab(model_dir))
+    vocab = wordlike_vocab(model_dir)
     report: dict[str, Any] = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                                        capture_output=True, text=True).stdout.strip(),
                               "args": {k: str(v) for k, v in vars(args).items()}, "policies": {}}
-    for policy in args.policies.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"pdbench-{policy}-") as logs:
-            t0 = time.monotonic()
-            try:
-                with pdserve_system(model_dir, model_dir.name, Path(logs),
-                                    [*LAYOUT, f"router.policy={policy}"]) as running:
-                    results = asyncio.run(run_workload(running.base_url, model_dir.name, convs,
-                                                       args.output_len, args.concurrency))
-                    seen = own_cache_seen(running.base_url)
-                    root = running.base_url.rstrip("/").removesuffix("/v1")
-                    measured = httpx.get(root + "/debug/replicas", timeout=30).json()
-                report["policies"][policy] = {**summarize(results), **seen,
-                                              "wall_s": round(time.monotonic() - t0, 1),
-                                              "router_view": measured, "records": records(results)}
-            except Exception as e:  # one policy failing still reports the others
-                report["policies"][policy] = {"error": f"{type(e).__name__}: {e}"}
-        print(f"[policies] {policy}: {report['policies'][policy]}", flush=True)
+    names = args.policies.split(",")
+    rounds: list[dict[str, Any]] = []
+    pooled: dict[str, list[tuple[int, RequestResult]]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        convs = conversations(args, vocab, args.seed + r)
+        this: dict[str, Any] = {}
+        for policy in names[r % len(names):] + names[: r % len(names)]:
+            this[policy], results = run_policy(args, model_dir, policy, convs)
+            pooled[policy] += [(conv + 10_000 * r, res) for conv, res in results]
+            print(f"[policies] round {r}: {policy}: { {k: v for k, v in this[policy].items() if k != 'records'} }",
+                  flush=True)
+        rounds.append(this)
+    if args.rounds == 1:
+        report["policies"] = rounds[0]
+    else:
+        report["rounds"] = rounds
+        report["round_ratios"] = round_ratios(rounds)
+        for name in names:  # pooled over the rounds; calibration stays per run (round 0's)
+            ran = [rd[name] for rd in rounds if "error" not in rd[name]]
+            report["policies"][name] = {**summarize(pooled[name]), "rounds_ok": len(ran)} if ran else rounds[0][name]
     from bench.sim.calibrate import check_runs
     from bench.sim.calibrate import table as calibration_table
 
-    report["calibration"] = check_runs(report)  # the simulator against these runs
+    report["calibration"] = check_runs({**report, "policies": rounds[0]})  # the simulator against round 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))
