@@ -55,6 +55,7 @@ def engine_spec(cfg: ClusterConfig, pool: PoolConfig, role: str, model_dir: Path
         enable_prefix_caching=e.enable_prefix_caching,
         max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens,
+        stream_interval=e.stream_interval,
         kv_cache_gib=e.kv_cache_gib,
         gpu_memory_utilization=e.gpu_memory_utilization,
         kv_cache_memory_bytes=e.kv_cache_memory_bytes,

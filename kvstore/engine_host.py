@@ -142,6 +142,7 @@ class EngineHost:
             enable_prefix_caching=spec.enable_prefix_caching,
             max_num_seqs=spec.max_num_seqs,
             max_num_batched_tokens=spec.max_num_batched_tokens,
+            stream_interval=spec.stream_interval,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             tensor_parallel_size=spec.tensor_parallel_size,
             distributed_executor_backend=spec.executor_backend,

@@ -149,6 +149,7 @@ class EngineSpec:
     tensor_parallel_size: int = 1  # ranks of this replica's engine, in its placement group
     store_tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields (grpc transport)
     kv_cache_memory_bytes: int | None = None  # GPU: a fixed KV cache size (vLLM skips its profiling)
+    stream_interval: int = 1  # output tokens per streamed delta (vLLM's stream_interval)
 
     @property
     def executor_backend(self) -> str | None:

@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=270.0, help="whole run; later runs are skipped past it")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/pdgpu-bench"), help="model + server logs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="output tokens per streamed message, on both sides (vLLM's --stream-interval)")
+    p.add_argument("--router-replicas", type=int, default=1, help="pdserve's router replicas (router.replicas)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -128,7 +131,8 @@ class _Mono:
 
 
 @contextmanager
-def monolithic_gpu(model_dir: Path, model: str, log_dir: Path, kv_bytes: int, gpu_mem: float) -> Iterator[_Mono]:
+def monolithic_gpu(model_dir: Path, model: str, log_dir: Path, kv_bytes: int, gpu_mem: float,
+                   stream_interval: int = 1) -> Iterator[_Mono]:
     port = free_port()
     log = log_dir / "monolithic.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
@@ -136,7 +140,8 @@ def monolithic_gpu(model_dir: Path, model: str, log_dir: Path, kv_bytes: int, gp
            "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
            "--max-num-batched-tokens", str(ENGINE["max_num_batched_tokens"]), "--enforce-eager",
            "--enable-prefix-caching", "--gpu-memory-utilization", str(gpu_mem),
-           "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0", "--port", str(port), "--host", "127.0.0.1"]
+           "--kv-cache-memory-bytes", str(kv_bytes), "--stream-interval", str(stream_interval),
+           "--seed", "0", "--port", str(port), "--host", "127.0.0.1"]
     out = log.open("w")
     out.write(" ".join(cmd) + "\n")
     out.flush()
@@ -153,7 +158,8 @@ def monolithic_gpu(model_dir: Path, model: str, log_dir: Path, kv_bytes: int, gp
 
 
 def pdserve_sets(a: argparse.Namespace, kv_bytes: int) -> list[str]:
-    sets = ["device=cuda", f"kvstore.chunk_tokens={a.chunk_tokens}", f"kvstore.capacity_mb={a.store_mb}"]
+    sets = ["device=cuda", f"kvstore.chunk_tokens={a.chunk_tokens}", f"kvstore.capacity_mb={a.store_mb}",
+            f"router.replicas={a.router_replicas}", f"decode.engine.stream_interval={a.stream_interval}"]
     for pool in ("prefill", "decode"):
         sets += [f"{pool}.gpus_per_replica=0.4", f"{pool}.cpu_binding=[]",
                  f"{pool}.engine.gpu_memory_utilization={a.gpu_mem}",
@@ -320,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ExitStack() as stack:
             t = time.monotonic()
-            mono = stack.enter_context(monolithic_gpu(model_dir, model, log_dir, kv_bytes, a.gpu_mem))
+            mono = stack.enter_context(monolithic_gpu(model_dir, model, log_dir, kv_bytes, a.gpu_mem,
+                                                      a.stream_interval))
             systems: dict[str, Running] = {}
             # `pdserve up` blocks until its engines answer; the vLLM server starts meanwhile.
             # One system that does not come up leaves the other's figures (and no ratios).

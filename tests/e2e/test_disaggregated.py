@@ -396,6 +396,27 @@ def test_decode_replica_killed_mid_stream_resumes_with_no_token_lost_or_repeated
     wait_replaced(cluster, "decode", dead)
 
 
+def test_decode_streams_messages_of_its_stream_interval(cluster: Cluster) -> None:
+    """The e2e decode engine sends 2 tokens a message (tests/e2e/cluster.yaml): the stream
+    carries messages of at most 2 tokens, most of them 2, and exactly the tokens of the same
+    completion unstreamed."""
+    body = {"model": MODEL, "prompt": EQUIVALENCE[0], "max_tokens": 25, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(f"{cluster.base_url}/completions", json=body, timeout=300).json()["choices"][0]["token_ids"]
+    sizes: list[int] = []
+    got: list[int] = []
+    with httpx.stream("POST", f"{cluster.base_url}/completions", json={**body, "stream": True}, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                ids = [t for c in json.loads(line[6:])["choices"] for t in (c.get("token_ids") or [])]
+                if ids:
+                    sizes.append(len(ids))
+                    got += ids
+    assert got == whole and len(got) == 25
+    # the first token comes from prefill and the decode engine's first at once; then pairs
+    assert max(sizes) == 2 and sizes.count(2) >= 10, sizes
+
+
 def test_client_that_disconnects_is_aborted_on_both_engines_and_its_kv_freed(cluster: Cluster) -> None:
     body = {"model": MODEL, "prompt": FRESH[1], "max_tokens": 600, "temperature": 0, "ignore_eos": True,
             "stream": True}

@@ -47,6 +47,16 @@ def test_a_pinned_gpu_kv_cache_reaches_the_engine_spec_only_when_set(tmp_path: P
     assert specs["decode"].kv_cache_memory_bytes is None  # unset: vLLM sizes it from gpu_memory_utilization
 
 
+def test_stream_interval_reaches_the_engine_spec_and_must_be_positive(tmp_path: Path) -> None:
+    from cluster.app import engine_spec
+
+    cfg = ClusterConfig.load(None, ["decode.engine.stream_interval=4"])
+    assert engine_spec(cfg, cfg.decode, "decode", tmp_path, "redis://127.0.0.1:1").stream_interval == 4
+    assert engine_spec(cfg, cfg.prefill, "prefill", tmp_path, "redis://127.0.0.1:1").stream_interval == 1
+    with pytest.raises((ValidationError, ValueError)):
+        ClusterConfig.load(None, ["decode.engine.stream_interval=0"])
+
+
 def test_malformed_override_and_non_mapping_yaml(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         ClusterConfig.load(None, ["no-equals-sign"])
