@@ -9,6 +9,10 @@ Loaded by module path (``kv_connector_module_path="kvstore.connector"``,
 - worker side (the process that owns the paged KV tensors): ``start_load_kv`` copies stored
   chunks into the request's blocks before the forward; ``wait_for_save`` copies every newly
   completed prompt chunk out into the node's segment after it.
+- tensor parallelism: one scheduler side per engine, one worker side per rank. Each rank's
+  shard of a chunk is its own slot under its own key (``hashing.rank_key``); the scheduler
+  counts a chunk only when every rank's shard is stored, and each worker takes its own
+  shard's key and location from the step's plan (``bind_connector_metadata``).
 
 Contract with vLLM: nothing on the KV path may fail a request or produce a wrong token. Any
 error (Redis down, agent gone, slot evicted or corrupt) makes a lookup a miss, a load a set
@@ -45,8 +49,9 @@ from kvstore.connector_plan import (
     StepPlanner,
     block_ids_after_step,
     plan_hit,
+    stored_prefix,
 )
-from kvstore.hashing import KVNamespace, chunk_keys
+from kvstore.hashing import KVNamespace, chunk_keys, rank_keys
 from kvstore.logging import get_logger
 
 if TYPE_CHECKING:
@@ -57,6 +62,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
+    from kvstore.metadata import ChunkLocation
+
 log = get_logger(__name__)
 
 
@@ -66,10 +73,32 @@ def gpu_path_enabled() -> bool:
     return os.environ.get("PDSERVE_GPU_KV_PATH", "1") != "0"
 
 
+def _worker_tp_rank() -> int | None:
+    """This worker's tensor-parallel rank, from vLLM's TP group (set up before any connector is
+    built: ``init_device`` precedes ``initialize_from_config`` in vLLM 0.26 and 0.32); None
+    when it cannot be had: that worker then never saves and fails every load (recompute)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception as e:
+        log.warning("no tensor-parallel rank (%s: %s); this worker recomputes", type(e).__name__, e)
+        return None
+
+
 @dataclass
 class StoreConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     loads: list[tuple[str, list[LoadItem]]] = field(default_factory=list)
     saves: list[SaveItem] = field(default_factory=list)
+
+    def for_rank(self, tp_rank: int, tp_size: int) -> StoreConnectorMetadata:
+        """This step's work for TP rank ``tp_rank``: its own shards' keys and locations."""
+        if tp_rank == 0:
+            return self
+        return StoreConnectorMetadata(
+            loads=[(rid, [it.for_rank(tp_rank, tp_size) for it in items]) for rid, items in self.loads],
+            saves=[it.for_rank(tp_rank, tp_size) for it in self.saves],
+        )
 
 
 @dataclass(frozen=True)
@@ -140,12 +169,20 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._enabled = len(kv_cache_config.kv_cache_groups) <= 1
         if not self._enabled:
             log.warning("models with several KV cache groups are not stored; always recompute")
-        # Each TP rank holds its own shard of every block, so a stored chunk is per rank; the
-        # keys here are rank 0's. Until keys carry the rank, a TP engine neither saves nor
-        # loads (recompute), rather than hand one rank another rank's shard.
-        if vllm_config.parallel_config.tensor_parallel_size > 1:
+        # Tensor parallelism: each rank holds its own shard of every block (its KV heads) and
+        # stores it as its own chunk under its own key (kvstore.hashing.rank_key). The
+        # scheduler plans with rank 0's keys and counts a chunk only when every rank's shard
+        # is stored; each worker swaps in its own keys (bind_connector_metadata).
+        parallel = vllm_config.parallel_config
+        self._tp_size: int = parallel.tensor_parallel_size
+        self._tp_rank: int | None = 0  # None: a worker that could not learn its rank
+        if self._tp_size > 1 and role == KVConnectorRole.WORKER:
+            self._tp_rank = _worker_tp_rank()
+        # Pipeline stages hold other layers and decode context parallelism splits a block's
+        # tokens across ranks; neither is in the keys, so such engines always recompute.
+        if parallel.pipeline_parallel_size > 1 or getattr(parallel, "decode_context_parallel_size", 1) > 1:
             self._enabled = False
-            log.warning("tensor-parallel engines do not use the store yet (per-rank keys); always recompute")
+            log.warning("pipeline / decode-context-parallel engines do not use the store; always recompute")
         s = self.settings
         self._store = StoreClient(s.redis_url, s.prefix, s.node_id, transport=s.transport, tls=s.tls)
         self._warn = _Warner()
@@ -179,7 +216,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if not (self._enabled and self._load_enabled and state.keys):
             return 0, False
         try:
-            locs = self._store.lookup_prefix(state.keys)
+            locs = self._lookup_all_ranks(state.keys)
         except Exception as e:
             self._warn("lookup", e)
             self._count("lookup_failures", 1)
@@ -193,6 +230,14 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             return 0, False
         self._pending_loads[request.request_id] = LoadPlan(num_computed_tokens, hit, locs)
         return hit - num_computed_tokens, False
+
+    def _lookup_all_ranks(self, keys: list[bytes]) -> list[tuple[ChunkLocation, ...]]:
+        """The stored prefix of a prompt, per chunk every TP rank's shard location: one Redis
+        round trip over all ranks' keys (TP=1: exactly today's keys and lookup)."""
+        per_rank = rank_keys(keys, self._tp_size)
+        found = self._store.lookup([k for ks in per_rank for k in ks])
+        n = len(keys)
+        return stored_prefix([found[r * n : (r + 1) * n] for r in range(self._tp_size)])
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -237,6 +282,19 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return False, None
 
     # ======================================================================== worker side
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Each step, before the forward: take this TP rank's share of the step's work."""
+        meta = connector_metadata
+        if isinstance(meta, StoreConnectorMetadata) and self._tp_size > 1:
+            if self._tp_rank is None:  # no key of ours to save under or load from: recompute
+                for _req_id, items in meta.loads:
+                    for it in items:
+                        self._failed_blocks.update(it.block_ids)
+                meta = StoreConnectorMetadata()
+            else:
+                meta = meta.for_rank(self._tp_rank, self._tp_size)
+        super().bind_connector_metadata(meta)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._blocks = [self._block_rows(t) for t in kv_caches.values()]
@@ -370,6 +428,11 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        # Tensor parallelism: every rank reports its own failed blocks, and vLLM's executor
+        # merges them with a union (KVOutputAggregator.aggregate: ``invalid_block_ids |=``,
+        # 0.26 and 0.32, mp and Ray executors) before the scheduler sees them. Block ids are
+        # the scheduler's, the same on every rank, so a chunk that failed on any one rank is
+        # recomputed on all of them: no rank runs on another's or a stale shard.
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 

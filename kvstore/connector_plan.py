@@ -9,6 +9,10 @@ chunks are already in the store. Each engine step it turns that into work for th
 
 Token -> block: token t lives in block_ids[t // block_size]; a chunk is
 ``chunk_tokens // block_size`` consecutive blocks.
+
+Tensor parallelism: the plan speaks of rank 0's keys (one scheduler per engine); a chunk is
+a hit only when every rank's shard of it is stored (``stored_prefix``), a load carries every
+rank's location, and each worker takes its own shard's key and location (``for_rank``).
 """
 
 from __future__ import annotations
@@ -16,21 +20,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kvstore.hashing import rank_key
 from kvstore.metadata import ChunkLocation
 
 
 @dataclass(frozen=True)
 class LoadItem:
-    key: bytes
+    key: bytes  # the shard to load: rank 0's as planned, a worker's own after ``for_rank``
     loc: ChunkLocation
     block_ids: tuple[int, ...]  # destination blocks, for the chunk's blocks from skip_blocks on
     skip_blocks: int  # leading blocks of the chunk the engine already holds
+    rank_locs: tuple[ChunkLocation, ...] = ()  # TP > 1: every rank's shard, by rank
+
+    def for_rank(self, tp_rank: int, tp_size: int) -> LoadItem:
+        if tp_rank == 0:
+            return self
+        return LoadItem(rank_key(self.key, tp_rank, tp_size), self.rank_locs[tp_rank], self.block_ids,
+                        self.skip_blocks)
 
 
 @dataclass(frozen=True)
 class SaveItem:
-    key: bytes
+    key: bytes  # rank 0's as planned, a worker's own after ``for_rank``
     block_ids: tuple[int, ...]  # all blocks of the chunk, in order
+
+    def for_rank(self, tp_rank: int, tp_size: int) -> SaveItem:
+        return self if tp_rank == 0 else SaveItem(rank_key(self.key, tp_rank, tp_size), self.block_ids)
 
 
 @dataclass
@@ -43,7 +58,7 @@ class StepPlan:
 class LoadPlan:
     start_token: int  # engine already holds [0, start_token)
     end_token: int  # load up to here (a chunk boundary)
-    locs: list[ChunkLocation]
+    locs: list[tuple[ChunkLocation, ...]]  # per chunk, every TP rank's shard (by rank)
 
 
 @dataclass
@@ -52,6 +67,18 @@ class RequestState:
     n_prompt: int
     block_ids: list[int] = field(default_factory=list)
     stored_chunks: int = 0  # leading chunks known to be in the store (found or saved)
+
+
+def stored_prefix(found: Sequence[Sequence[ChunkLocation | None]]) -> list[tuple[ChunkLocation, ...]]:
+    """The chunks that count as stored, from ``found[rank][chunk]`` (None: not stored): the
+    longest prefix in which every rank's shard is stored, as each chunk's locations by rank.
+    A chunk missing on one rank is a miss for the engine: its ranks load together or not."""
+    hits: list[tuple[ChunkLocation, ...]] = []
+    for shards in zip(*found, strict=True):
+        if any(loc is None for loc in shards):
+            break
+        hits.append(tuple(loc for loc in shards if loc is not None))
+    return hits
 
 
 def plan_hit(n_prompt: int, n_stored_chunks: int, chunk_tokens: int) -> int:
@@ -78,7 +105,9 @@ class StepPlanner:
         for chunk in range(plan.start_token // c, plan.end_token // c):
             first = max(chunk * c, plan.start_token)
             ids = state.block_ids[first // b : (chunk + 1) * c // b]
-            items.append(LoadItem(state.keys[chunk], plan.locs[chunk], tuple(ids), (first - chunk * c) // b))
+            locs = plan.locs[chunk]
+            items.append(LoadItem(state.keys[chunk], locs[0], tuple(ids), (first - chunk * c) // b,
+                                  locs if len(locs) > 1 else ()))
         state.stored_chunks = max(state.stored_chunks, plan.end_token // c)
         return items
 

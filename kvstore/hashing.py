@@ -15,7 +15,19 @@ the chunk, not just the chunk's own tokens:
 Only full chunks get keys: a trailing partial chunk is always recomputed.
 
 The namespace keeps KV that is not interchangeable apart: another model, dtype, KV layout
-(attention backend / block size) or tensor-parallel rank gives a disjoint key space.
+(attention backend / block size) or chunk size gives a disjoint key space.
+
+Tensor parallelism: each rank of a TP engine holds its own shard of every block (its KV
+heads), stored as its own chunk. The chain above is rank 0's and is the chunk's identity
+(the router's index and the store's events speak of it); rank r's key is derived from it:
+
+    shard key(rank 0)      = key_i                      (byte-identical to a TP=1 key)
+    shard key(rank r > 0)  = H(key_i || msgpack(["tp", r, tp_size]))
+
+The TP size is in the derived keys because with replicated KV heads (tp_size > heads) two
+TP sizes give one rank index different heads of the same byte size. Rank 0 of every TP size
+starts at head 0: its shard equals a TP=1 chunk wherever its size does, and a different
+size fails the connector's size check (recompute), never a wrong token.
 """
 
 from __future__ import annotations
@@ -37,6 +49,8 @@ class KVNamespace:
     model: str
     dtype: str
     layout: str
+    # Part of the seed since the first keys were stored; engines keep it at 0 and derive the
+    # other TP ranks' keys with ``rank_key`` (which also carries the TP size).
     tp_rank: int = 0
     chunk_tokens: int = 32
 
@@ -76,6 +90,21 @@ def next_key(namespace: KVNamespace, parent: bytes | None, chunk: Sequence[int])
     if len(chunk) != namespace.chunk_tokens:
         raise ValueError(f"a chunk is {namespace.chunk_tokens} tokens, got {len(chunk)}")
     return _chain(namespace.seed() if parent is None else parent, np.asarray(chunk, dtype="<u4").tobytes())
+
+
+def rank_key(key: bytes, tp_rank: int, tp_size: int) -> bytes:
+    """Tensor-parallel rank ``tp_rank``'s key for the chunk whose rank-0 key is ``key``
+    (see the module doc): ``key`` itself for rank 0, so TP=1 keys never change."""
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tp_rank must be in [0, {tp_size}), got {tp_rank}")
+    if tp_rank == 0:
+        return key
+    return hashlib.blake2b(key + msgpack.packb(["tp", tp_rank, tp_size]), digest_size=KEY_BYTES).digest()
+
+
+def rank_keys(keys: Sequence[bytes], tp_size: int) -> list[list[bytes]]:
+    """Every rank's keys for rank 0's ``keys``: ``[rank][chunk]``."""
+    return [list(keys)] + [[rank_key(k, r, tp_size) for k in keys] for r in range(1, tp_size)]
 
 
 def _chain(parent: bytes, chunk_bytes: bytes) -> bytes:

@@ -145,7 +145,7 @@ class EngineSpec:
     redis_url: str
     store_prefix: str
     store_transport: str  # tcp | grpc, for chunks held by other nodes
-    namespace: dict[str, Any]  # kvstore.hashing.KVNamespace fields (tp_rank set per worker)
+    namespace: dict[str, Any]  # kvstore.hashing.KVNamespace fields (TP ranks > 0: rank_key)
     tensor_parallel_size: int = 1  # ranks of this replica's engine, in its placement group
     store_tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields (grpc transport)
     kv_cache_memory_bytes: int | None = None  # GPU: a fixed KV cache size (vLLM skips its profiling)

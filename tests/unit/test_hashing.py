@@ -1,6 +1,6 @@
 import pytest
 
-from kvstore.hashing import KVNamespace, chunk_keys, next_key
+from kvstore.hashing import KEY_BYTES, KVNamespace, chunk_keys, next_key, rank_key, rank_keys
 
 NS = KVNamespace(model="m", dtype="float32", layout="cpu/bs32", chunk_tokens=4)
 
@@ -48,3 +48,32 @@ def test_next_key_walks_the_same_chain() -> None:
     assert keys == chunk_keys(ns, ids)
     with pytest.raises(ValueError):
         next_key(ns, None, [1, 2, 3])
+
+
+def test_tp1_keys_are_pinned() -> None:
+    # Stored chunks and the router's index outlive a release: a key must never change.
+    assert [k.hex() for k in chunk_keys(NS, list(range(9)))] == [
+        "ae370de97d0a31309d4c5c8b20b2cb4d", "eb3c82dc2719b7598f6d737b13512331"]
+
+
+def test_rank_zero_keeps_the_chain_key_and_other_ranks_get_their_own() -> None:
+    keys = chunk_keys(NS, list(range(12)))
+    assert [rank_key(k, 0, 4) for k in keys] == keys  # rank 0 of any TP size: the chunk's identity
+    shards = rank_keys(keys, 4)
+    assert shards[0] == keys and all(len(k) == KEY_BYTES for ks in shards for k in ks)
+    assert shards[2] == [rank_key(k, 2, 4) for k in keys]
+    assert len({k for ks in shards for k in ks}) == 4 * len(keys)  # no two shards share a key
+    assert rank_keys(keys, 1) == [keys]
+
+
+def test_a_rank_index_of_another_tp_size_is_another_shard() -> None:
+    # With replicated KV heads, rank 1 of TP=2 and of TP=4 hold different heads of one size.
+    key = chunk_keys(NS, [1, 2, 3, 4])[0]
+    assert rank_key(key, 1, 2) != rank_key(key, 1, 4)
+
+
+def test_rank_outside_the_engine_is_rejected() -> None:
+    key = chunk_keys(NS, [1, 2, 3, 4])[0]
+    for rank, size in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError):
+            rank_key(key, rank, size)
