@@ -48,9 +48,14 @@ OVERLAP_GROUP_BYTES = 4 << 20  # slots handed over together: one thread hand-off
 # of exactly those bytes) if it took it while writing, so the seal need not read them again,
 # or None to have the client hash them.
 Fill = Callable[[int, memoryview], int | None]
-# check(i, payload, checksum): copy chunk i's unverified payload out, verify the copy against
-# the checksum the slot must have, keep it only if it matches; returns whether it matched.
-SelfVerified = Callable[[int, memoryview, int], bool]
+# fill_all(payloads): write every chunk's bytes, chunk i into payloads[i], in one call (the
+# CUDA path gathers, hashes and copies a request's chunks at once); returns, per chunk, its
+# checksum or None, as Fill does.
+FillAll = Callable[[Sequence[memoryview]], Sequence[int | None]]
+# check(idx, payloads, checksums): copy the unverified payloads of chunks idx out (all pinned
+# during the call), verify each copy against the checksum its slot must have, keep only the
+# ones that match; returns, per entry of idx, whether it matched.
+SelfVerified = Callable[[Sequence[int], Sequence[memoryview], Sequence[int]], Sequence[bool]]
 
 
 class StoreError(Exception):
@@ -130,6 +135,13 @@ class StoreClient:
         transport ships for another node; a digest it returns is sealed as the chunk's
         checksum (see ``Fill``). Returns how many were stored (a prefix of
         ``chunks`` when the segment is full of pinned data)."""
+        return self.batch_put_all(chunks, lambda payloads: [fill(i, p) for i, p in enumerate(payloads)], node_id)
+
+    def batch_put_all(
+        self, chunks: Sequence[ChunkToSave], fill_all: FillAll, node_id: str | None = None,
+    ) -> int:
+        """``batch_put`` with one ``fill_all(payloads)`` call for every chunk it could place
+        (see ``FillAll``); the seals follow it."""
         if not chunks:
             return 0
         target = node_id or self.node_id
@@ -138,9 +150,9 @@ class StoreClient:
         chunks = chunks[: len(offsets)]
         try:
             if target == self.node_id:
-                entries = self._fill_in_place(info, chunks, offsets, fill)
+                entries = self._fill_in_place(info, chunks, offsets, fill_all)
             else:
-                entries = self._fill_and_ship(info, chunks, offsets, fill)
+                entries = self._fill_and_ship(info, chunks, offsets, fill_all)
             return agent.commit(entries)
         except BaseException:
             try:
@@ -150,28 +162,31 @@ class StoreClient:
             raise
 
     def _fill_in_place(
-        self, info: AgentInfo, chunks: Sequence[ChunkToSave], offsets: list[int], fill: Fill,
+        self, info: AgentInfo, chunks: Sequence[ChunkToSave], offsets: list[int], fill_all: FillAll,
     ) -> list[CommitEntry]:
         segment = self.shm.segment(info.segment)
+        payloads = [segment.payload(offset, chunk.nbytes) for chunk, offset in zip(chunks, offsets, strict=True)]
+        taken = _filled(fill_all, payloads)
         entries = []
-        for i, (chunk, offset) in enumerate(zip(chunks, offsets, strict=True)):
-            taken = fill(i, segment.payload(offset, chunk.nbytes))
-            digest = segment.seal(offset, chunk.key, chunk.nbytes, taken)
+        for chunk, offset, digest in zip(chunks, offsets, taken, strict=True):
+            digest = segment.seal(offset, chunk.key, chunk.nbytes, digest)
             entries.append(CommitEntry(chunk.key, offset, chunk.nbytes, digest))
         self.count("bytes_out_shm", sum(HEADER_BYTES + c.nbytes for c in chunks))
         return entries
 
     def _fill_and_ship(
-        self, info: AgentInfo, chunks: Sequence[ChunkToSave], offsets: list[int], fill: Fill,
+        self, info: AgentInfo, chunks: Sequence[ChunkToSave], offsets: list[int], fill_all: FillAll,
     ) -> list[CommitEntry]:
         lengths = [HEADER_BYTES + c.nbytes for c in chunks]
         if len(self._staging) < sum(lengths):
             self._staging = bytearray(sum(lengths))
         staging = memoryview(self._staging)
+        spans = slot_spans(lengths)
+        taken = _filled(fill_all, [staging[a + HEADER_BYTES : a + HEADER_BYTES + c.nbytes]
+                                   for c, (a, _b) in zip(chunks, spans, strict=True)])
         entries = []
-        for i, (chunk, (a, _b)) in enumerate(zip(chunks, slot_spans(lengths), strict=True)):
-            taken = fill(i, staging[a + HEADER_BYTES : a + HEADER_BYTES + chunk.nbytes])
-            digest = seal_slot(staging, a, chunk.key, chunk.nbytes, taken)
+        for i, (chunk, (a, _b)) in enumerate(zip(chunks, spans, strict=True)):
+            digest = seal_slot(staging, a, chunk.key, chunk.nbytes, taken[i])
             entries.append(CommitEntry(chunk.key, offsets[i], chunk.nbytes, digest))
         self.remote.write(info, offsets, lengths, staging)
         self.count(f"bytes_out_{self.remote.name}", sum(lengths))
@@ -205,31 +220,26 @@ class StoreClient:
 
     def batch_get_self_verified(
         self, keys: Sequence[bytes], locs: Sequence[ChunkLocation], check: SelfVerified,
+        on_chunk: Callable[[int, memoryview], None],
     ) -> list[bool]:
         """``batch_get`` for a caller that verifies the bytes itself, after copying them (the
         CUDA KV path hashes its GPU copy: the host never reads the payload).
 
-        A chunk on this node is pinned, its header checked, and ``check(i, payload,
-        checksum)`` called with the slot's payload unverified while the pin holds; it returns
-        whether its copy matched ``checksum``. False is a checksum failure like ``batch_get``'s
-        own: counted, the chunk not delivered, the slot dropped. Chunks on other nodes come
-        through ``batch_get`` (verified as they land) and then ``check``. Never raises for a
-        chunk; returns, per chunk, whether it was delivered."""
+        The chunks on this node are pinned, their headers checked, and ``check(idx,
+        payloads, checksums)`` called ONCE with all their unverified payloads while the pins
+        hold; it returns, per chunk, whether its copy matched. False is a checksum failure
+        like ``batch_get``'s own: counted, the chunk not delivered, the slot dropped. Chunks
+        on other nodes are verified by the client as they land (``batch_get``), so they go
+        to ``on_chunk(i, payload)`` as verified payloads, not through ``check`` (which would
+        hash them again). Never raises for a chunk; returns, per chunk, whether it was
+        delivered."""
         ok = [False] * len(keys)
         remote = [i for i, loc in enumerate(locs) if loc.node_id != self.node_id]
         if remote:
-            matched: set[int] = set()
-
-            def deliver(j: int, payload: memoryview) -> None:
-                i = remote[j]
-                if check(i, payload, locs[i].checksum):
-                    matched.add(i)
-                else:
-                    self.count("checksum_failures")
-
-            got = self.batch_get([keys[i] for i in remote], [locs[i] for i in remote], deliver)
+            got = self.batch_get([keys[i] for i in remote], [locs[i] for i in remote],
+                                 lambda j, payload: on_chunk(remote[j], payload))
             for i, delivered in zip(remote, got, strict=True):
-                ok[i] = delivered and i in matched
+                ok[i] = delivered
         local = [i for i, loc in enumerate(locs) if loc.node_id == self.node_id]
         if local:
             self._get_local_self_verified(local, keys, locs, check, ok)
@@ -240,37 +250,49 @@ class StoreClient:
         ok: list[bool],
     ) -> None:
         started = time.perf_counter()
-        damaged: list[tuple[int, bytes]] = []
-        settled = 0  # chunks of run with a verdict (counted)
+        pinned: list[int] = []
+        segment = None
+        settled = 0  # chunks of run with a counted verdict
         try:
             info, agent = self._agent(self.node_id)
             segment = self.shm.segment(info.segment)
             for i in run:
                 loc = locs[i]
-                span = (loc.offset, HEADER_BYTES + loc.length)
-                if not segment.locks.try_shared(*span):
+                if not segment.locks.try_shared(loc.offset, HEADER_BYTES + loc.length):
                     self.count("slot_busy")  # being evicted right now
                     settled += 1
                     continue
-                try:  # the pin holds until check has its copy and its verdict
-                    check_header(segment.buf, loc.offset, keys[i], loc.length, loc.checksum)
-                    if check(i, segment.payload(loc.offset, loc.length), loc.checksum):
-                        ok[i] = True
-                        segment.touch(loc.offset)  # a use, for the agent's LRU
-                    else:
-                        self.count("checksum_failures")
-                        damaged.append((loc.offset, keys[i]))
+                pinned.append(i)  # the pin holds until check has its copy and its verdict
+            good = []
+            for i in pinned:
+                try:
+                    check_header(segment.buf, locs[i].offset, keys[i], locs[i].length, locs[i].checksum)
+                    good.append(i)
                 except SlotCorrupt:
                     self.count("slot_mismatches")
-                finally:
-                    segment.locks.unlock(*span)
-                settled += 1
+                    settled += 1
+            verdicts = check(good, [segment.payload(locs[i].offset, locs[i].length) for i in good],
+                             [locs[i].checksum for i in good]) if good else []
+            if len(verdicts) != len(good):
+                raise ValueError(f"check judged {len(verdicts)} of {len(good)} chunks")
+            damaged: list[tuple[int, bytes]] = []
+            settled += len(good)
+            for i, matched in zip(good, verdicts, strict=True):
+                if matched:
+                    ok[i] = True
+                    segment.touch(locs[i].offset)  # a use, for the agent's LRU
+                else:
+                    self.count("checksum_failures")
+                    damaged.append((locs[i].offset, keys[i]))
             if damaged:  # drop them, so the next save stores a good copy
                 agent.discard(damaged)
         except (StoreError, AgentUnavailable, TransportError, OSError) as e:
             self._infos.pop(self.node_id, None)
             self.count("get_failures", len(run) - settled)
             log.debug("self-verified get on this node failed: %s", e)
+        finally:
+            for i in pinned:
+                segment.locks.unlock(locs[i].offset, HEADER_BYTES + locs[i].length)  # type: ignore[union-attr]
         self._count_loaded("local", self.shm.name, run, locs, ok, started)
 
     def _get_run(
@@ -403,6 +425,14 @@ class StoreClient:
         self._verifier.shutdown(wait=True)
         self.shm.close()
         self.remote.close()
+
+
+def _filled(fill_all: FillAll, payloads: list[memoryview]) -> list[int | None]:
+    """fill_all's digests, one per payload."""
+    taken = list(fill_all(payloads))
+    if len(taken) != len(payloads):
+        raise ValueError(f"fill returned {len(taken)} digests for {len(payloads)} chunks")
+    return taken
 
 
 def _contiguous_runs(idxs: list[int]) -> list[list[int]]:

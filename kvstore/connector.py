@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -68,8 +69,8 @@ log = get_logger(__name__)
 
 
 def gpu_path_enabled() -> bool:
-    """The CUDA KV path (kvstore/gpu_path.py: pinned segment, one gathered copy per chunk,
-    checksums on the GPU) unless PDSERVE_GPU_KV_PATH=0."""
+    """The CUDA KV path (kvstore/gpu_path.py: pinned segment, a request's chunks gathered,
+    hashed and scattered in one step, checksums on the GPU) unless PDSERVE_GPU_KV_PATH=0."""
     return os.environ.get("PDSERVE_GPU_KV_PATH", "1") != "0"
 
 
@@ -352,16 +353,24 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _load(self, items: list[LoadItem]) -> list[bool]:
         """Copy a request's stored chunks into its blocks; per chunk, whether it arrived.
-        The CUDA path verifies its own GPU copy of each slot (the host never hashes it);
-        every other engine takes the client's verified payloads."""
+        The CUDA path copies all of the request's slots on this node to the GPU at once and
+        verifies its own copies there (the host never hashes them); chunks from other nodes,
+        and every chunk of other engines, come as the client's verified payloads."""
         keys, locs = [it.key for it in items], [it.loc for it in items]
         gpu = self._gpu
+
+        def inject(i: int, payload: memoryview) -> None:  # a payload the client verified
+            self._inject(payload, items[i])
+
         if gpu is not None and gpu.gpu_checksums:
             per = self._planner.blocks_per_chunk
-            return self._store.batch_get_self_verified(
-                keys, locs, lambda i, payload, digest: bool(
-                    gpu.load_checked(payload, digest, items[i].block_ids, per, items[i].skip_blocks)))
-        return self._store.batch_get(keys, locs, lambda i, payload: self._inject(payload, items[i]))
+
+            def check(idx: Sequence[int], payloads: Sequence[memoryview], digests: Sequence[int]) -> list[bool]:
+                targets = [(items[i].block_ids, items[i].skip_blocks) for i in idx]
+                return [bool(m) for m in gpu.load_many(payloads, digests, targets, per)]
+
+            return self._store.batch_get_self_verified(keys, locs, check, inject)
+        return self._store.batch_get(keys, locs, inject)
 
     def _inject(self, payload: memoryview, item: LoadItem) -> None:
         per = self._planner.blocks_per_chunk
@@ -402,9 +411,9 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         nbytes = self._chunk_nbytes()
         items = meta.saves
         try:
-            stored = self._store.batch_put(
+            stored = self._store.batch_put_all(
                 [ChunkToSave(it.key, nbytes) for it in items],
-                lambda i, payload: self._extract(items[i], payload),
+                lambda payloads: self._extract_all(items, payloads),
             )
             self._warn.ok("save")
             self._count("saved_chunks", stored)
@@ -412,6 +421,14 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._warn("save", e)
             self._count("save_failures", len(items))
         self._flush_counters()
+
+    def _extract_all(self, items: list[SaveItem], payloads: Sequence[memoryview]) -> list[int | None]:
+        """Write each chunk's blocks into its payload (the store placed the first
+        ``len(payloads)`` of ``items``); per chunk, its checksum or None, as ``_extract``.
+        The CUDA path does all of them at once (one gather, one hash, one wait)."""
+        if self._gpu is not None:
+            return self._gpu.extract_many([it.block_ids for it in items[: len(payloads)]], payloads)  # type: ignore[no-any-return]
+        return [self._extract(it, p) for it, p in zip(items, payloads, strict=False)]
 
     def _extract(self, item: SaveItem, payload: memoryview) -> int | None:
         """Write the chunk's blocks into ``payload``; returns its checksum when the copy took

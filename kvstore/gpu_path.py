@@ -6,26 +6,32 @@ slot layout, same checksums):
 - the store segment's mapping is registered with CUDA as pinned host memory once per process
   (``cudaHostRegister``), so copies between the GPU and a slot run at DMA speed instead of
   through the driver's pageable bounce buffers (~55 against ~15 GB/s on an H200);
-- a chunk's blocks of every layer are gathered on the GPU into a staging tensor laid out as
-  the slot is, and scattered back from one, in ONE launch for all layers (``_copy_rows``,
-  through a table of the layers' base addresses): one ``index_select`` / ``index_copy_`` per
-  layer cost ~200 us of launches per chunk, more than a 4 MiB copy. Caches whose block rows
-  are not contiguous 8-byte-aligned runs keep the per-layer ops;
+- a request's chunks are handled together (``extract_many`` / ``load_many``, called once
+  per request through ``StoreClient.batch_put_all`` / ``batch_get_self_verified``): their
+  blocks of every layer are gathered on the GPU into one staging tensor laid out as the
+  slots are, and scattered back from one, in ONE launch for all layers and chunks
+  (``_copy_rows``, through a table of the layers' base addresses and a per-block staging
+  position), and their stream synchronisations are paid once (a launch, an id upload and a
+  wait cost ~100-150 us of host time: more than a 4 MiB copy). Caches whose block rows are
+  not contiguous 8-byte-aligned runs keep the per-layer ops;
 - checksums are taken on the GPU (``kvstore/gpu_xxh3.py``: the same xxh3-64 per
-  ``CHECK_BLOCK``, bit for bit), never by the host over the payload:
+  ``CHECK_BLOCK``, bit for bit), one launch over all the staged chunks, never by the host:
 
-      save:  gather -> staging --D2H (one copy)------------------------------> slot
-                          `--xxh3 per block (other stream)--> digests (64 B) --> seal
-      load:  slot --H2D (one copy)--> staging --xxh3--> digests --> host compares with
-             the slot's checksum --> scatter into the paged blocks only if it matched
+      save:  gather -> staging --D2H (one copy per slot, queued)-------------> slots
+                          `--xxh3 per block (other stream)--> digests (8 B each) --> seals
+      load:  slots --H2D (one copy per slot)--> staging --xxh3--> digests --> host compares
+             each chunk with its slot's checksum --> one scatter of the chunks that matched
 
-  ``extract`` returns the payload's checksum for ``StoreClient.batch_put`` to seal with;
-  ``load_checked`` is ``StoreClient.batch_get_self_verified``'s check: it runs while the slot
-  is pinned and says whether the copy matched.
+  A slot's payload follows its header, so a run of slots is never one contiguous payload:
+  the copies stay one per slot, queued back to back on one stream (~5 us of host time each).
+  ``extract_many`` returns the payloads' checksums for the client to seal with;
+  ``load_many`` is ``StoreClient.batch_get_self_verified``'s check: it runs while the slots
+  are pinned and says which copies matched.
 
 If the kernels fail their self-check against xxhash at start (``GpuKVPath.gpu_checksums`` is
 then False), the checksums stay on the host: ``extract`` returns None (the client hashes the
-slot) and loads go through the client's verified read and ``inject``.
+slot) and loads go through the client's verified read and ``inject``, as do chunks read
+from another node (verified by the client as they land: hashing them again would be waste).
 
 A payload that is not in a mapped segment (a staging buffer shipped to another node) is copied
 the same way, unpinned: still correct, just slower.
@@ -36,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,13 +56,17 @@ log = get_logger(__name__)
 
 _ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
 _ROW_TILE = 1024  # 8-byte words per program of _copy_rows (8 KiB)
+# GPU staging per step of a request's save or load: its chunks go in runs of at most this
+# many bytes (a 2k-token prompt of a 1B model is 64 MiB: one run; very long ones take a few).
+GROUP_BYTES = 256 << 20
+Staged = tuple[int, Sequence[int], int]  # (chunk's index in staging, its block ids, blocks skipped)
 
 
 @triton.jit  # type: ignore[untyped-decorator]  # Triton types a kernel when it specialises it
-def _copy_rows(table, strides, ids, staging, n_ids, n_blocks, skip, row_words,  # type: ignore[no-untyped-def]
+def _copy_rows(table, strides, ids, pos, staging, n_ids, layer_rows, row_words,  # type: ignore[no-untyped-def]
                TO_STAGING: tl.constexpr, TILE: tl.constexpr):
     """Between block ``ids[j]`` of layer ``l`` (a row of ``row_words`` int64 words at address
-    ``table[l] + ids[j] * strides[l]`` words) and staging row ``l * n_blocks + skip + j``;
+    ``table[l] + ids[j] * strides[l]`` words) and staging row ``pos[j] + l * layer_rows``;
     one program per (layer, id) and TILE words of its row."""
     r = tl.program_id(0)
     layer = r // n_ids
@@ -64,7 +75,7 @@ def _copy_rows(table, strides, ids, staging, n_ids, n_blocks, skip, row_words,  
     row = base + tl.load(ids + j) * tl.load(strides + layer)
     cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
     m = cols < row_words
-    stage = staging + (layer * n_blocks + skip + j).to(tl.int64) * row_words
+    stage = staging + (tl.load(pos + j) + layer * layer_rows) * row_words
     if TO_STAGING:
         tl.store(stage + cols, tl.load(row + cols, mask=m), mask=m)
     else:
@@ -155,7 +166,15 @@ REGISTRY = HostRegistry()  # one per process: a mapping is registered once, whoe
 
 
 class GpuKVPath:
-    """Gather/scatter of whole chunks between paged CUDA KV blocks and slot payloads."""
+    """Gather/scatter of whole chunks between paged CUDA KV blocks and slot payloads, a
+    request's chunks at a time (``extract_many``, ``load_many``): one gather or scatter
+    launch, one hash launch and one host synchronisation per request (per ``GROUP_BYTES``
+    of it), whatever its number of chunks. Staging holds the chunks back to back, each laid
+    out as its slot::
+
+        staging: [chunk 0: layer 0 blocks | layer 1 blocks | ...][chunk 1: ...] ...
+                 row of (chunk c, layer l, block k) = c * layers * n + l * n + k
+    """
 
     def __init__(self, blocks: list[torch.Tensor]) -> None:
         self.blocks = blocks
@@ -189,13 +208,14 @@ class GpuKVPath:
         try:
             n = min(4, self.blocks[0].shape[0])
             ids = list(range(n - 1, -1, -1))
+            chunks = [(0, ids, 0)]
             with torch.cuda.stream(self.stream):
-                flat, view = self._stage(n * len(self.blocks) * self.row_bytes, n)
+                flat = self._stage(n * len(self.blocks) * self.row_bytes)
+                self._launch(chunks, flat, n, to_staging=True)
                 idt = torch.tensor(ids, dtype=torch.long, device=self.device)
-                self._launch_rows(idt, flat, n, 0, to_staging=True)
                 want = torch.stack([torch.index_select(r, 0, idt) for r in self.blocks])
                 same = torch.equal(flat, want.reshape(-1).view(torch.uint8))  # bytes: NaN == NaN here
-                self._launch_rows(idt, flat, n, 0, to_staging=False)
+                self._launch(chunks, flat, n, to_staging=False)
             self.stream.synchronize()
             if not same:
                 log.warning("the one-launch KV gather disagrees with index_select: per-layer copies")
@@ -204,43 +224,68 @@ class GpuKVPath:
             log.warning("the one-launch KV gather is unavailable (%s: %s): per-layer copies", type(e).__name__, e)
             return False
 
-    def _launch_rows(self, ids: torch.Tensor, flat: torch.Tensor, n_blocks: int, skip: int, to_staging: bool) -> None:
-        """One launch for every layer, on the current stream (see ``_copy_rows``)."""
-        words = self.row_bytes // 8
-        grid = (len(self.blocks) * ids.numel(), triton.cdiv(words, _ROW_TILE))
-        _copy_rows[grid](self._table, self._strides, ids, flat.view(torch.int64), ids.numel(), n_blocks, skip,
-                         words, TO_STAGING=to_staging, TILE=_ROW_TILE)
+    # -- the copies ------------------------------------------------------------------------
 
-    def _gather(self, ids: torch.Tensor, flat: torch.Tensor, view: torch.Tensor) -> None:
-        if self.fused_copies:
-            self._launch_rows(ids, flat, ids.numel(), 0, to_staging=True)
+    def _launch(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool) -> None:
+        """One ``_copy_rows`` launch, on the current stream, for every layer of every chunk:
+        ``(c, ids, skip)`` moves staged chunk c's blocks skip.. to or from blocks ``ids``."""
+        ids, pos = staging_rows(chunks, len(self.blocks), n)
+        if not ids:
             return
-        for layer, rows in enumerate(self.blocks):
-            torch.index_select(rows, 0, ids, out=view[layer])
+        both = torch.tensor([ids, pos], dtype=torch.int64).to(self.device, non_blocking=True)  # one H2D
+        words = self.row_bytes // 8
+        grid = (len(self.blocks) * len(ids), triton.cdiv(words, _ROW_TILE))
+        _copy_rows[grid](self._table, self._strides, both[0], both[1], flat.view(torch.int64), len(ids), n, words,
+                         TO_STAGING=to_staging, TILE=_ROW_TILE)
 
-    def _stage(self, nbytes: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A GPU staging area for one chunk: flat bytes and the [layers, blocks, *row] view."""
+    def _rows(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool) -> None:
+        """Gather (``to_staging``) or scatter ``chunks`` on the side stream: one launch, or
+        per-layer ops where the rows are not word runs."""
+        with torch.cuda.stream(self.stream):
+            if self.fused_copies:
+                self._launch(chunks, flat, n, to_staging)
+                return
+            view = flat.view(self.dtype).view(-1, len(self.blocks), n, *self.row_shape)
+            for c, ids_c, skip in chunks:
+                idt = torch.tensor(list(ids_c), dtype=torch.long).to(self.device, non_blocking=True)
+                for layer, rows in enumerate(self.blocks):
+                    if to_staging:
+                        torch.index_select(rows, 0, idt, out=view[c, layer])
+                    else:
+                        rows.index_copy_(0, idt, view[c, layer, skip:])
+
+    def _stage(self, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of the GPU staging area (grown on the side stream)."""
         if self._staging.numel() < nbytes:
             with torch.cuda.stream(self.stream):
                 self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        flat = self._staging[:nbytes]
-        return flat, flat.view(self.dtype).view(len(self.blocks), n_blocks, *self.row_shape)
+        return self._staging[:nbytes]
 
-    def _check(self, payload: memoryview, n_blocks: int) -> int:
+    def _host(self, payload: memoryview, n_blocks: int) -> torch.Tensor:
+        """The payload as a uint8 tensor (its segment registered with CUDA on first sight)."""
         nbytes = len(self.blocks) * n_blocks * self.row_bytes
         if len(payload) != nbytes:
             raise ValueError(f"chunk holds {len(payload)} B, this engine expects {nbytes}")
-        return nbytes
+        self.registry.pinned(payload)
+        return torch.frombuffer(payload, dtype=torch.uint8)
 
-    def _hash_async(self, flat: torch.Tensor) -> torch.Tensor:
-        """Enqueue the checksum blocks' xxh3 of ``flat`` on the hash stream (after what the
-        main stream has enqueued so far) and their copy to pinned host memory."""
+    # -- the checksums ---------------------------------------------------------------------
+
+    def _hash_async(self, flat: torch.Tensor, n_chunks: int) -> torch.Tensor:
+        """Enqueue the xxh3 of every checksum block of the ``n_chunks`` equal chunks in
+        ``flat`` on the hash stream (after what the side stream has enqueued so far), and
+        their copy to pinned host memory; chunk c's digests are the c-th ``n_chunks``-th."""
         from kvstore import gpu_xxh3
 
         h = self.hash_stream
         h.wait_stream(self.stream)
+        cb = flat.numel() // n_chunks
         with torch.cuda.stream(h):
-            digests = gpu_xxh3.block_digests(flat)
+            block = _hash_block(cb)
+            if block is not None:  # one launch: its blocks are the chunks' checksum blocks, in order
+                digests = gpu_xxh3.block_digests(flat, block)
+            else:
+                digests = torch.cat([gpu_xxh3.block_digests(flat[c * cb : (c + 1) * cb]) for c in range(n_chunks)])
             if self._digests_host.numel() < digests.numel():
                 self._digests_host = torch.empty(digests.numel(), dtype=torch.int64, pin_memory=True)
             host = self._digests_host[: digests.numel()]
@@ -248,94 +293,155 @@ class GpuKVPath:
         return host
 
     @staticmethod
-    def _fold(host: torch.Tensor) -> int:
-        return seg.fold_digests([d & 0xFFFFFFFFFFFFFFFF for d in host.tolist()])
+    def _folds(host: torch.Tensor, n_chunks: int) -> list[int]:
+        """Each chunk's checksum (``segment.checksum``) from its blocks' digests."""
+        vals = [d & 0xFFFFFFFFFFFFFFFF for d in host.tolist()]
+        per = len(vals) // n_chunks
+        return [seg.fold_digests(vals[c * per : (c + 1) * per]) for c in range(n_chunks)]
 
-    def extract(self, block_ids: list[int] | tuple[int, ...], payload: memoryview) -> int | None:
-        """Write blocks ``block_ids`` of every layer into ``payload`` (layer-major, as
-        ``_chunk_view``); returns the payload's checksum (``segment.checksum``), taken on the
-        GPU, or None when the host must take it."""
-        nbytes = self._check(payload, len(block_ids))
-        self.registry.pinned(payload)
-        host = torch.frombuffer(payload, dtype=torch.uint8)
-        s = self.stream
-        s.wait_stream(torch.cuda.current_stream(self.device))  # the forward wrote these blocks
+    # -- a request's chunks ----------------------------------------------------------------
+
+    def extract_many(self, block_ids: Sequence[Sequence[int]], payloads: Sequence[memoryview]) -> list[int | None]:
+        """Write chunk c's blocks ``block_ids[c]`` of every layer into ``payloads[c]``
+        (layer-major, as ``_chunk_view``); returns each payload's checksum
+        (``segment.checksum``), taken on the GPU, or None where the host must take it."""
+        if len(block_ids) != len(payloads):
+            raise ValueError(f"{len(block_ids)} block lists for {len(payloads)} payloads")
+        if not payloads:
+            return []
+        n = len(block_ids[0])
+        if any(len(ids) != n for ids in block_ids):
+            raise ValueError("the chunks of one save must all hold the same number of blocks")
+        hosts = [self._host(p, n) for p in payloads]
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward wrote these blocks
+        out: list[int | None] = []
         try:
-            with torch.cuda.stream(s):
-                flat, view = self._stage(nbytes, len(block_ids))
-                ids = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
-                self._gather(ids, flat, view)
-            digests = self._hash_async(flat) if self.gpu_checksums else None
-            with torch.cuda.stream(s):
-                host.copy_(flat, non_blocking=True)
-            s.synchronize()
-            if digests is None:
-                return None
-            self.hash_stream.synchronize()
-            return self._fold(digests)
+            for g in _groups(len(hosts), len(payloads[0])):
+                out += self._extract_group([block_ids[c] for c in g], [hosts[c] for c in g], n)
         except BaseException:
-            s.synchronize()  # no copy may still write the slot once the caller aborts it
+            self.stream.synchronize()  # no copy may still write a slot once the caller aborts it
             raise
+        return out
 
-    def load_checked(self, payload: memoryview, checksum: int, block_ids: list[int] | tuple[int, ...],
-                     n_blocks: int, skip_blocks: int) -> bool:
-        """Copy the unverified chunk in ``payload`` to the GPU, hash the copy there, and only
-        if it matches ``checksum`` write its blocks from ``skip_blocks`` on into ``block_ids``
-        of every layer; returns whether it matched (False: nothing was written)."""
-        flat, view = self._copy_in(payload, n_blocks)
+    def _extract_group(self, block_ids: list[Sequence[int]], hosts: list[torch.Tensor], n: int) -> list[int | None]:
+        cb = hosts[0].numel()
+        flat = self._stage(len(hosts) * cb)
+        self._rows([(c, ids, 0) for c, ids in enumerate(block_ids)], flat, n, to_staging=True)
+        digests = self._hash_async(flat, len(hosts)) if self.gpu_checksums else None
+        with torch.cuda.stream(self.stream):  # the D2H beside the hash: one copy per slot, queued
+            for c, host in enumerate(hosts):
+                host.copy_(flat[c * cb : (c + 1) * cb], non_blocking=True)
+        self.stream.synchronize()
+        if digests is None:
+            return [None] * len(hosts)
+        self.hash_stream.synchronize()
+        return list(self._folds(digests, len(hosts)))
+
+    def load_many(self, payloads: Sequence[memoryview], checksums: Sequence[int],
+                  targets: Sequence[tuple[Sequence[int], int]], n_blocks: int) -> list[bool]:
+        """Copy the unverified chunks in ``payloads`` (``n_blocks`` blocks per layer each) to
+        the GPU, hash the copies there, and write each chunk that matches its checksum, from
+        block ``skip`` on, into blocks ``ids`` of every layer (``targets[c] = (ids, skip)``),
+        in one scatter; per chunk, whether it matched (False: nothing of it was written).
+        The payloads may be released once this returns."""
+        if not len(payloads) == len(checksums) == len(targets):
+            raise ValueError("one checksum and one target per payload")
+        if not payloads:
+            return []
+        hosts = [self._host(p, n_blocks) for p in payloads]
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        ok: list[bool] = []
+        for g in _groups(len(hosts), hosts[0].numel()):
+            ok += self._load_group([hosts[c] for c in g], [checksums[c] for c in g], [targets[c] for c in g],
+                                   n_blocks)
+        return ok
+
+    def _load_group(self, hosts: list[torch.Tensor], checksums: list[int],
+                    targets: list[tuple[Sequence[int], int]], n: int) -> list[bool]:
+        flat = self._copy_in(hosts)
         try:
-            digests = self._hash_async(flat)
-            self.hash_stream.synchronize()  # the copy has landed too: the slot may go once we return
+            digests = self._hash_async(flat, len(hosts))
+            self.hash_stream.synchronize()  # the copies have landed too: the slots may go once we return
         except BaseException:
-            self.stream.synchronize()  # no copy may still read the slot once its pin goes
+            self.stream.synchronize()  # no copy may still read a slot once its pin goes
             raise
-        if self._fold(digests) != checksum:
-            return False
-        self._scatter(flat, view, block_ids, n_blocks, skip_blocks)
-        return True
+        matched = [got == want for got, want in zip(self._folds(digests, len(hosts)), checksums, strict=True)]
+        chosen = [(c, ids, skip) for c, ((ids, skip), m) in enumerate(zip(targets, matched, strict=True)) if m]
+        self._scatter(chosen, flat, n)
+        return matched
 
-    def inject(self, payload: memoryview, block_ids: list[int] | tuple[int, ...], n_blocks: int,
-               skip_blocks: int) -> None:
+    # -- one chunk (the same code, one chunk long) -----------------------------------------
+
+    def extract(self, block_ids: Sequence[int], payload: memoryview) -> int | None:
+        """``extract_many`` of one chunk."""
+        return self.extract_many([block_ids], [payload])[0]
+
+    def load_checked(self, payload: memoryview, checksum: int, block_ids: Sequence[int], n_blocks: int,
+                     skip_blocks: int) -> bool:
+        """``load_many`` of one chunk."""
+        return self.load_many([payload], [checksum], [(block_ids, skip_blocks)], n_blocks)[0]
+
+    def inject(self, payload: memoryview, block_ids: Sequence[int], n_blocks: int, skip_blocks: int) -> None:
         """Copy the (host-verified) chunk in ``payload`` (``n_blocks`` blocks per layer) to the
         GPU and write its blocks from ``skip_blocks`` on into ``block_ids`` of every layer."""
-        flat, view = self._copy_in(payload, n_blocks)
+        host = self._host(payload, n_blocks)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        flat = self._copy_in([host])
         landed = torch.cuda.Event()
         landed.record(self.stream)
         try:
-            self._scatter(flat, view, block_ids, n_blocks, skip_blocks)  # queued behind the copy
+            self._scatter([(0, block_ids, skip_blocks)], flat, n_blocks)  # queued behind the copy
         finally:
             landed.synchronize()  # the slot is unpinned (may be evicted) once this returns
 
-    def _copy_in(self, payload: memoryview, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queue the copy of the slot's ``payload`` into the GPU staging tensor on the side
-        stream, after the engine's work so far; returns the staging tensor, flat and as blocks."""
-        nbytes = self._check(payload, n_blocks)
-        self.registry.pinned(payload)
-        host = torch.frombuffer(payload, dtype=torch.uint8)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+    def _copy_in(self, hosts: list[torch.Tensor]) -> torch.Tensor:
+        """Queue the H2D of the slots into staging, back to back, on the side stream."""
+        cb = hosts[0].numel()
+        flat = self._stage(len(hosts) * cb)
         with torch.cuda.stream(self.stream):
-            flat, view = self._stage(nbytes, n_blocks)
-            flat.copy_(host, non_blocking=True)
-        return flat, view
+            for c, host in enumerate(hosts):
+                flat[c * cb : (c + 1) * cb].copy_(host, non_blocking=True)
+        return flat
 
-    def _scatter(self, flat: torch.Tensor, view: torch.Tensor, block_ids: list[int] | tuple[int, ...],
-                 n_blocks: int, skip_blocks: int) -> None:
-        """Write the staged chunk's blocks from ``skip_blocks`` on into ``block_ids`` on the
-        side stream; the engine's stream waits for it before its forward reads them."""
-        s = self.stream
-        with torch.cuda.stream(s):
-            ids = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
-            if self.fused_copies:
-                self._launch_rows(ids, flat, n_blocks, skip_blocks, to_staging=False)
-            else:
-                for layer, rows in enumerate(self.blocks):
-                    rows.index_copy_(0, ids, view[layer, skip_blocks:])
-        torch.cuda.current_stream(self.device).wait_stream(s)
+    def _scatter(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int) -> None:
+        """Scatter on the side stream; the engine's stream waits for it before its forward."""
+        if chunks:
+            self._rows(chunks, flat, n, to_staging=False)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def close(self) -> None:
         """Wait for the streams; the segments stay registered for the process's life."""
         self.stream.synchronize()
         self.hash_stream.synchronize()
+
+
+def staging_rows(chunks: Sequence[Staged], layers: int, n: int) -> tuple[list[int], list[int]]:
+    """``_copy_rows``' ``ids`` and ``pos`` for ``chunks`` of ``n`` blocks per layer staged
+    back to back: block k of staged chunk c, layer 0, is staging row c * layers * n + k (the
+    kernel adds l * n for layer l); a chunk's ids start at its block ``skip``."""
+    ids = [b for _, ids_c, _ in chunks for b in ids_c]
+    pos = [c * layers * n + skip + k for c, ids_c, skip in chunks for k in range(len(ids_c))]
+    return ids, pos
+
+
+def _hash_block(chunk_bytes: int) -> int | None:
+    """The block size at which ONE ``block_digests`` launch over chunks of ``chunk_bytes``
+    laid back to back yields every chunk's checksum blocks in order: CHECK_BLOCK when a chunk
+    is whole checksum blocks, the chunk itself when it is one (long-input) block; None when
+    neither (each chunk is hashed in its own launch)."""
+    from kvstore.gpu_xxh3 import KIB_BLOCK
+
+    if chunk_bytes % seg.CHECK_BLOCK == 0:
+        return seg.CHECK_BLOCK
+    if chunk_bytes < seg.CHECK_BLOCK and chunk_bytes % KIB_BLOCK == 0:
+        return chunk_bytes
+    return None
+
+
+def _groups(n_chunks: int, chunk_bytes: int) -> list[range]:
+    """A request's chunks in runs of at most GROUP_BYTES of staging (at least one chunk)."""
+    per = max(1, GROUP_BYTES // max(1, chunk_bytes))
+    return [range(a, min(a + per, n_chunks)) for a in range(0, n_chunks, per)]
 
 
 def _clear_last_cuda_error() -> None:

@@ -5,13 +5,37 @@ and a store segment, against plain pinned ``torch`` copies of the same bytes.
            (on CUDA the extract takes the checksum on the GPU and the seal writes it)
     load:  on CUDA: segment slot --GpuKVPath.load_checked (H2D, xxh3 on the GPU, compare,
            scatter)--> GPU paged cache; else slot --verify (xxh3)--> _inject --> cache
-    load_store: the same through StoreClient's own same-node read: on CUDA
-           ``_get_local_self_verified`` (what ``batch_get_self_verified`` runs), else
-           ``read_paths.read_split`` (what ``batch_get`` runs for slots >= 512 KiB)
+    load_store: the connector's own load on CUDA (``PDStoreConnector._load`` through
+           ``StoreClient.batch_get_self_verified``'s same-node read: pins, header checks,
+           ``GpuKVPath.load_many``), else ``read_paths.read_split`` (what ``batch_get``
+           runs for slots >= 512 KiB) + ``_inject``
     limit: contiguous GPU buffer <--copy_(non_blocking)--> pinned host buffer (D2H / H2D)
 
 On CUDA the connector's copies go through ``kvstore.gpu_path`` (``--legacy``: the generic
 per-layer path, as before it).
+
+Each size is measured twice: per chunk (one chunk per call, as above) and per request (a
+request of N chunks of that size in one call, as the connector now saves and loads: one
+``PDStoreConnector._extract_all`` + N seals, one ``GpuKVPath.load_many``, one
+``_get_local_self_verified``), each against ONE pinned copy of the same bytes (S, or N * S).
+N = request bytes (``--request-mib``, 64: a 2k-token prompt of a 1B model) / S, in 2..64.
+
+Needs torch (and Triton on CUDA), xxhash, msgpack, numpy, grpcio and redis-py, not vLLM:
+when vLLM is not installed the three base names ``kvstore.connector`` imports from it are
+stood in for (its copy methods are called unbound on a stand-in state; no engine runs).
+
+JSON (``--out``): ``{"gpu", "torch", "model_shape": {...}, "path": "kvstore.gpu_path" |
+"legacy", "segment_bytes", "shm_free_bytes", "repeat", "request_bytes", "rows": [row]}``,
+one row per chunk size, GB/s of payload bytes (median of ``repeat`` passes):
+
+    chunk_bytes, blocks_per_chunk, block_size, iters, checksums ("gpu" | "host")
+    per chunk:   save_GBps, save_copy_only_GBps, load_GBps, load_copy_only_GBps,
+                 load_store_GBps, pinned_d2h_GBps, pinned_h2d_GBps, pageable_d2h_GBps,
+                 pageable_h2d_GBps, save_vs_pinned, load_vs_pinned, load_store_vs_pinned
+    per request: req_chunks (N), req_iters, req_save_GBps, req_load_GBps,
+                 req_load_store_GBps, req_pinned_d2h_GBps, req_pinned_h2d_GBps (one copy
+                 of N * S bytes), req_save_vs_pinned, req_load_vs_pinned,
+                 req_load_store_vs_pinned
 
 The cache is laid out as vLLM 0.26's FlashAttention backend lays it out (per layer NHD
 memory ``[num_blocks, block_size, kv_heads, 2 * head_dim]`` seen through the permuted view
@@ -31,21 +55,42 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from kvstore import segment as segmod
-from kvstore.client import StoreClient
-from kvstore.connector import PDStoreConnector
-from kvstore.connector_plan import LoadItem, SaveItem
-from kvstore.metadata import ChunkLocation
-from kvstore.read_paths import read_split
-from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
+
+def _stand_in_for_vllm() -> None:
+    """The names kvstore.connector imports from vLLM, where vLLM is not installed (the
+    device's image without the carried parts): the benchmark only calls its copy methods."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        name = "vllm.distributed.kv_transfer.kv_connector.v1.base"
+        base = types.ModuleType(name)
+        for cls in ("KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole"):
+            setattr(base, cls, type(cls, (), {}))
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+        sys.modules[name] = base
+
+
+_stand_in_for_vllm()
+
+from kvstore import segment as segmod  # noqa: E402
+from kvstore.client import StoreClient  # noqa: E402
+from kvstore.connector import PDStoreConnector  # noqa: E402
+from kvstore.connector_plan import LoadItem, SaveItem  # noqa: E402
+from kvstore.metadata import ChunkLocation  # noqa: E402
+from kvstore.read_paths import read_split  # noqa: E402
+from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment  # noqa: E402
 
 KIB = 1024
 
@@ -61,6 +106,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sizes-kib", default="256,512,1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--segment-mib", type=int, default=1024, help="store segment (capped by /dev/shm's free space)")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--request-mib", type=int, default=64, help="bytes of one request's chunks (per-request rows)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the code path (no pinned memory)")
     ap.add_argument("--legacy", action="store_true", help="the generic per-layer copy path, not kvstore.gpu_path")
     ap.add_argument("--out", default="")
@@ -80,10 +126,13 @@ class Cache:
         self.layers = [torch.randn(self.num_blocks, block_size, a.kv_heads, 2 * a.head_dim, device=a.device)
                        .to(self.dtype).permute(0, 2, 1, 3) for _ in range(a.layers)]
         self.block_bytes = per_block * a.layers  # one block of every layer
-        self.conn = SimpleNamespace(_num_blocks=self.num_blocks, _planner=SimpleNamespace(blocks_per_chunk=1))
+        planner = SimpleNamespace(blocks_per_chunk=1)
+        self.conn: Any = cast(Any, SimpleNamespace(_num_blocks=self.num_blocks, _planner=planner))  # a stand-in
         self.conn._blocks = [PDStoreConnector._block_rows(self.conn, t) for t in self.layers]
         self.conn._chunk_view = lambda payload, n: PDStoreConnector._chunk_view(self.conn, payload, n)
         self.conn._chunk_nbytes = lambda: PDStoreConnector._chunk_nbytes(self.conn)
+        self.conn._extract = lambda item, payload: PDStoreConnector._extract(self.conn, item, payload)
+        self.conn._inject = lambda payload, item: PDStoreConnector._inject(self.conn, payload, item)
         self.conn._gpu = None
         if self.layers[0].is_cuda and not a.legacy:
             from kvstore.gpu_path import GpuKVPath
@@ -102,6 +151,16 @@ class Cache:
     def load_checked(self, block_ids: tuple[int, ...], payload: memoryview, digest: int) -> bool:
         n = self.conn._planner.blocks_per_chunk
         return bool(self.conn._gpu.load_checked(payload, digest, block_ids, n, 0))
+
+    def extract_all(self, block_ids: list[tuple[int, ...]], payloads: list[memoryview]) -> list[int | None]:
+        items = [SaveItem(b"k" * 16, ids) for ids in block_ids]
+        return PDStoreConnector._extract_all(self.conn, items, payloads)  # type: ignore[no-any-return]
+
+    def load_request(self, store: Any, block_ids: list[tuple[int, ...]], locs: list[ChunkLocation]) -> list[bool]:
+        """The connector's whole load of one request (``_load``) against ``store``."""
+        self.conn._store = store
+        items = [LoadItem(b"k" * 16, loc, ids, 0) for ids, loc in zip(block_ids, locs, strict=True)]
+        return PDStoreConnector._load(self.conn, items)  # type: ignore[no-any-return]
 
     def inject(self, block_ids: tuple[int, ...], payload: memoryview) -> None:
         PDStoreConnector._inject(self.conn, payload, LoadItem(b"k" * 16, None, block_ids, 0))  # type: ignore[arg-type]
@@ -149,20 +208,13 @@ def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -
         payload = seg.verify(j * slot, key, nbytes, digests[j]) if verify else seg.payload(j * slot, nbytes)
         cache.inject(ids[(j + 1) % slots], payload)
 
-    # StoreClient's same-node reads (the real code, on a stand-in for its state)
-    info = SimpleNamespace(segment=seg.name)
-    client = SimpleNamespace(_verifier=verifier, shm=SimpleNamespace(segment=lambda name: seg, name="shm"), node_id="n",
-                             _agent=lambda node: (info, None), count=lambda *a: None, _infos={})
+    store = same_node_store(seg)  # StoreClient's same-node reads (the real code, on a stand-in)
 
     def load_store(i: int) -> None:
         j = i % slots
         loc = ChunkLocation(node_id="n", segment=seg.name, offset=j * slot, length=nbytes, checksum=digests[j])
-        if gpu_verifies:
-            ok = [False]
-            StoreClient._get_local_self_verified(
-                client, [0], [key], [loc],  # type: ignore[arg-type]
-                lambda _i, payload, digest: cache.load_checked(ids[(j + 1) % slots], payload, digest), ok)
-            assert ok == [True]
+        if gpu_verifies:  # PDStoreConnector._load of one chunk
+            assert cache.load_request(store, [ids[(j + 1) % slots]], [loc]) == [True]
             return
         got = read_split(seg.buf, verifier, [0], [slot], [key], [loc],
                          lambda _i, payload: cache.inject(ids[(j + 1) % slots], payload), None)
@@ -209,6 +261,105 @@ def measure(cache: Cache, seg: Segment, nbytes: int, blocks: int, repeat: int) -
     return row
 
 
+def same_node_store(seg: Segment) -> Any:
+    """StoreClient's same-node read on a stand-in for its state (no Redis, no agent)."""
+    info = SimpleNamespace(segment=seg.name)
+    client = SimpleNamespace(_verifier=verifier, shm=SimpleNamespace(segment=lambda name: seg, name="shm"), node_id="n",
+                             _agent=lambda node: (info, None), count=lambda *a: None, _infos={},
+                             _count_loaded=lambda *a: None)
+    client._get_local_self_verified = lambda *a: StoreClient._get_local_self_verified(client, *a)  # type: ignore[arg-type]
+    client._get_run = lambda *a: StoreClient._get_run(client, *a)  # type: ignore[arg-type]
+    client.batch_get = lambda *a: StoreClient.batch_get(client, *a)  # type: ignore[arg-type]
+    client.batch_get_self_verified = lambda *a: StoreClient.batch_get_self_verified(client, *a)  # type: ignore[arg-type]
+    return client
+
+
+def measure_request(cache: Cache, seg: Segment, nbytes: int, blocks: int, request_bytes: int,
+                    repeat: int) -> dict[str, Any]:
+    """One request of N chunks of ``nbytes`` per call, against one pinned copy of N * nbytes."""
+    slot = HEADER_BYTES + nbytes
+    n_chunks = max(2, min(64, request_bytes // nbytes, seg.size // slot))
+    cache.set_chunk_blocks(blocks)
+    half = cache.num_blocks // 2
+    if n_chunks * blocks > half or seg.size < n_chunks * slot:
+        return {}
+    src = [tuple(range(c * blocks, (c + 1) * blocks)) for c in range(n_chunks)]  # saved from
+    dst = [tuple(range(half + c * blocks, half + (c + 1) * blocks)) for c in range(n_chunks)]  # loaded into
+    key = b"k" * 16
+    offsets = [c * slot for c in range(n_chunks)]
+    payloads = [seg.payload(o, nbytes) for o in offsets]
+    digests = [0] * n_chunks
+
+    def save(_i: int) -> None:  # what batch_put_all does on this node, less the agent
+        taken = cache.extract_all(src, payloads)
+        for c, o in enumerate(offsets):
+            digests[c] = seg.seal(o, key, nbytes, taken[c])
+
+    gpu_verifies = cache.gpu_verifies()
+    store = same_node_store(seg)
+
+    def locs() -> list[ChunkLocation]:
+        return [ChunkLocation(node_id="n", segment=seg.name, offset=o, length=nbytes, checksum=d)
+                for o, d in zip(offsets, digests, strict=True)]
+
+    def load(_i: int) -> None:  # the GPU path's check alone, or host verify + inject
+        if gpu_verifies:
+            assert all(cache.conn._gpu.load_many(payloads, digests, [(d, 0) for d in dst], blocks))
+            return
+        for c, o in enumerate(offsets):
+            cache.inject(dst[c], seg.verify(o, key, nbytes, digests[c]))
+
+    def load_store(_i: int) -> None:  # PDStoreConnector._load through the client's read
+        if gpu_verifies:
+            assert all(cache.load_request(store, dst, locs()))
+            return
+        got = read_split(seg.buf, verifier, list(range(n_chunks)), [slot] * n_chunks, [key] * n_chunks, locs(),
+                         lambda c, payload: cache.inject(dst[c], payload), None)
+        assert all(v == "ok" for _, v in got), got
+
+    on_gpu = cache.layers[0].is_cuda
+    total = n_chunks * nbytes
+    gpu = torch.empty(total, dtype=torch.uint8, device=cache.layers[0].device)
+    pinned = torch.empty(total, dtype=torch.uint8, pin_memory=on_gpu)
+    cases = {
+        "req_save": save, "req_load": load, "req_load_store": load_store,
+        "req_pinned_d2h": lambda i: pinned.copy_(gpu, non_blocking=True),
+        "req_pinned_h2d": lambda i: gpu.copy_(pinned, non_blocking=True),
+    }
+    n = max(2, min(16, (256 << 20) // total))
+    save(0)
+    row: dict[str, Any] = {"req_chunks": n_chunks, "req_iters": n}
+    for name, fn in cases.items():
+        fn(0)
+        secs = statistics.median(timed(fn, n) for _ in range(repeat))
+        row[f"{name}_GBps"] = round(total / secs / 1e9, 2)
+    for path, limit in (("req_save", "req_pinned_d2h"), ("req_load", "req_pinned_h2d"),
+                        ("req_load_store", "req_pinned_h2d")):
+        row[f"{path}_vs_pinned"] = round(row[f"{path}_GBps"] / row[f"{limit}_GBps"], 3)
+    # exact: every chunk's sealed digest is its payload's, and its blocks load back bit for bit
+    save(0)
+    for c in range(n_chunks):
+        assert digests[c] == segmod.checksum(payloads[c]), f"chunk {c}: the sealed digest is not the payload's"
+    for layer in cache.conn._blocks:
+        layer[half : half + n_chunks * blocks].zero_()
+    load_store(0)
+    for layer in cache.conn._blocks:
+        assert torch.equal(layer[: n_chunks * blocks], layer[half : half + n_chunks * blocks]), "request round trip"
+    if gpu_verifies:  # one flipped byte fails only its chunk, which writes nothing; the rest load
+        bad = n_chunks // 2
+        payloads[bad][nbytes // 3] ^= 0xFF
+        for layer in cache.conn._blocks:
+            layer[half : half + n_chunks * blocks].zero_()
+        ok = cache.conn._gpu.load_many(payloads, digests, [(d, 0) for d in dst], blocks)
+        payloads[bad][nbytes // 3] ^= 0xFF
+        assert ok == [c != bad for c in range(n_chunks)], ok
+        for layer in cache.conn._blocks:
+            assert not layer[list(dst[bad])].view(torch.uint8).any(), "a damaged chunk was scattered"
+            good = [b for c in range(n_chunks) if c != bad for b in dst[c]]
+            assert torch.equal(layer[good], layer[[b for c in range(n_chunks) if c != bad for b in src[c]]])
+    return row
+
+
 def main() -> None:
     a = parse_args()
     free = os.statvfs(SHM_DIR)
@@ -237,6 +388,8 @@ def main() -> None:
                     torch.cuda.empty_cache()
                 caches[bs] = Cache(a, bs)
             row = measure(caches[bs], seg, nbytes, nbytes // per_block_all_layers, a.repeat)
+            row.update(measure_request(caches[bs], seg, nbytes, nbytes // per_block_all_layers,
+                                       a.request_mib << 20, a.repeat))
             row["block_size"] = bs
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -248,17 +401,22 @@ def main() -> None:
                         "kv_bytes_per_token": 2 * a.kv_heads * a.head_dim * getattr(torch, a.dtype).itemsize
                         * a.layers},
         "path": "legacy" if a.legacy or a.device != "cuda" else "kvstore.gpu_path",
-        "segment_bytes": seg_bytes, "shm_free_bytes": shm_free, "repeat": a.repeat, "rows": rows,
+        "segment_bytes": seg_bytes, "shm_free_bytes": shm_free, "repeat": a.repeat,
+        "request_bytes": a.request_mib << 20, "rows": rows,
     }
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)
     print(f"{'chunk':>9} {'save':>7} {'load':>7} {'ld_store':>8} {'pin D2H':>8} {'pin H2D':>8} {'save/pin':>8} "
+          f"{'load/pin':>8} {'lds/pin':>8} | {'N':>3} {'rq save':>7} {'rq load':>7} {'rq lds':>7} {'save/pin':>8} "
           f"{'load/pin':>8} {'lds/pin':>8}  GB/s")
     for r in rows:
         print(f"{r['chunk_bytes'] // KIB:>7}Ki {r['save_GBps']:>7} {r['load_GBps']:>7} {r['load_store_GBps']:>8} "
               f"{r['pinned_d2h_GBps']:>8} {r['pinned_h2d_GBps']:>8} {r['save_vs_pinned']:>8} {r['load_vs_pinned']:>8} "
-              f"{r['load_store_vs_pinned']:>8}")
+              f"{r['load_store_vs_pinned']:>8} | {r.get('req_chunks', '-'):>3} {r.get('req_save_GBps', '-'):>7} "
+              f"{r.get('req_load_GBps', '-'):>7} {r.get('req_load_store_GBps', '-'):>7} "
+              f"{r.get('req_save_vs_pinned', '-'):>8} {r.get('req_load_vs_pinned', '-'):>8} "
+              f"{r.get('req_load_store_vs_pinned', '-'):>8}")
 
 
 if __name__ == "__main__":

@@ -131,30 +131,62 @@ def test_a_fill_that_took_the_checksum_is_sealed_with_it(client: StoreClient) ->
     assert client.drain_counters()["checksum_failures"] == 1
 
 
+def test_a_fill_of_all_chunks_at_once_is_called_once_and_sealed_per_chunk(client: StoreClient) -> None:
+    """batch_put_all: one fill for every placed chunk (the CUDA path's one gather and hash per
+    request); its digests seal each chunk, None has the client hash that one."""
+    keys, n = [make_key("all", i) for i in range(3)], (1 << 20) + 7
+    calls: list[int] = []
+
+    def fill_all(payloads: list[memoryview]) -> list[int | None]:
+        calls.append(len(payloads))
+        for i, view in enumerate(payloads):
+            view[:] = content(keys[i], n)
+        return [checksum(content(keys[0], n)), None, checksum(content(keys[2], n))]
+
+    assert client.batch_put_all([ChunkToSave(k, n) for k in keys], fill_all, node_id="node-A") == 3
+    assert calls == [3]
+    assert get(client, keys) == {i: content(keys[i], n) for i in range(3)}
+    with pytest.raises(ValueError, match="digests"):  # one digest per chunk, or nothing is stored
+        client.batch_put_all([ChunkToSave(make_key("short", 0), 64)], lambda p: [], node_id="node-A")
+    assert client.batch_exists([make_key("short", 0)]) == [False]
+
+
 def test_a_self_verifying_reader_gets_unverified_slots_and_its_verdict_counts(
     client: StoreClient, agent: StoreAgent,
 ) -> None:
-    """batch_get_self_verified: the reader checks the bytes itself (the CUDA path: on its GPU
-    copy); a mismatch fails only that chunk, is a counted checksum failure and drops the slot."""
+    """batch_get_self_verified: the reader checks the bytes of all its same-node slots itself
+    in one call (the CUDA path: on its GPU copies); a mismatch fails only that chunk, is a
+    counted checksum failure and drops the slot. Chunks from another node were verified as
+    they landed: they come to on_chunk, never to the check."""
     sizes = [4096, (2 << 20) + 3, 1 << 20]
     keys = [make_key("self", i) for i in range(3)]
     assert put(client, keys, sizes) == 3
     locs = [loc for loc in client.lookup(keys) if loc]
     got: dict[int, bytes] = {}
+    checked: list[list[int]] = []
+    local = client.node_id == "node-A"
 
-    def check(i: int, payload: memoryview, digest: int) -> bool:
-        copy = bytes(payload)
-        if checksum(copy) != digest:
-            return False
-        got[i] = copy
-        return True
+    def check(idx: list[int], payloads: list[memoryview], digests: list[int]) -> list[bool]:
+        checked.append(list(idx))
+        verdicts = []
+        for i, payload, digest in zip(idx, payloads, digests, strict=True):
+            copy = bytes(payload)
+            verdicts.append(checksum(copy) == digest)
+            if verdicts[-1]:
+                got[i] = copy
+        return verdicts
 
-    assert client.batch_get_self_verified(keys, locs, check) == [True] * 3
+    def on_chunk(i: int, payload: memoryview) -> None:
+        assert not local, "a same-node chunk bypassed the reader's own check"
+        got[i] = bytes(payload)
+
+    assert client.batch_get_self_verified(keys, locs, check, on_chunk) == [True] * 3
+    assert checked == ([[0, 1, 2]] if local else [])
     assert got == {i: content(keys[i], sizes[i]) for i in range(3)}
-    assert client.drain_counters()["loaded_local_chunks" if client.node_id == "node-A" else "loaded_remote_chunks"] == 3
+    assert client.drain_counters()["loaded_local_chunks" if local else "loaded_remote_chunks"] == 3
     agent.segment.buf[locs[1].offset + HEADER_BYTES + (1 << 20) + 9] ^= 0xFF
     got.clear()
-    assert client.batch_get_self_verified(keys, locs, check) == [True, False, True]
+    assert client.batch_get_self_verified(keys, locs, check, on_chunk) == [True, False, True]
     assert set(got) == {0, 2}
     assert client.drain_counters()["checksum_failures"] == 1
     assert client.batch_exists(keys) == [True, False, True]  # the damaged chunk was dropped

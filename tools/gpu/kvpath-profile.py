@@ -45,20 +45,21 @@ try:
         path.registry.pinned(payload)
         host = torch.frombuffer(payload, dtype=torch.uint8)
         pin = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        flat, view = path._stage(n, blocks)
+        flat = path._stage(n)
+        view = flat.view(torch.bfloat16).view(L, blocks, -1)
         idt = torch.tensor(ids, device="cuda")
         mvs = [payload[a:b] for a, b in check_blocks(n)]
         digest = seg.seal(0, key, n, path.extract(ids, payload))
         r = {
             "ids_to_dev": t_us(lambda: torch.tensor(ids, dtype=torch.long).to("cuda", non_blocking=True)),
             "gather16": t_us(lambda: [torch.index_select(rw, 0, idt, out=view[i]) for i, rw in enumerate(rows)]),
-            "gather_fused": t_us(lambda: path._launch_rows(idt, flat, blocks, 0, to_staging=True)),
-            "scatter_fused": t_us(lambda: path._launch_rows(idt, flat, blocks, 0, to_staging=False)),
+            "gather_fused": t_us(lambda: path._launch([(0, ids, 0)], flat, blocks, to_staging=True)),
+            "scatter_fused": t_us(lambda: path._launch([(0, ids, 0)], flat, blocks, to_staging=False)),
             "d2h_seg": t_us(lambda: host.copy_(flat, non_blocking=True)),
             "d2h_pin": t_us(lambda: pin.copy_(flat, non_blocking=True)),
             "h2d_seg": t_us(lambda: flat.copy_(host, non_blocking=True)),
             "hash_gpu": t_us(lambda: gpu_xxh3.block_digests(flat)),
-            "hash_gpu_to_host": t_us(lambda: path._fold(path._hash_async(flat))),
+            "hash_gpu_to_host": t_us(lambda: path._folds(path._hash_async(flat, 1), 1)),
             "hash_1thr_cpu": t_us(lambda: [segmod.block_digest(m) for m in mvs]),
             "scatter16": t_us(lambda: [rw.index_copy_(0, idt, view[i]) for i, rw in enumerate(rows)]),
             "extract": t_us(lambda: path.extract(ids, payload)),
@@ -67,6 +68,16 @@ try:
             "inject (host-verified path, no verify)": t_us(lambda: path.inject(payload, ids, blocks, 0)),
         }
         print(f"PROF {kib} KiB", r, flush=True)
+    for kib, count in ((1024, 64), (4096, 16), (65536, 2)):  # a request's chunks in one call
+        n = kib * 1024
+        blocks = n // per_block
+        ids = [list(range(c * blocks, (c + 1) * blocks)) for c in range(count)]
+        pays = [seg.payload(c * (n + segmod.HEADER_BYTES), n) for c in range(count)]
+        digs = path.extract_many(ids, pays)
+        tg = [(i, 0) for i in ids]
+        r = {"extract_many": t_us(lambda: path.extract_many(ids, pays)),
+             "load_many": t_us(lambda: path.load_many(pays, digs, tg, blocks))}
+        print(f"PROF request {count} x {kib} KiB (us per request)", r, flush=True)
     print("is_pinned", host.is_pinned(), "fused_copies", path.fused_copies, "gpu_checksums", path.gpu_checksums)
 finally:
     path.close()

@@ -19,6 +19,10 @@
 # tests/gpu (the benchmarks alone). XXH3=1 first checks the GPU checksum kernels
 # (tests/unit/test_gpu_xxh3.py on the GPU, then tools/gpu/xxh3-bench.py: $OUT/gpu-xxh3.json);
 # those need only the image's packages, so they can also run alone in any call.
+# KVPATH_TOOLS=1 also runs tools/gpu/kvpath-smoke.py and tools/gpu/kvpath-profile.py (logged here).
+# With TESTS=0 and no SERVE_BENCH the vLLM/Ray parts are not needed (nothing imports them: the KV
+# path benchmark stands in for vLLM's base classes), so a call carrying only .whl-gpu/extra
+# (redis-py for kvstore.client, redis-server) runs XXH3=1 BENCH=1 KVPATH_TOOLS=1 on its own.
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-/tmp/pdgpu-out}; mkdir -p "$OUT"
@@ -41,7 +45,9 @@ save_ray_logs() {  # every 3 s: the .out/.err/.log files of each Ray session pds
 main() {
 
 # -- 1. the site tree (vLLM, Ray and their closure) and the extra part (redis-py, redis-server)
-if [ ! -d "$SITE/vllm" ]; then
+NEED_SITE=1
+[ "${TESTS:-1}" = 0 ] && [ "${SERVE_BENCH:-0}" != 1 ] && NEED_SITE=0
+if [ "$NEED_SITE" = 1 ] && [ ! -d "$SITE/vllm" ]; then
   bash tools/gpu/device-install.sh install "$SITE" || { say "install failed"; return 3; }
 fi
 if [ ! -x "$EXTRA/bin/redis-server" ]; then
@@ -83,6 +89,7 @@ say "python $PY, ray script $PYBIN/ray"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 df -h /dev/shm /tmp | tail -2
 nproc
+if [ "$NEED_SITE" = 1 ]; then
 "$PY" - <<'PYEOF'
 import time
 t = time.time()
@@ -90,6 +97,9 @@ import ray, redis, torch, vllm
 print(f"IMPORT vllm {vllm.__version__} ray {ray.__version__} torch {torch.__version__} redis-py {redis.__version__} "
       f"cuda {torch.cuda.is_available()} {torch.cuda.get_device_name(0)} in {time.time() - t:.1f}s")
 PYEOF
+else
+"$PY" -c 'import redis, torch, triton; print(f"IMPORT (no vLLM/Ray parts) torch {torch.__version__} triton {triton.__version__} redis-py {redis.__version__} cuda {torch.cuda.is_available()} {torch.cuda.get_device_name(0)}")'
+fi
 
 # -- 4. Redis: the carried server starts and answers
 redis-server --version
@@ -141,6 +151,12 @@ if [ "${BENCH:-0}" = 1 ]; then
     timeout -k 10 "${BENCH_BUDGET_S:-150}" "$PY" -m bench.gpu.kvpath --legacy --out "$OUT/gpu-kvpath-legacy.json"
     say "RESULT kvpath --legacy rc=$?"
   fi
+fi
+
+# -- 6b. optional: the CUDA KV path's round trip and its time by stage (image packages only)
+if [ "${KVPATH_TOOLS:-0}" = 1 ]; then
+  timeout -k 10 90 "$PY" tools/gpu/kvpath-smoke.py; say "RESULT kvpath-smoke rc=$?"
+  timeout -k 10 120 "$PY" tools/gpu/kvpath-profile.py; say "RESULT kvpath-profile rc=$?"
 fi
 
 # -- 7. optional: pdserve 1P1D vs monolithic vLLM under load, on the same GPU
