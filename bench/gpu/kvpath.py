@@ -95,14 +95,19 @@ from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment  # noqa: E402
 KIB = 1024
 
 
-def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_cache_args(ap: argparse.ArgumentParser) -> None:
+    """The paged cache's shape (``Cache``): Llama-3.2-1B's KV in bf16 by default."""
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--cache-gib", type=float, default=4.0, help="GPU KV cache size (all layers)")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_cache_args(ap)
     ap.add_argument("--sizes-kib", default="256,512,1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--segment-mib", type=int, default=1024, help="store segment (capped by /dev/shm's free space)")
     ap.add_argument("--repeat", type=int, default=5)

@@ -20,6 +20,8 @@
 # (tests/unit/test_gpu_xxh3.py on the GPU, then tools/gpu/xxh3-bench.py: $OUT/gpu-xxh3.json);
 # those need only the image's packages, so they can also run alone in any call.
 # KVPATH_TOOLS=1 also runs tools/gpu/kvpath-smoke.py and tools/gpu/kvpath-profile.py (logged here).
+# CROSS=1 runs bench/gpu/crossgpu.py (KV between two processes' GPUs: $OUT/gpu-crossgpu.json)
+# within CROSS_BUDGET_S (150).
 # With TESTS=0 and no SERVE_BENCH the vLLM/Ray parts are not needed (nothing imports them: the KV
 # path benchmark stands in for vLLM's base classes), so a call carrying only .whl-gpu/extra
 # (redis-py for kvstore.client, redis-server) runs XXH3=1 BENCH=1 KVPATH_TOOLS=1 on its own.
@@ -151,6 +153,15 @@ if [ "${BENCH:-0}" = 1 ]; then
     timeout -k 10 "${BENCH_BUDGET_S:-150}" "$PY" -m bench.gpu.kvpath --legacy --out "$OUT/gpu-kvpath-legacy.json"
     say "RESULT kvpath --legacy rc=$?"
   fi
+fi
+
+# -- 6a. optional: KV from a "prefill" process's GPU to a "decode" process's GPU through the store,
+# against a peer copy, the pinned host round trip and a CUDA IPC pull (bench/gpu/crossgpu.py;
+# needs no vLLM; on a one-GPU machine both processes share GPU 0)
+if [ "${CROSS:-0}" = 1 ]; then
+  say "bench/gpu/crossgpu.py"
+  timeout -k 10 "${CROSS_BUDGET_S:-150}" "$PY" -m bench.gpu.crossgpu --out "$OUT/gpu-crossgpu.json"
+  say "RESULT crossgpu rc=$?"
 fi
 
 # -- 6b. optional: the CUDA KV path's round trip and its time by stage (image packages only)

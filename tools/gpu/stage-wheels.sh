@@ -14,7 +14,7 @@
 # Carry DIR/p01 in the first call, DIR/p02 in the next, ... (see README.md).
 #
 # Env knobs: VLLM_VERSION (0.26.0: last release pinned to torch==2.11.0, built
-# for CUDA 13), RAY_VERSION (2.60.0), PART_SIZE (60M; the repo itself must fit
+# for CUDA 13), RAY_VERSION (2.60.0), PART_SIZE (40M; the repo itself (4 MB) must fit
 # in the rest of the 64 MiB a call may carry), KEEP_FA2=1 (keep FlashAttention-2
 # kernels, +76 MiB; only needed on pre-Hopper GPUs), XZ_LEVEL (-9), PYTHON.
 set -euo pipefail
@@ -22,7 +22,7 @@ set -euo pipefail
 OUTDIR=${1:-.whl-gpu}
 VLLM_VERSION=${VLLM_VERSION:-0.26.0}
 RAY_VERSION=${RAY_VERSION:-2.60.0}
-PART_SIZE=${PART_SIZE:-60M}
+PART_SIZE=${PART_SIZE:-40M}
 KEEP_FA2=${KEEP_FA2:-0}
 XZ_LEVEL=${XZ_LEVEL:--9}
 PY=${PYTHON:-python3}
