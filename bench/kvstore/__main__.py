@@ -1,7 +1,7 @@
 """KV store data paths side by side, in one run: put/get bandwidth and single-chunk latency.
 
     .venv/bin/python -m bench.kvstore [--quick] [--sizes 64K,1M,16M] [--batch-mib 64]
-                                      [--repeats 7] [--out bench/results/kvstore.json]
+                                      [--repeats 7] [--pin] [--out bench/results/kvstore.json]
 
 Every get delivers the bytes into the caller's buffer and every put starts from the caller's
 bytes, so the methods do the same work:
@@ -14,6 +14,11 @@ bytes, so the methods do the same work:
     grpc        pdserve, other node: the gRPC streaming transport, verified
     ray-remote  Ray's object store read from an actor on a second Ray node
     redis       the chunk as a Redis value (SET / MGET, copied out)
+
+On two cores a cross-node method's serving process and its reader share the machine with
+whatever else runs, and the scheduler may put both on one core for a while. ``--pin`` runs
+them as two nodes would: the serving process (the agent, the raw socket server) on CPU 0, the
+reader's threads on CPU 1 while a cross-node method is timed (raw-tcp, tcp and grpc alike).
 
 The machine is shared and noisy, so the methods take turns: every repeat times each method
 once, in a rotated order, and a ratio is the median of the per-repeat ratios. Agents and the
@@ -33,12 +38,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bench.kvstore.helpers import REPO, Workload, parse_size
 from bench.kvstore.methods import Fetcher, Memcpy, Method, RawTcp, RayObjects, RedisBlob, Store
 
+# --pin: a cross-node method's serving process on CPU 0 and its reader on CPU 1, as two nodes.
+SERVE_CPUS, READER_CPUS = {0}, {1}
 ORDER = ("memcpy", "shm", "ray", "raw-tcp", "tcp", "grpc", "ray-remote", "redis")
 # (numerator, denominator) pairs the store is held to: same node against its limit and the
 # peers, the network path against its limit and the peers.
@@ -56,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-samples", type=int, default=15, help="single-chunk gets per method")
     p.add_argument("--methods", default=",".join(ORDER), help="methods to run (their ratios are printed)")
     p.add_argument("--quick", action="store_true", help="two sizes, small batches (CI-sized)")
+    p.add_argument("--pin", action="store_true",
+                   help="cross-node methods as on two nodes: the serving process (agent, socket server) on CPU 0, "
+                   "the reader's threads on CPU 1 while they are timed")
     p.add_argument("--out", type=Path, default=REPO / "bench/results/kvstore.json")
     args = p.parse_args(argv)
     if args.quick:
@@ -67,7 +79,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _timed(m: Method, what: str, k: int = 0) -> float:
+@contextmanager
+def _reader_on(cpus: set[int] | None) -> Iterator[None]:
+    """Every thread of this process on ``cpus`` for the block (None: leave them be), as a
+    reader on a node of its own; the previous masks come back after."""
+    if not cpus:
+        yield
+        return
+    usual = os.sched_getaffinity(0)
+    before = {}
+    for tid in (int(t) for t in os.listdir("/proc/self/task")):
+        try:
+            before[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    try:
+        yield
+    finally:  # threads started inside (a pool's first worker) get the process's usual CPUs
+        for tid in (int(t) for t in os.listdir("/proc/self/task")):
+            try:
+                os.sched_setaffinity(tid, before.get(tid, usual))
+            except OSError:
+                pass
+
+
+def _timed(m: Method, what: str, k: int = 0, reader_cpus: set[int] | None = None) -> float:
+    with _reader_on(reader_cpus if m.cross_node else None):
+        return _timed_here(m, what, k)
+
+
+def _timed_here(m: Method, what: str, k: int = 0) -> float:
     if what == "put":
         m.before_put()
         t = time.perf_counter()
@@ -87,15 +129,16 @@ def measure(methods: list[Method], w: Workload, args: argparse.Namespace) -> dic
         m.put()
         m.get(w.n)
     times: dict[str, dict[str, list[float]]] = {m.name: {"put": [], "get": [], "one": []} for m in methods}
+    reader = READER_CPUS if args.pin else None
     for r in range(args.repeats):
         turn = methods[r % len(methods):] + methods[: r % len(methods)]
         for m in turn:
-            times[m.name]["put"].append(_timed(m, "put"))
+            times[m.name]["put"].append(_timed(m, "put", reader_cpus=reader))
         for m in turn:
-            times[m.name]["get"].append(_timed(m, "get", w.n))
+            times[m.name]["get"].append(_timed(m, "get", w.n, reader))
     for _ in range(args.latency_samples):
         for m in methods:
-            times[m.name]["one"].append(_timed(m, "get", 1))
+            times[m.name]["one"].append(_timed(m, "get", 1, reader))
     figures = {
         name: {
             "get_gbps": w.total / statistics.median(t["get"]) / 1e9,
@@ -123,15 +166,16 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def _method(name: str, w: Workload, redis_url: str, fetcher: Any) -> Method:
+def _method(name: str, w: Workload, redis_url: str, fetcher: Any, pin: bool = False) -> Method:
+    serve = SERVE_CPUS if pin else None
     if name == "memcpy":
         return Memcpy(w)
     if name in ("shm", "tcp", "grpc"):
-        return Store(w, redis_url, name)
+        return Store(w, redis_url, name, serve)
     if name in ("ray", "ray-remote"):
         return RayObjects(w, fetcher if name == "ray-remote" else None)
     if name == "raw-tcp":
-        return RawTcp(w)
+        return RawTcp(w, serve)
     return RedisBlob(w, redis_url)
 
 
@@ -157,7 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 w = Workload(size, args.batch_mib << 20)
                 print(f"chunk {w.label} x {w.n}", flush=True)
                 fetcher = ray.remote(Fetcher).options(resources={"bench_b": 0.01}, num_cpus=0).remote(w.total)
-                methods = [_method(name, w, redis_url, fetcher) for name in ORDER if name in args.method_set]
+                methods = [_method(name, w, redis_url, fetcher, args.pin) for name in ORDER if name in args.method_set]
                 try:
                     results[w.label] = measure(methods, w, args)
                 finally:

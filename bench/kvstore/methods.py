@@ -7,6 +7,7 @@ get ends with the bytes in the caller's memory.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from bench.kvstore.helpers import AGENT_SCRIPT, REPO, SOCKET_SERVER_SCRIPT, Work
 
 class Method:
     name = ""
+    cross_node = False  # a reader pulling from a serving process, as from another node
 
     def __init__(self, w: Workload) -> None:
         self.w = w
@@ -56,8 +58,9 @@ class Memcpy(Method):
 class _Process:
     """A helper process that prints ``ready ...`` when it serves."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    def __init__(self, argv: list[str], cpus: set[int] | None = None) -> None:
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=pin)
         assert self.proc.stdout is not None
         self.words = self.proc.stdout.readline().split()
         if not self.words or self.words[0] != "ready":
@@ -77,16 +80,18 @@ class Store(Method):
     """pdserve's store: an agent in its own process (node "bench-A"); the client on the same
     node (shm) or on another node (tcp, grpc)."""
 
-    def __init__(self, w: Workload, redis_url: str, transport: str) -> None:
+    def __init__(self, w: Workload, redis_url: str, transport: str, serve_cpus: set[int] | None = None) -> None:
         from kvstore.agent_rpc import AgentClient
         from kvstore.client import StoreClient
         from kvstore.peer_auth import PeerAuth
 
         super().__init__(w)
         self.name = transport
+        self.cross_node = transport != "shm"
         prefix = f"bench{uuid.uuid4().hex[:6]}"
         capacity = 2 * w.n * (w.size + 128)
-        self.agent_proc = _Process([sys.executable, "-c", AGENT_SCRIPT, redis_url, str(capacity), prefix])
+        self.agent_proc = _Process([sys.executable, "-c", AGENT_SCRIPT, redis_url, str(capacity), prefix],
+                                   serve_cpus if self.cross_node else None)
         node = "bench-A" if transport == "shm" else "bench-B"
         self.client = StoreClient(redis_url, prefix, node, transport="tcp" if transport == "shm" else transport)
         info = self.client.meta.agent("bench-A")
@@ -121,10 +126,11 @@ class RawTcp(Method):
     """A plain loopback socket to another process: the limit of the cross-node path."""
 
     name = "raw-tcp"
+    cross_node = True
 
-    def __init__(self, w: Workload) -> None:
+    def __init__(self, w: Workload, serve_cpus: set[int] | None = None) -> None:
         super().__init__(w)
-        self.server = _Process([sys.executable, "-c", SOCKET_SERVER_SCRIPT])
+        self.server = _Process([sys.executable, "-c", SOCKET_SERVER_SCRIPT], serve_cpus)
         self.sock = socket.create_connection(("127.0.0.1", int(self.server.words[1])))
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             self.sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
