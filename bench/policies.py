@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         this: dict[str, Any] = {}
         for policy in names[r % len(names):] + names[: r % len(names)]:
             this[policy], results = run_policy(args, model_dir, policy, convs)
-            pooled[policy] += [(conv + 10_000 * r, res) for conv, res in results]
+            pooled[policy] += results
             print(f"[policies] round {r}: {policy}: { {k: v for k, v in this[policy].items() if k != 'records'} }",
                   flush=True)
         rounds.append(this)

@@ -116,9 +116,6 @@ class StoreClient:
 
     # -- lookups --------------------------------------------------------------------------
 
-    def lookup_prefix(self, keys: Sequence[bytes]) -> list[ChunkLocation]:
-        return self.meta.prefix_hits(keys)
-
     def lookup(self, keys: Sequence[bytes]) -> list[ChunkLocation | None]:
         return self.meta.lookup(keys)
 

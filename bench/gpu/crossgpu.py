@@ -61,8 +61,7 @@ def _sync(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def _worker(role: str, a: argparse.Namespace, device_index: int, seg_name: str, conn: Connection,
-            peer: Connection) -> None:
+def _worker(a: argparse.Namespace, device_index: int, seg_name: str, conn: Connection, peer: Connection) -> None:
     """One side: builds its cache and the connector's GPU path, then serves the main
     process's commands (``conn``); ``peer`` reaches the other side (the CUDA IPC handle)."""
     from bench.gpu.kvpath import Cache
@@ -175,7 +174,7 @@ def main() -> None:
     peers = dict(zip(("prefill", "decode"), ctx.Pipe(), strict=True))
     for role, dev in (("prefill", src), ("decode", dst)):
         mine, theirs = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(role, a, dev, seg.name, theirs, peers[role]), name=f"xgpu-{role}")
+        p = ctx.Process(target=_worker, args=(a, dev, seg.name, theirs, peers[role]), name=f"xgpu-{role}")
         p.start()
         ends[role], procs = mine, [*procs, p]
     d2d_src = torch.empty(request, dtype=torch.uint8, device=f"cuda:{src}").random_(0, 255)
