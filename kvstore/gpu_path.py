@@ -22,8 +22,11 @@ slot layout, same checksums):
       load:  slots --H2D (one copy per slot)--> staging --xxh3--> digests --> host compares
              each chunk with its slot's checksum --> one scatter of the chunks that matched
 
-  A slot's payload follows its header, so a run of slots is never one contiguous payload:
-  the copies stay one per slot, queued back to back on one stream (~5 us of host time each).
+  A slot's payload follows its header, so a run of slots is never one contiguous payload;
+  but the allocator lays a request's slots out back to back, at one pitch, so ONE
+  ``cudaMemcpy2DAsync`` (rows of a payload, the slot pitch apart on the host) moves them
+  all. Slots that are not at one pitch go one ``copy_`` each (~5 us of host time and a
+  gap between DMA transfers each).
   ``extract_many`` returns the payloads' checksums for the client to seal with;
   ``load_many`` is ``StoreClient.batch_get_self_verified``'s check: it runs while the slots
   are pinned and says which copies matched.
@@ -40,6 +43,7 @@ the same way, unpinned: still correct, just slower.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 from collections.abc import Sequence
@@ -55,6 +59,7 @@ from kvstore.logging import get_logger
 log = get_logger(__name__)
 
 _ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
+_H2D, _D2H = 1, 2  # cudaMemcpyKind
 _ROW_TILE = 1024  # 8-byte words per program of _copy_rows (8 KiB)
 # GPU staging per step of a request's save or load: its chunks go in runs of at most this
 # many bytes (a 2k-token prompt of a 1B model is 64 MiB: one run; very long ones take a few).
@@ -193,8 +198,10 @@ class GpuKVPath:
         self._table = torch.tensor([r.data_ptr() for r in blocks], dtype=torch.int64, device=self.device)
         self._strides = torch.tensor(words, dtype=torch.int64, device=self.device)
         self.fused_copies = self._fused_copies_work()
-        log.info("GPU KV path: checksums on the GPU %s, one-launch gather/scatter %s",
-                 self.gpu_checksums, self.fused_copies)
+        self.pitched_copies = False
+        self.pitched_copies = self._pitched_copies_work()
+        log.info("GPU KV path: checksums on the GPU %s, one-launch gather/scatter %s, pitched slot copies %s",
+                 self.gpu_checksums, self.fused_copies, self.pitched_copies)
 
     def _fused_copies_work(self) -> bool:
         """Whether every layer's block rows are contiguous, 8-byte-aligned runs (so
@@ -226,24 +233,32 @@ class GpuKVPath:
 
     # -- the copies ------------------------------------------------------------------------
 
-    def _launch(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool) -> None:
-        """One ``_copy_rows`` launch, on the current stream, for every layer of every chunk:
-        ``(c, ids, skip)`` moves staged chunk c's blocks skip.. to or from blocks ``ids``."""
+    def _index(self, chunks: Sequence[Staged], n: int) -> torch.Tensor | None:
+        """``_copy_rows``' ids and positions for ``chunks`` on the GPU (one H2D, queued on the
+        current stream), or None when there are none."""
         ids, pos = staging_rows(chunks, len(self.blocks), n)
-        if not ids:
-            return
-        both = torch.tensor([ids, pos], dtype=torch.int64).to(self.device, non_blocking=True)  # one H2D
-        words = self.row_bytes // 8
-        grid = (len(self.blocks) * len(ids), triton.cdiv(words, _ROW_TILE))
-        _copy_rows[grid](self._table, self._strides, both[0], both[1], flat.view(torch.int64), len(ids), n, words,
-                         TO_STAGING=to_staging, TILE=_ROW_TILE)
+        return torch.tensor([ids, pos], dtype=torch.int64).to(self.device, non_blocking=True) if ids else None
 
-    def _rows(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool) -> None:
+    def _launch(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool,
+                index: torch.Tensor | None = None) -> None:
+        """One ``_copy_rows`` launch, on the current stream, for every layer of every chunk:
+        ``(c, ids, skip)`` moves staged chunk c's blocks skip.. to or from blocks ``ids``
+        (``index``: their ``_index``, uploaded beforehand)."""
+        both = index if index is not None else self._index(chunks, n)
+        if both is None:
+            return
+        words = self.row_bytes // 8
+        grid = (len(self.blocks) * both.shape[1], triton.cdiv(words, _ROW_TILE))
+        _copy_rows[grid](self._table, self._strides, both[0], both[1], flat.view(torch.int64), both.shape[1], n,
+                         words, TO_STAGING=to_staging, TILE=_ROW_TILE)
+
+    def _rows(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool,
+              index: torch.Tensor | None = None) -> None:
         """Gather (``to_staging``) or scatter ``chunks`` on the side stream: one launch, or
         per-layer ops where the rows are not word runs."""
         with torch.cuda.stream(self.stream):
             if self.fused_copies:
-                self._launch(chunks, flat, n, to_staging)
+                self._launch(chunks, flat, n, to_staging, index)
                 return
             view = flat.view(self.dtype).view(-1, len(self.blocks), n, *self.row_shape)
             for c, ids_c, skip in chunks:
@@ -271,14 +286,18 @@ class GpuKVPath:
 
     # -- the checksums ---------------------------------------------------------------------
 
-    def _hash_async(self, flat: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    def _hash_async(self, flat: torch.Tensor, n_chunks: int, after: torch.cuda.Event | None = None) -> torch.Tensor:
         """Enqueue the xxh3 of every checksum block of the ``n_chunks`` equal chunks in
-        ``flat`` on the hash stream (after what the side stream has enqueued so far), and
-        their copy to pinned host memory; chunk c's digests are the c-th ``n_chunks``-th."""
+        ``flat`` on the hash stream (after ``after``, else after what the side stream has
+        enqueued so far), and their copy to pinned host memory; chunk c's digests are the
+        c-th ``n_chunks``-th."""
         from kvstore import gpu_xxh3
 
         h = self.hash_stream
-        h.wait_stream(self.stream)
+        if after is not None:
+            h.wait_event(after)
+        else:
+            h.wait_stream(self.stream)
         cb = flat.numel() // n_chunks
         with torch.cuda.stream(h):
             block = _hash_block(cb)
@@ -327,10 +346,12 @@ class GpuKVPath:
         cb = hosts[0].numel()
         flat = self._stage(len(hosts) * cb)
         self._rows([(c, ids, 0) for c, ids in enumerate(block_ids)], flat, n, to_staging=True)
-        digests = self._hash_async(flat, len(hosts)) if self.gpu_checksums else None
-        with torch.cuda.stream(self.stream):  # the D2H beside the hash: one copy per slot, queued
-            for c, host in enumerate(hosts):
-                host.copy_(flat[c * cb : (c + 1) * cb], non_blocking=True)
+        gathered = torch.cuda.Event()
+        gathered.record(self.stream)
+        # The D2H is queued before the hash is launched (a Triton launch costs 20-70 us of host
+        # time, which the copy engine would otherwise sit out), the hash beside it.
+        self._move(hosts, flat, to_host=True)
+        digests = self._hash_async(flat, len(hosts), after=gathered) if self.gpu_checksums else None
         self.stream.synchronize()
         if digests is None:
             return [None] * len(hosts)
@@ -359,15 +380,20 @@ class GpuKVPath:
     def _load_group(self, hosts: list[torch.Tensor], checksums: list[int],
                     targets: list[tuple[Sequence[int], int]], n: int) -> list[bool]:
         flat = self._copy_in(hosts)
+        every = [(c, ids, skip) for c, (ids, skip) in enumerate(targets)]
         try:
             digests = self._hash_async(flat, len(hosts))
+            with torch.cuda.stream(self.stream):  # while the copies run: the scatter's index, as if all match
+                index = self._index(every, n) if self.fused_copies else None
             self.hash_stream.synchronize()  # the copies have landed too: the slots may go once we return
         except BaseException:
             self.stream.synchronize()  # no copy may still read a slot once its pin goes
             raise
         matched = [got == want for got, want in zip(self._folds(digests, len(hosts)), checksums, strict=True)]
-        chosen = [(c, ids, skip) for c, ((ids, skip), m) in enumerate(zip(targets, matched, strict=True)) if m]
-        self._scatter(chosen, flat, n)
+        if all(matched):
+            self._scatter(every, flat, n, index)
+        else:
+            self._scatter([chunk for chunk, m in zip(every, matched, strict=True) if m], flat, n)
         return matched
 
     # -- one chunk (the same code, one chunk long) -----------------------------------------
@@ -395,18 +421,72 @@ class GpuKVPath:
             landed.synchronize()  # the slot is unpinned (may be evicted) once this returns
 
     def _copy_in(self, hosts: list[torch.Tensor]) -> torch.Tensor:
-        """Queue the H2D of the slots into staging, back to back, on the side stream."""
-        cb = hosts[0].numel()
-        flat = self._stage(len(hosts) * cb)
-        with torch.cuda.stream(self.stream):
-            for c, host in enumerate(hosts):
-                flat[c * cb : (c + 1) * cb].copy_(host, non_blocking=True)
+        """Queue the H2D of the slots into staging on the side stream."""
+        flat = self._stage(len(hosts) * hosts[0].numel())
+        self._move(hosts, flat, to_host=False)
         return flat
 
-    def _scatter(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int) -> None:
+    def _move(self, hosts: list[torch.Tensor], flat: torch.Tensor, to_host: bool) -> None:
+        """Queue the copies between the slots' payloads and their places in staging on the
+        side stream: one ``cudaMemcpy2DAsync`` per run of slots at a constant pitch (the
+        allocator lays a request's slots out back to back, so usually one for all of them),
+        one ``copy_`` per slot otherwise."""
+        cb = hosts[0].numel()
+        runs = _pitched_runs([h.data_ptr() for h in hosts], cb) if self.pitched_copies else \
+            [(c, c + 1, cb) for c in range(len(hosts))]
+        with torch.cuda.stream(self.stream):
+            for a, b, pitch in runs:
+                if b - a > 1 and self.pitched_copies and self._copy_2d(hosts[a], flat[a * cb : b * cb], pitch, to_host):
+                    continue
+                for c in range(a, b):
+                    if to_host:
+                        hosts[c].copy_(flat[c * cb : (c + 1) * cb], non_blocking=True)
+                    else:
+                        flat[c * cb : (c + 1) * cb].copy_(hosts[c], non_blocking=True)
+
+    def _copy_2d(self, first: torch.Tensor, staged: torch.Tensor, pitch: int, to_host: bool) -> bool:
+        """One ``cudaMemcpy2DAsync`` on the side stream between ``staged`` (rows of
+        ``first.numel()`` bytes, back to back) and as many host rows from ``first`` on, ``pitch``
+        bytes apart; False (logged, and pitched copies off for good) if CUDA refuses it."""
+        width = first.numel()
+        rows = staged.numel() // width
+        host, dev = first.data_ptr(), staged.data_ptr()
+        fn = _memcpy_2d_async()
+        args = (host, pitch, dev, width) if to_host else (dev, width, host, pitch)
+        err = fn(*args, width, rows, _D2H if to_host else _H2D, self.stream.cuda_stream) if fn else -1
+        if err == 0:
+            return True
+        log.warning("cudaMemcpy2DAsync failed (%s): slot copies go one by one", err)
+        _clear_last_cuda_error()
+        self.pitched_copies = False
+        return False
+
+    def _pitched_copies_work(self) -> bool:
+        """Whether a pitched H2D and D2H of three rows through ``_copy_2d`` moves the same
+        bytes as row-by-row copies (a wrong pitch would scatter KV over the wrong slots)."""
+        if _memcpy_2d_async() is None:
+            return False
+        try:
+            width, pitch = 4096, 4096 + 512
+            host = torch.empty(3 * pitch, dtype=torch.uint8, pin_memory=True)
+            host.copy_(torch.randint(0, 256, (3 * pitch,), dtype=torch.uint8))
+            rows = [host[r * pitch : r * pitch + width] for r in range(3)]
+            staged = torch.empty(3 * width, dtype=torch.uint8, device=self.device)
+            ok = self._copy_2d(rows[0], staged, pitch, to_host=False)
+            self.stream.synchronize()
+            ok = ok and torch.equal(staged.cpu(), torch.cat(rows))
+            back = torch.zeros_like(host)
+            ok = ok and self._copy_2d(back[:width], staged, pitch, to_host=True)
+            self.stream.synchronize()
+            return ok and all(torch.equal(back[r * pitch : r * pitch + width], rows[r]) for r in range(3))
+        except Exception as e:
+            log.warning("pitched slot copies are unavailable (%s: %s): one copy per slot", type(e).__name__, e)
+            return False
+
+    def _scatter(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, index: torch.Tensor | None = None) -> None:
         """Scatter on the side stream; the engine's stream waits for it before its forward."""
         if chunks:
-            self._rows(chunks, flat, n, to_staging=False)
+            self._rows(chunks, flat, n, to_staging=False, index=index)
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def close(self) -> None:
@@ -436,6 +516,40 @@ def _hash_block(chunk_bytes: int) -> int | None:
     if chunk_bytes < seg.CHECK_BLOCK and chunk_bytes % KIB_BLOCK == 0:
         return chunk_bytes
     return None
+
+
+def _pitched_runs(ptrs: Sequence[int], width: int) -> list[tuple[int, int, int]]:
+    """``ptrs`` (the slots' payload addresses, in staging order) as runs ``(a, b, pitch)``:
+    slots a..b-1 lie ``pitch`` bytes apart, ``pitch >= width`` (rows never overlap); a slot
+    with no such neighbour is a run of one."""
+    runs: list[tuple[int, int, int]] = []
+    a = 0
+    while a < len(ptrs):
+        b, pitch = a + 1, width
+        if b < len(ptrs) and ptrs[b] - ptrs[a] >= width:
+            pitch = ptrs[b] - ptrs[a]
+            while b < len(ptrs) and ptrs[b] - ptrs[b - 1] == pitch:
+                b += 1
+        runs.append((a, b, pitch))
+        a = b
+    return runs
+
+
+@functools.cache
+def _memcpy_2d_async() -> Any:
+    """The CUDA runtime's ``cudaMemcpy2DAsync`` (from the libcudart torch loaded; torch does
+    not bind it), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "libcudart.so" in line})
+        fn = ctypes.CDLL(libs[0]).cudaMemcpy2DAsync
+    except Exception as e:
+        log.info("cudaMemcpy2DAsync not found (%s): one copy per slot", e)
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                   ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
 
 
 def _groups(n_chunks: int, chunk_bytes: int) -> list[range]:

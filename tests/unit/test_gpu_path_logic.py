@@ -98,6 +98,21 @@ def test_staging_rows_put_each_chunk_where_its_slot_starts() -> None:
     assert staging_rows([], 2, 4) == ([], [])
 
 
+def test_slots_at_one_pitch_are_one_copy_and_the_rest_go_one_by_one() -> None:
+    pytest.importorskip("triton", reason="triton is not installed")
+    from kvstore.gpu_path import _pitched_runs
+
+    w = 100
+    # back to back at pitch 164 (header + payload), then a gap, then two more at that pitch
+    assert _pitched_runs([0, 164, 328, 1000, 1164], w) == [(0, 3, 164), (3, 5, 164)]
+    # slots out of order, or closer than a row: never one 2D copy (rows would overlap)
+    assert _pitched_runs([500, 0], w) == [(0, 1, w), (1, 2, w)]
+    assert _pitched_runs([0, 50, 100], w) == [(0, 1, w), (1, 2, w), (2, 3, w)]
+    assert _pitched_runs([0, 164, 300], w) == [(0, 2, 164), (2, 3, w)]
+    assert _pitched_runs([7], w) == [(0, 1, w)]
+    assert _pitched_runs([], w) == []
+
+
 def test_one_hash_launch_covers_every_chunk_when_blocks_align() -> None:
     pytest.importorskip("triton", reason="triton is not installed")
     from kvstore.gpu_path import GROUP_BYTES, _groups, _hash_block
