@@ -64,6 +64,7 @@ def engine_spec(cfg: ClusterConfig, pool: PoolConfig, role: str, model_dir: Path
         redis_url=redis_url,
         store_prefix=cfg.kvstore.prefix,
         store_transport=cfg.kvstore.transport,
+        store_gpu_tier_mb=cfg.kvstore.gpu_tier_mb,
         store_tls=cfg.kvstore.tls_files(),
         namespace=kv_namespace(cfg, model_dir),
     )

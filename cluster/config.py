@@ -144,6 +144,11 @@ class KVStoreConfig(_Strict):
     transport: Literal["tcp", "grpc"] = Field("tcp", description="How chunks move between nodes.")
     ttl_s: float = Field(0.0, ge=0, description="Idle chunks expire after this long; 0 = never.")
     lease_s: float = Field(10.0, gt=0, description="A remote read's pin lapses after this (stuck transfer).")
+    gpu_tier_mb: int = Field(
+        0, ge=0, description="CUDA engines: GPU memory (MiB) per prefill engine process holding its most recently "
+        "saved chunks, which the decode engines of its node pull through CUDA IPC (the device tier; the host "
+        "segment still holds every chunk); taken on top of vLLM's own memory. 0 = off; ignored on CPU.",
+    )
     tls: StoreTlsConfig | None = Field(
         None, description="Serve the agents' gRPC over mutual TLS only (needs transport grpc; the plaintext "
         "tcp slot server is then not started). Peers always prove the store token derived from Redis' password.",

@@ -113,6 +113,7 @@ class ConnectorSettings:
     namespace: KVNamespace
     transport: str = "tcp"  # for chunks on other nodes; same-node chunks map the segment
     tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields, for the grpc transport
+    gpu_tier_mb: int = 0  # CUDA engines: a device tier of this size per saving worker; 0 = off
 
     @classmethod
     def parse(cls, extra: dict[str, Any], vllm_config: VllmConfig) -> ConnectorSettings:
@@ -133,6 +134,7 @@ class ConnectorSettings:
             namespace=KVNamespace(**ns),
             transport=str(extra.get("transport", "tcp")),
             tls=dict(extra["tls"]) if extra.get("tls") else None,
+            gpu_tier_mb=int(extra.get("gpu_tier_mb") or 0),
         )
 
 
@@ -194,6 +196,9 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # worker side: per layer, a [num_blocks, ...] view whose rows are whole blocks
         self._blocks: list[torch.Tensor] = []
         self._gpu: Any = None  # kvstore.gpu_path.GpuKVPath when the cache is on CUDA
+        self._tier: Any = None  # kvstore.transport.cuda_ipc.DeviceTier: this worker saves into one
+        self._tier_reader: Any = None  # ...TierReader: this worker loads from the node's device tiers
+        self._tier_warned: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._counters: dict[str, int] = {}
         # The process that started this one (the engine core, or the replica): once it is
@@ -303,6 +308,26 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             from kvstore.gpu_path import GpuKVPath  # CUDA only: never imported on CPU engines
 
             self._gpu = GpuKVPath(self._blocks)
+            self._start_device_tier()
+
+    def _start_device_tier(self) -> None:
+        """The device tier (``kvstore.gpu_tier_mb`` > 0, GPU checksums working): a worker that
+        saves keeps its chunks' copies in a GPU buffer of its own; one that loads pulls the
+        node's copies from there. Any failure leaves the host path alone, as without a tier."""
+        s = self.settings
+        if s.gpu_tier_mb <= 0 or not self._enabled or not self._gpu.gpu_checksums:
+            return
+        from kvstore.transport.cuda_ipc import DeviceTier, TierReader, ipc_opener  # CUDA engines only
+
+        try:
+            if self._save_enabled:
+                self._tier = DeviceTier.allocate(self._store.meta, s.node_id, self._gpu.device, self._chunk_nbytes(),
+                                                 s.gpu_tier_mb << 20)
+            if self._load_enabled:
+                self._tier_reader = TierReader(self._store.meta, s.node_id, ipc_opener(self._gpu.device), self._tier)
+        except Exception as e:
+            log.warning("no device tier (%s: %s): KV goes through the host segment only", type(e).__name__, e)
+            self._tier = self._tier_reader = None
 
     def _block_rows(self, cache: torch.Tensor) -> torch.Tensor:
         """A view of one layer's cache as [num_blocks, ...]: row b is all of block b's bytes,
@@ -353,24 +378,66 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _load(self, items: list[LoadItem]) -> list[bool]:
         """Copy a request's stored chunks into its blocks; per chunk, whether it arrived.
-        The CUDA path copies all of the request's slots on this node to the GPU at once and
-        verifies its own copies there (the host never hashes them); chunks from other nodes,
-        and every chunk of other engines, come as the client's verified payloads."""
-        keys, locs = [it.key for it in items], [it.loc for it in items]
+
+        With a device tier, the chunks it holds on this node come first, straight from their
+        owner's GPU and verified on this one (``_load_from_tier``); the rest, and any that
+        failed there, take the store path: the CUDA path copies all of the request's slots on
+        this node to the GPU at once and verifies its own copies there (the host never hashes
+        them); chunks from other nodes, and every chunk of other engines, come as the client's
+        verified payloads."""
+        ok = [False] * len(items)
+        if self._tier_reader is not None:
+            ok = self._load_from_tier(items)
+        rest = [i for i, got in enumerate(ok) if not got]
+        todo = [items[i] for i in rest]
+        if not todo:
+            return ok
+        keys, locs = [it.key for it in todo], [it.loc for it in todo]
         gpu = self._gpu
 
-        def inject(i: int, payload: memoryview) -> None:  # a payload the client verified
-            self._inject(payload, items[i])
+        def inject(j: int, payload: memoryview) -> None:  # a payload the client verified
+            self._inject(payload, todo[j])
 
         if gpu is not None and gpu.gpu_checksums:
             per = self._planner.blocks_per_chunk
 
             def check(idx: Sequence[int], payloads: Sequence[memoryview], digests: Sequence[int]) -> list[bool]:
-                targets = [(items[i].block_ids, items[i].skip_blocks) for i in idx]
+                targets = [(todo[j].block_ids, todo[j].skip_blocks) for j in idx]
                 return [bool(m) for m in gpu.load_many(payloads, digests, targets, per)]
 
-            return self._store.batch_get_self_verified(keys, locs, check, inject)
-        return self._store.batch_get(keys, locs, inject)
+            got = self._store.batch_get_self_verified(keys, locs, check, inject)
+        else:
+            got = self._store.batch_get(keys, locs, inject)
+        for i, delivered in zip(rest, got, strict=True):
+            ok[i] = delivered
+        return ok
+
+    def _load_from_tier(self, items: list[LoadItem]) -> list[bool]:
+        """Per chunk, whether it came from a device tier. ``device_tier_fallbacks`` counts the
+        chunks that had a copy worth a pull there but did not come (owner gone, handle not
+        opening, slot reused: checksum differs); they go to the store path like the rest."""
+        ok = [False] * len(items)
+        try:
+            found = self._tier_reader.sources([it.key for it in items], [it.loc for it in items],
+                                              self._chunk_nbytes())
+            matched = self._gpu.load_from_device(
+                found.srcs, [items[i].loc.checksum for i in found.idx],
+                [(items[i].block_ids, items[i].skip_blocks) for i in found.idx], self._planner.blocks_per_chunk)
+        except Exception as e:
+            self._tier_failed("read", e)
+            return ok
+        for i, m in zip(found.idx, matched, strict=True):
+            ok[i] = bool(m)
+        self._count("loaded_chunks_device", sum(ok))
+        self._count("device_tier_fallbacks", found.failed + len(found.idx) - sum(ok))
+        return ok
+
+    def _tier_failed(self, what: str, err: BaseException) -> None:
+        """A device tier call failed: counted; logged once per kind (the host path carries on)."""
+        self._count("device_tier_errors", 1)
+        if what not in self._tier_warned:
+            self._tier_warned.add(what)
+            log.warning("device tier %s failed, the host path carries on: %s: %s", what, type(err).__name__, err)
 
     def _inject(self, payload: memoryview, item: LoadItem) -> None:
         per = self._planner.blocks_per_chunk
@@ -427,8 +494,28 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         ``len(payloads)`` of ``items``); per chunk, its checksum or None, as ``_extract``.
         The CUDA path does all of them at once (one gather, one hash, one wait)."""
         if self._gpu is not None:
-            return self._gpu.extract_many([it.block_ids for it in items[: len(payloads)]], payloads)  # type: ignore[no-any-return]
+            placed = items[: len(payloads)]
+            if self._tier is not None:
+                return self._extract_to_tier(placed, payloads)
+            return self._gpu.extract_many([it.block_ids for it in placed], payloads)  # type: ignore[no-any-return]
         return [self._extract(it, p) for it, p in zip(items, payloads, strict=False)]
+
+    def _extract_to_tier(self, items: list[SaveItem], payloads: Sequence[memoryview]) -> list[int | None]:
+        """``extract_many``, each staging group also copied into the device tier, then the
+        tier's mappings written: a failure there costs the tier copy, never the save."""
+        tier = self._tier
+        try:
+            digests: list[int | None] = self._gpu.extract_many_staged([it.block_ids for it in items], payloads,
+                                                                      tier.stage)
+        except BaseException:
+            tier.abandon()
+            raise
+        try:
+            self._count("saved_chunks_device", tier.publish([it.key for it in items], digests))
+        except Exception as e:
+            tier.abandon()
+            self._tier_failed("save", e)
+        return digests
 
     def _extract(self, item: SaveItem, payload: memoryview) -> int | None:
         """Write the chunk's blocks into ``payload``; returns its checksum when the copy took
@@ -472,6 +559,13 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._warn("stats", e)
 
     def shutdown(self) -> None:
+        if self._tier is not None:
+            try:
+                self._tier.close()  # readers stop pulling from it
+            except Exception as e:
+                log.warning("device tier close: %s: %s", type(e).__name__, e)
+        if self._tier_reader is not None:
+            self._tier_reader.close()
         if self._gpu is not None:
             self._gpu.close()
         self._store.close()

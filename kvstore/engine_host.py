@@ -126,6 +126,7 @@ class EngineHost:
                 "redis_url": spec.redis_url,
                 "prefix": spec.store_prefix,
                 "transport": spec.store_transport,
+                "gpu_tier_mb": spec.store_gpu_tier_mb,
                 "tls": spec.store_tls,
                 "node_id": self.node_id,
                 "instance": replica_name,

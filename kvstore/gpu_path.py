@@ -46,7 +46,7 @@ import ctypes
 import functools
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -493,6 +493,87 @@ class GpuKVPath:
         """Wait for the streams; the segments stay registered for the process's life."""
         self.stream.synchronize()
         self.hash_stream.synchronize()
+
+    # -- the device tier (kvstore/transport/cuda_ipc.py) -----------------------------------
+
+    def extract_many_staged(self, block_ids: Sequence[Sequence[int]], payloads: Sequence[memoryview],
+                            on_staged: Callable[[torch.Tensor, int, int], None]) -> list[int | None]:
+        """``extract_many``, one staging group at a time, calling ``on_staged(flat, n_chunks,
+        chunk_bytes)`` after each group while staging (``flat``) still holds its chunks back to
+        back, with the side stream current: what it queues there (the device tier's copies)
+        runs before the next group's gather reuses staging, and is done when this returns."""
+        if len(block_ids) != len(payloads):
+            raise ValueError(f"{len(block_ids)} block lists for {len(payloads)} payloads")
+        if not payloads:
+            return []
+        cb = len(payloads[0])
+        out: list[int | None] = []
+        try:
+            for g in _groups(len(payloads), cb):  # each call below is one group: staging[:len(g) * cb]
+                out += self.extract_many([block_ids[c] for c in g], [payloads[c] for c in g])
+                with torch.cuda.stream(self.stream):
+                    on_staged(self._staging[: len(g) * cb], len(g), cb)
+        finally:
+            self.stream.synchronize()
+        return out
+
+    def load_from_device(self, srcs: Sequence[torch.Tensor], checksums: Sequence[int],
+                         targets: Sequence[tuple[Sequence[int], int]], n_blocks: int) -> list[bool]:
+        """``load_many`` for chunks already in GPU memory (uint8 tensors: device-tier slots,
+        another process's opened through CUDA IPC): each is copied device to device into
+        staging, hashed there, compared with its checksum, and the matches scattered into
+        their blocks in one launch; per chunk, whether it matched (False: nothing of it was
+        written). A source its owner rewrote under the copy fails its checksum. The sources
+        may go once this returns."""
+        if not len(srcs) == len(checksums) == len(targets):
+            raise ValueError("one checksum and one target per source")
+        if not srcs:
+            return []
+        cb = len(self.blocks) * n_blocks * self.row_bytes
+        for src in srcs:
+            if src.dtype != torch.uint8 or src.numel() != cb:
+                raise ValueError(f"a device source must be {cb} B of uint8, not {src.numel()} {src.dtype}")
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the engine may still read these blocks
+        ok: list[bool] = []
+        for g in _groups(len(srcs), cb):
+            flat = self._stage(len(g) * cb)
+            with torch.cuda.stream(self.stream):  # one copy per run of adjacent sources (a ring's slots)
+                for a, b in device_runs([srcs[i] for i in g], cb):
+                    flat[a * cb : b * cb].copy_(_spanning(srcs[g[a]], (b - a) * cb), non_blocking=True)
+            try:
+                digests = self._hash_async(flat, len(g))
+                self.hash_stream.synchronize()  # the copies have landed too
+            except BaseException:
+                self.stream.synchronize()
+                raise
+            matched = [got == checksums[i] for got, i in zip(self._folds(digests, len(g)), g, strict=True)]
+            self._scatter([(c, targets[i][0], targets[i][1]) for c, i in enumerate(g) if matched[c]], flat, n_blocks)
+            ok += matched
+        return ok
+
+
+def device_runs(srcs: Sequence[torch.Tensor], nbytes: int) -> list[tuple[int, int]]:
+    """[a, b) index ranges of ``srcs`` (``nbytes`` each) that lie back to back in one storage:
+    one device copy each (a device tier's ring hands a request consecutive slots)."""
+    runs: list[tuple[int, int]] = []
+    for i, src in enumerate(srcs):
+        if runs and _adjacent(srcs[i - 1], src, nbytes):
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _adjacent(prev: torch.Tensor, src: torch.Tensor, nbytes: int) -> bool:
+    """Whether ``src`` starts where ``prev`` ends, both views of one tensor (cheap checks: a
+    request's worth of them runs per load)."""
+    base = src._base
+    return base is not None and base is prev._base and src.data_ptr() == prev.data_ptr() + nbytes
+
+
+def _spanning(first: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """``nbytes`` (uint8, contiguous) of ``first``'s storage from where ``first`` starts."""
+    return first if first.numel() == nbytes else first.as_strided((nbytes,), (1,))
 
 
 def staging_rows(chunks: Sequence[Staged], layers: int, n: int) -> tuple[list[int], list[int]]:

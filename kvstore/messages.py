@@ -150,6 +150,7 @@ class EngineSpec:
     store_tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields (grpc transport)
     kv_cache_memory_bytes: int | None = None  # GPU: a fixed KV cache size (vLLM skips its profiling)
     stream_interval: int = 1  # output tokens per streamed delta (vLLM's stream_interval)
+    store_gpu_tier_mb: int = 0  # CUDA: each prefill worker's device tier (kvstore/transport/cuda_ipc.py); 0 = off
 
     @property
     def executor_backend(self) -> str | None:

@@ -8,6 +8,11 @@ Keys (all under one prefix so a store can be listed or wiped without touching ot
     {prefix}:alive:<node_id>  -> present while the agent heartbeats (expires on its own)
     {prefix}:stats[:<inst>]   -> hash of counters (store totals, per engine instance)
     {prefix}:events           -> stream of store changes: {op: stored|removed, node, keys}
+    {prefix}:dt:<key hex>     -> msgpack [owner, node, slot, checksum]: a copy in a device tier
+    {prefix}:dtier:<owner>    -> msgpack owner record of a device tier (its CUDA IPC handle)
+
+The last two are the device tier's (``kvstore/transport/cuda_ipc.py``): hints with a TTL, never
+the only copy of a chunk; a reader trusts one only after its own checksum of the bytes.
 
 A batch of chunks is committed with MULTI/EXEC after its bytes are complete, so a reader sees
 all of it or none of it and never a location whose bytes are still being written. Removal is
@@ -45,6 +50,23 @@ for i, k in ipairs(KEYS) do
   redis.call('SREM', ARGV[1], string.sub(k, tonumber(ARGV[2])))
 end
 return n
+"""
+
+# The device tier's mapping changes in one command (a save's 64 SETs as 64 pipelined commands
+# cost more host time than the copies): first delete each of the first ARGV[1] keys only if it
+# still holds the value the caller wrote, then set the others with a TTL of ARGV[2] seconds.
+_REPLACE_IF_UNCHANGED = """
+local n_del = tonumber(ARGV[1])
+for i, k in ipairs(KEYS) do
+  if i <= n_del then
+    if redis.call('GET', k) == ARGV[i + 2] then
+      redis.call('DEL', k)
+    end
+  else
+    redis.call('SET', k, ARGV[i + 2], 'EX', ARGV[2])
+  end
+end
+return n_del
 """
 
 
@@ -87,6 +109,27 @@ class StoreEvent:
     op: str  # "stored" | "removed"
     node_id: str
     keys: list[bytes]
+
+
+def tier_mapping_name(prefix: str, key: bytes) -> str:
+    """Where a chunk's device-tier copy is named: ``{prefix}:dt:<key hex>``."""
+    return f"{prefix}:dt:{key.hex()}"
+
+
+def tier_owner_name(prefix: str, owner: str) -> str:
+    """Where a device tier's owner record lives: ``{prefix}:dtier:<owner>``."""
+    return f"{prefix}:dtier:{owner}"
+
+
+def replace_if_unchanged(pipe: redis.client.Pipeline[bytes], deletes: Sequence[tuple[str, bytes]],
+                         sets: Sequence[tuple[str, bytes]], ttl_s: int) -> None:
+    """Queue on ``pipe`` ONE command that deletes each (name, value) of ``deletes`` whose name
+    still holds that value, then sets each of ``sets`` with a TTL (an EVAL sent with the
+    pipeline, not a SCRIPT LOAD round trip of its own)."""
+    pairs = [*deletes, *sets]
+    if pairs:
+        pipe.eval(_REPLACE_IF_UNCHANGED, len(pairs), *[n for n, _ in pairs], len(deletes), ttl_s,
+                  *[v for _, v in pairs])
 
 
 def redis_password(redis_url: str) -> str | None:

@@ -19,10 +19,19 @@ request of ``--request-mib`` is moved per timed pass, as chunks of each size:
     ipc       the decode process opens the prefill process's GPU buffer (CUDA IPC, through
               torch.multiprocessing) and copies it to its own GPU: what a direct GPU-to-GPU
               transport would do, with no checksum
+    tier      the device tier (kvstore/transport/cuda_ipc.py), as the connector runs it:
+              prefill: the store's save with each staging group also copied into the tier's
+              slots (GpuKVPath.extract_many_staged + DeviceTier.stage) + seals + the mappings
+              (DeviceTier.publish, one Redis pipeline); decode: TierReader.sources (one MGET)
+              + GpuKVPath.load_from_device (D2D pull through CUDA IPC, GPU xxh3, compare,
+              scatter). Time = that save + that load. Needs a redis-server on PATH (else the
+              rows have no tier columns); ``--no-tier`` skips it.
 
-Every figure is GB/s of KV moved; ratios: store / pinned, store / d2d, ipc / store. The
-store path's bytes are checked on the decode GPU (every chunk's GPU digest equals the
-prefill's); the ipc copy is compared with the source once per size.
+Every figure is GB/s of KV moved; ratios: store / pinned, store / d2d, ipc / store, and
+tier / store (``tier_vs_store``: the whole path with the tier against the store path alone;
+the tier's save still writes the host copy, so its gain is the load's). The store and tier
+paths' bytes are checked on the decode GPU (every chunk's GPU digest equals the prefill's);
+the ipc copy is compared with the source once per size.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--src", type=int, default=0, help="the prefill process's GPU")
     ap.add_argument("--dst", type=int, default=-1, help="the decode process's GPU (-1: the last one)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--no-tier", action="store_true", help="skip the device tier rows")
     return ap.parse_args()
 
 
@@ -61,9 +71,11 @@ def _sync(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def _worker(a: argparse.Namespace, device_index: int, seg_name: str, conn: Connection, peer: Connection) -> None:
+def _worker(a: argparse.Namespace, device_index: int, seg_name: str, conn: Connection, peer: Connection,
+            redis_url: str | None) -> None:
     """One side: builds its cache and the connector's GPU path, then serves the main
-    process's commands (``conn``); ``peer`` reaches the other side (the CUDA IPC handle)."""
+    process's commands (``conn``); ``peer`` reaches the other side (the CUDA IPC handle);
+    ``redis_url`` the device tier's metadata (None: no tier)."""
     from bench.gpu.kvpath import Cache
     from kvstore.segment import HEADER_BYTES, Segment
 
@@ -123,7 +135,14 @@ def _worker(a: argparse.Namespace, device_index: int, seg_name: str, conn: Conne
                 same = bool(torch.equal(state["flat"], state["remote"].to(dev)))
                 del state["remote"]
                 conn.send((0.0, same))
+            elif cmd.startswith("tier_"):
+                conn.send(_tier_command(cmd, arg, state, gpu, seg, dev, redis_url))
     finally:
+        if "tier" in state:
+            try:
+                state["tier"].close()
+            except Exception as e:  # Redis gone first: its keys went with it
+                print(f"device tier close: {e}")
         state.clear()  # the payload views and tensors over the segment go before its mapping
         del cache
         gc.collect()
@@ -132,6 +151,49 @@ def _worker(a: argparse.Namespace, device_index: int, seg_name: str, conn: Conne
             seg.close()
         except BufferError:  # a view still exported: the process is ending, the mapping goes with it
             pass
+
+
+def _tier_command(cmd: str, arg: Any, state: dict[str, Any], gpu: Any, seg: Any, dev: torch.device,
+                  redis_url: str | None) -> tuple[float, Any]:
+    """The device tier's side of one step, as ``PDStoreConnector._extract_to_tier`` and
+    ``_load_from_tier`` run it (without their error handling): returns (seconds, result)."""
+    from kvstore.metadata import ChunkLocation, MetadataStore, connect
+    from kvstore.transport.cuda_ipc import DeviceTier, TierReader, ipc_opener
+
+    assert redis_url is not None
+    if "meta" not in state:  # one client per process: no connection set up inside a timed call
+        state["meta"] = MetadataStore(connect(redis_url), "xgpu")
+    meta = state["meta"]
+    if cmd == "tier_setup":  # prefill: a tier of one request's chunks at this size (the old one withdrawn)
+        if "tier" in state:
+            state.pop("tier").close()
+        state["tier"] = DeviceTier.allocate(meta, "node", dev, state["nbytes"], state["n"] * state["nbytes"])
+        return 0.0, None
+    keys = [f"chunk-{c}".encode().ljust(16, b"_") for c in range(state["n"])]
+    if cmd == "tier_save":  # prefill: returns (seconds, (digests, seconds of the Redis publish))
+        tier = state["tier"]
+        _sync(dev)
+        t = time.perf_counter()
+        digests = gpu.extract_many_staged(state["ids"], state["payloads"], tier.stage)
+        for c, d in enumerate(digests):
+            seg.seal(c * state["slot"], b"k" * 16, state["nbytes"], d)
+        t_pub = time.perf_counter()
+        tier.publish(keys, digests)
+        _sync(dev)
+        done = time.perf_counter()
+        return done - t, (digests, done - t_pub)
+    # "tier_load", decode: arg = digests; returns (seconds, (every chunk pulled and matched,
+    # seconds of the Redis lookup))
+    reader = state.get("reader") or state.setdefault("reader", TierReader(meta, "node", ipc_opener(dev)))
+    locs = [ChunkLocation("node", "seg", 0, state["nbytes"], d) for d in arg]
+    _sync(dev)
+    t = time.perf_counter()
+    found = reader.sources(keys, locs, state["nbytes"])
+    t_pull = time.perf_counter()
+    ok = gpu.load_from_device(found.srcs, [arg[i] for i in found.idx], [(state["ids"][i], 0) for i in found.idx],
+                              state["blocks"])
+    _sync(dev)
+    return time.perf_counter() - t, (len(found.idx) == len(keys) and all(ok), t_pull - t)
 
 
 def _pinned_copy(to_host: bool, flat: torch.Tensor, pinned: memoryview, dev: torch.device) -> float:
@@ -152,6 +214,23 @@ def _call(conn: Connection, cmd: str, arg: Any = None) -> Any:
     return conn.recv()
 
 
+def _redis(a: argparse.Namespace) -> tuple[Any, str | None]:
+    """A private redis-server for the device tier's metadata; (None, None) without one."""
+    if a.no_tier:
+        return None, None
+    import tempfile
+    from pathlib import Path
+
+    from cluster.runtime import start_redis_child
+
+    try:
+        proc, url, _port = start_redis_child(Path(tempfile.mkdtemp(prefix="xgpu-redis-")))
+    except Exception as e:  # not installed, or it does not come up: the other paths still run
+        print(f"no device tier rows: redis-server does not start here ({type(e).__name__}: {e})")
+        return None, None
+    return proc, url
+
+
 def main() -> None:
     a = parse_args()
     from kvstore.segment import HEADER_BYTES, SHM_DIR, Segment
@@ -168,13 +247,14 @@ def main() -> None:
     if seg_bytes > free.f_bavail * free.f_frsize * 0.8:
         raise SystemExit(f"/dev/shm lacks {seg_bytes >> 20} MiB for the segment")
     seg = Segment.create(f"pdkv-xgpu-{uuid.uuid4().hex[:8]}", seg_bytes)
+    redis_proc, redis_url = _redis(a)
     ctx = mp.get_context("spawn")
     ends = {}
     procs: list[Any] = []
     peers = dict(zip(("prefill", "decode"), ctx.Pipe(), strict=True))
     for role, dev in (("prefill", src), ("decode", dst)):
         mine, theirs = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(a, dev, seg.name, theirs, peers[role]), name=f"xgpu-{role}")
+        p = ctx.Process(target=_worker, args=(a, dev, seg.name, theirs, peers[role], redis_url), name=f"xgpu-{role}")
         p.start()
         ends[role], procs = mine, [*procs, p]
     d2d_src = torch.empty(request, dtype=torch.uint8, device=f"cuda:{src}").random_(0, 255)
@@ -193,8 +273,12 @@ def main() -> None:
                 continue
             for side in ends.values():
                 assert _call(side, "setup", (nbytes, nbytes // per_block, n))[0] == "ok"
-            times: dict[str, list[float]] = {k: [] for k in ("store", "store_save", "store_load", "pinned", "d2d",
-                                                             "ipc")}
+            paths = ["store", "store_save", "store_load", "pinned", "d2d", "ipc"]
+            if redis_url:
+                paths += ["tier", "tier_save", "tier_load"]
+                _call(ends["prefill"], "tier_setup")
+            times: dict[str, list[float]] = {k: [] for k in paths}
+            redis_s: dict[str, list[float]] = {"publish": [], "lookup": []}  # the tier's Redis calls
             ends["prefill"].send(("export", None))
             _call(ends["decode"], "open")
             ends["prefill"].recv()
@@ -214,6 +298,15 @@ def main() -> None:
                     for k, v in (("store", ts + tl), ("store_save", ts), ("store_load", tl),
                                  ("pinned", td2h + th2d), ("d2d", td2d), ("ipc", tipc)):
                         times[k].append(v)
+                if redis_url:
+                    tts, (digests, tpub) = _call(ends["prefill"], "tier_save")
+                    ttl, (ok, tlook) = _call(ends["decode"], "tier_load", digests)
+                    assert ok, f"{kib} KiB: a chunk did not come from the device tier, or did not verify"
+                    if turn:
+                        for k, v in (("tier", tts + ttl), ("tier_save", tts), ("tier_load", ttl)):
+                            times[k].append(v)
+                        redis_s["publish"].append(tpub)
+                        redis_s["lookup"].append(tlook)
             assert _call(ends["decode"], "close")[1], "the ipc copy differs from its source"
             row: dict[str, Any] = {"chunk_bytes": nbytes, "chunks": n, "request_bytes": total}
             for k, v in times.items():
@@ -221,6 +314,11 @@ def main() -> None:
             row["store_vs_pinned"] = round(row["store_GBps"] / row["pinned_GBps"], 3)
             row["store_vs_d2d"] = round(row["store_GBps"] / row["d2d_GBps"], 3)
             row["ipc_vs_store"] = round(row["ipc_GBps"] / row["store_GBps"], 2)
+            if redis_url:
+                row["tier_vs_store"] = round(row["tier_GBps"] / row["store_GBps"], 2)
+                row["tier_load_vs_store_load"] = round(row["tier_load_GBps"] / row["store_load_GBps"], 2)
+                row["tier_publish_us"] = round(statistics.median(redis_s["publish"]) * 1e6)
+                row["tier_lookup_us"] = round(statistics.median(redis_s["lookup"]) * 1e6)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -234,12 +332,15 @@ def main() -> None:
             if p.is_alive():
                 p.kill()
         seg.close()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(timeout=10)
     result = {
         "gpus": [torch.cuda.get_device_name(i) for i in range(n_gpus)], "src": src, "dst": dst,
         "same_gpu": src == dst, "torch": torch.__version__,
         "model_shape": {"layers": a.layers, "kv_heads": a.kv_heads, "head_dim": a.head_dim, "dtype": a.dtype,
                         "block_size": a.block_size},
-        "request_mib": a.request_mib, "repeat": a.repeat, "rows": rows,
+        "request_mib": a.request_mib, "repeat": a.repeat, "tier": redis_url is not None, "rows": rows,
     }
     if a.out:
         with open(a.out, "w") as f:
@@ -251,6 +352,13 @@ def main() -> None:
         print(f"{r['chunk_bytes'] // KIB:>7}Ki {r['store_GBps']:>7} {r['store_save_GBps']:>7} "
               f"{r['store_load_GBps']:>7} {r['pinned_GBps']:>7} {r['d2d_GBps']:>7} {r['ipc_GBps']:>7} "
               f"{r['store_vs_pinned']:>7} {r['store_vs_d2d']:>7} {r['ipc_vs_store']:>7}")
+    if redis_url:
+        print(f"device tier, GB/s (publish / lookup: its Redis calls, us)\n{'chunk':>9} {'tier':>7} {'save':>7} "
+              f"{'load':>7} {'tier/st':>7} {'load/st':>7} {'publish':>7} {'lookup':>7}")
+        for r in rows:
+            print(f"{r['chunk_bytes'] // KIB:>7}Ki {r['tier_GBps']:>7} {r['tier_save_GBps']:>7} "
+                  f"{r['tier_load_GBps']:>7} {r['tier_vs_store']:>7} {r['tier_load_vs_store_load']:>7} "
+                  f"{r['tier_publish_us']:>7} {r['tier_lookup_us']:>7}")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ class Cache:
                        .to(self.dtype).permute(0, 2, 1, 3) for _ in range(a.layers)]
         self.block_bytes = per_block * a.layers  # one block of every layer
         planner = SimpleNamespace(blocks_per_chunk=1)
-        self.conn: Any = cast(Any, SimpleNamespace(_num_blocks=self.num_blocks, _planner=planner))  # a stand-in
+        self.conn: Any = cast(Any, SimpleNamespace(_num_blocks=self.num_blocks, _planner=planner, _tier=None,
+                                                   _tier_reader=None))  # a stand-in
         self.conn._blocks = [PDStoreConnector._block_rows(self.conn, t) for t in self.layers]
         self.conn._chunk_view = lambda payload, n: PDStoreConnector._chunk_view(self.conn, payload, n)
         self.conn._chunk_nbytes = lambda: PDStoreConnector._chunk_nbytes(self.conn)

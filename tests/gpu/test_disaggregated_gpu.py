@@ -1,6 +1,7 @@
 """pdserve on a GPU: 1 prefill + 1 decode replica sharing one GPU against a monolithic vLLM
 engine on the same GPU, greedy, token for token; the decode replica loading the prompt's KV
-from the store; and recompute, still correct, once the store is emptied.
+from the store (on CUDA most of it through the device tier, straight from prefill's GPU); and
+recompute, still correct, once the store is emptied.
 
 Skipped (at collection, importing nothing GPU-only) where there is no NVIDIA GPU; run on the
 GPU machine with tools/gpu/run-tests.sh (docs/gpu.md).
@@ -86,7 +87,9 @@ def test_decode_replica_loads_the_prompt_kv_from_the_store(
     cluster: Cluster, reference: dict, tokenizer: PromptTokenizer
 ) -> None:
     meta = store(cluster)
-    before = {n: role_counter(meta, "decode", n) for n in ("loaded_chunks", "lookup_hit_chunks", "load_failures")}
+    names = ("loaded_chunks", "lookup_hit_chunks", "load_failures", "loaded_chunks_device", "device_tier_fallbacks",
+             "device_tier_errors")
+    before = {n: role_counter(meta, "decode", n) for n in names}
     results = complete_all(cluster, PROMPTS)
     check_all(results, reference)
     expected_chunks = 0
@@ -108,6 +111,13 @@ def test_decode_replica_loads_the_prompt_kv_from_the_store(
     assert after["loaded_chunks"] - before["loaded_chunks"] >= expected_chunks
     assert after["lookup_hit_chunks"] - before["lookup_hit_chunks"] >= expected_chunks
     assert after["load_failures"] == before["load_failures"] == 0
+    if DEVICE is not None and DEVICE.name == "cuda":  # the device tier (cluster.yaml: kvstore.gpu_tier_mb)
+        # decode pulled prefill's copies straight from its GPU (CUDA IPC), verified on arrival;
+        # whatever the tier did not deliver came from the host segment (no load failed above)
+        assert after["loaded_chunks_device"] > before["loaded_chunks_device"], after
+        assert after["device_tier_errors"] == before["device_tier_errors"], after
+        print(f"decode chunks through the device tier: {after['loaded_chunks_device'] - before['loaded_chunks_device']}"
+              f", fallbacks to the host path: {after['device_tier_fallbacks'] - before['device_tier_fallbacks']}")
 
 
 def test_emptied_store_recomputes_and_stays_correct(

@@ -49,7 +49,8 @@ def test_permuted_flash_attention_view_is_read_in_memory_order() -> None:
 def _connector(gpu: object = None) -> SimpleNamespace:
     """The connector's worker-side state around one contiguous layer, chunks of 2 blocks."""
     cache = torch.arange(BLOCKS * HEADS * TOKENS * DIM, dtype=torch.float32).view(BLOCKS, HEADS, TOKENS, DIM)
-    conn = SimpleNamespace(_num_blocks=BLOCKS, _planner=SimpleNamespace(blocks_per_chunk=2), _gpu=gpu)
+    conn = SimpleNamespace(_num_blocks=BLOCKS, _planner=SimpleNamespace(blocks_per_chunk=2), _gpu=gpu,
+                           _tier=None, _tier_reader=None)
     conn._blocks = [rows(cache)]
     conn._chunk_view = lambda payload, n: PDStoreConnector._chunk_view(conn, payload, n)  # type: ignore[arg-type]
     conn._chunk_nbytes = lambda: PDStoreConnector._chunk_nbytes(conn)  # type: ignore[arg-type]
