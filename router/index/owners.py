@@ -91,24 +91,28 @@ class OwnerIndex:
 
     def prefix_depths(self, keys: Sequence[bytes]) -> dict[str, int]:
         """For each owner holding at least the first chunk, how many leading chunks of
-        ``keys`` it holds contiguously. Touches the prompt's first chunk (its root is in use)."""
+        ``keys`` it holds contiguously, in order of depth, shallowest first (owners are noted
+        as they drop out: the deepest are last, so callers read them without sorting).
+        Touches the prompt's first chunk (its root is in use)."""
         chunks, owner_at = self._chunks, self._owner_at
-        alive = chunks.get(keys[0], 0) if keys else 0
+        get = chunks.get
+        alive = get(keys[0], 0) if keys else 0
         if not alive:
             return {}
         chunks.move_to_end(keys[0])
         out: dict[str, int] = {}
         depth = 1
-        for key in keys[1:]:
-            nxt = alive & chunks.get(key, 0)
-            dropped = alive & ~nxt
-            while dropped:
-                low = dropped & -dropped
-                out[owner_at[low.bit_length() - 1]] = depth  # type: ignore[index]
-                dropped ^= low
-            alive = nxt
-            if not alive:
-                break
+        for key in keys[1:]:  # every request walks this: the common step (nobody drops) is one AND
+            nxt = alive & get(key, 0)
+            if nxt != alive:
+                dropped = alive ^ nxt  # nxt is a subset of alive
+                while dropped:
+                    low = dropped & -dropped
+                    out[owner_at[low.bit_length() - 1]] = depth  # type: ignore[index]
+                    dropped ^= low
+                if not nxt:
+                    return out
+                alive = nxt
             depth += 1
         while alive:
             low = alive & -alive
@@ -119,7 +123,7 @@ class OwnerIndex:
     def prefix_depths_and_any(self, keys: Sequence[bytes]) -> tuple[dict[str, int], int]:
         """``prefix_depths`` and ``any_prefix`` together (the router asks both per request)."""
         depths = self.prefix_depths(keys)
-        longest = max(depths.values(), default=0)
+        longest = next(reversed(depths.values()), 0)  # the deepest comes last
         chunks, n = self._chunks, longest
         for key in keys[longest:]:  # past every single owner's run, other owners may go on
             if not chunks.get(key):

@@ -17,7 +17,7 @@ import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, overload
+from typing import Any, ClassVar, NamedTuple, overload
 
 import msgpack
 
@@ -84,14 +84,20 @@ class ScoreTable(Sequence[Candidate]):
         return self._row(self.names.index(replica))
 
 
-@dataclass(frozen=True)
-class RouteDecision:
+class RouteDecision(NamedTuple):
+    """One decision. A NamedTuple, immutable as a frozen dataclass is but four times cheaper
+    to build (a frozen dataclass sets each field through ``object.__setattr__``): a router
+    builds one per request."""
+
     policy: str
     role: str
     groups: list[list[str]]  # replica names, best group first
     why: str = ""  # the rule that decided (e.g. "cache", "balance", "tie: power of two")
     candidates: Sequence[Candidate] = ()
     term_names: tuple[str, ...] = ()
+    # A large pool: the candidates scored because they were drawn (the warm ones are always
+    # scored, the cold ones not drawn are not); empty when every replica was scored.
+    sampled: Sequence[str] = ()
 
     @property
     def chosen(self) -> str:
@@ -128,12 +134,19 @@ class RouteDecision:
                      for name, score, terms in ordered)
 
     def explain(self) -> dict[str, Any]:
-        """JSON-ready: the debug endpoint's and the log line's form."""
-        return {
+        """JSON-ready: the debug endpoint's and the log line's form. A decision that scored a
+        sample says so: each candidate's ``sampled``, and how many replicas the pool had."""
+        out: dict[str, Any] = {
             "policy": self.policy, "role": self.role, "chosen": self.chosen, "why": self.why,
             "candidates": [{"replica": s.replica, "score": round(s.score, 6),
                             **{k: round(v, 6) for k, v in s.terms.items()}} for s in self.scored],
         }
+        if self.sampled:
+            drawn = set(self.sampled)
+            for c in out["candidates"]:
+                c["sampled"] = c["replica"] in drawn
+            out["pool"] = sum(map(len, self.groups))
+        return out
 
 
 def best_then_rest(best: str, names: Sequence[str], at: int = -1) -> list[list[str]]:

@@ -24,6 +24,14 @@ simulator at 512 replicas: 87.8% to 94.9% of requests within the SLO). Of what i
 are drawn at random and the one with fewer requests in flight wins (power of two choices),
 so equal replicas share the load.
 
+A pool of more than 16 replicas is not scored whole: the replicas whose own cache holds a
+prefix of the prompt are, and of the rest (whose scores differ only by load, rate and their
+node's store) a sample: two replicas of each of the two nodes whose store holds the
+deepest prefix and about four drawn from the whole pool (``router.policy.sampling``). A decision's
+explanation names the sampled candidates. Scoring every replica was the largest per-request
+cost after the index walks, and grew with the pool (bench.router); in the simulator the
+sample routes at least as well as scoring every replica did (README, "Routing policies").
+
 Decode, for replica r: requests in flight and KV usage decide; a replica off the node
 whose store holds the prompt's KV (usually the prefill replica's node) pays
 ``locality * (1 + its load)``: it pulls the KV over the network while its batch waits.
@@ -44,6 +52,7 @@ from router.policy.interface import (
     ScoreTable,
     best_then_rest,
 )
+from router.policy.sampling import ColdSampler
 from router.policy.simple import LeastLoadedPolicy, load_score
 from router.policy.state import RoutingState
 
@@ -65,8 +74,7 @@ class KVAwarePolicy(RoutingPolicy):
         self._by_name: dict[str, int] = {}
         self._by_node: dict[str, list[int]] = {}
         self._nodes: list[str] = []
-        self._rate_list: list[float] = []
-        self._rates_at = -1  # the rate meter's version the cached rate list is from
+        self._sampler = ColdSampler(self._rng)
 
     def route(self, request: RoutingRequest | None, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
         if request is None or not replicas:
@@ -79,54 +87,68 @@ class KVAwarePolicy(RoutingPolicy):
     # -- prefill ---------------------------------------------------------------------------
 
     def _prefill(self, request: RoutingRequest, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
-        """Runs for every request, over every replica: the common case (a replica that holds
-        nothing of the prompt on its node or in its own cache) is scored in one whole-column
-        pass, the few warm replicas one by one after. Per-pool lists (names, nodes, rates) are
-        rebuilt only when the pool or a measured rate changes."""
+        """Runs for every request: every replica of a small pool is scored, the warm ones and
+        a sample of the rest in a large one (``ColdSampler``), the warm ones first."""
         st, ct, n, keys = self.state, self.state.chunk_tokens, request.num_prompt_tokens, request.chunk_keys
         own_depth = st.engines.prefix_by_replica(keys) if keys else {}
         node_depth, stored = st.store.prefix_by_node_and_any(keys) if keys else ({}, 0)
-        limit = max(n - 1, 0)  # an engine computes at least the prompt's last token
-        anywhere = min(stored * ct, limit)
-        load_s = st.costs.load_s
+        # min() and max() are written out on this path: a builtin call costs several times
+        # the comparison (cachegrind: about 17k of 255k instructions a decision in _warm).
+        limit = n - 1 if n > 1 else 0  # an engine computes at least the prompt's last token
+        anywhere = stored * ct if stored * ct < limit else limit
         names, by_name, by_node, nodes = self._pool(replicas)
-        rates = self._rates(names)
-        queued = list(map(st.queued_by_replica().get, names, repeat(0, len(names))))
+        warm = self._warm(own_depth, node_depth, by_name, nodes, limit, anywhere)
+        w, sampler = len(warm), self._sampler
+        if drawn := sampler.samples(len(names)):
+            picks = sampler.positions(warm, len(names), node_depth, by_node)
+        else:
+            picks = [*warm, *(i for i in range(len(names)) if i not in warm)]
+        picked = [names[i] for i in picks]
+        queued = list(map(st.queued_by_replica().get, picked, repeat(0)))
         if st.shared_routers:  # other routers' work, seen a stats period late
-            queued = list(map(max, queued, [r.queued_tokens for r in replicas]))
-        cold_tokens, cold_load_s = n - anywhere, load_s(0, anywhere)
-        scores = [(q + cold_tokens) / rate + cold_load_s for q, rate in zip(queued, rates, strict=True)]
-        # Replicas on a node whose store holds a prefix of the prompt: one term set per node.
-        on_node: dict[str, tuple[int, int, int]] = {}
-        for nd, depth in node_depth.items():
-            members = by_node.get(nd)
-            node_t = min(depth * ct, limit)
-            remote_t = max(anywhere - node_t, 0)
-            on_node[nd] = (0, node_t, remote_t)
-            if members:
-                work, node_load_s = n - node_t - remote_t, load_s(node_t, remote_t)
-                for i in members:
-                    scores[i] = (queued[i] + work) / rates[i] + node_load_s
-        # Replicas whose own cache holds a prefix: each on its own.
-        own_terms: dict[int, tuple[int, int, int]] = {}
+            queued = [max(q, replicas[i].queued_tokens) for q, i in zip(queued, picks, strict=True)]
+        rates = list(map(st.rates.table().get, picked, repeat(st.rates.prior_tps)))
+        # A cold replica computes what no store holds and loads the rest, its node's share
+        # from there: load_s(node, anywhere - node) = load_s(0, anywhere) - node * saved.
+        costs = st.costs
+        work, load = n - anywhere, costs.load_s(0, anywhere)
+        if node_depth:
+            saved = costs.remote_s_per_token - costs.same_node_s_per_token
+            save_s = {nd: (depth * ct if depth * ct < limit else limit) * saved
+                      for nd, depth in node_depth.items()}
+            scores = [(q + work) / rate + load - save_s.get(nodes[i], 0.0)
+                      for q, rate, i in zip(queued, rates, picks, strict=True)]
+        else:
+            scores = [(q + work) / rate + load for q, rate in zip(queued, rates, strict=True)]
+        for j, (own, node, remote) in enumerate(warm.values()):
+            scores[j] = (queued[j] + n - own - node - remote) / rates[j] + costs.load_s(node, remote)
+
+        def row(j: int) -> tuple[float, ...]:  # the terms, read only by explanations
+            if j < w:
+                return queued[j], rates[j], *warm[picks[j]]
+            node = min(node_depth.get(nodes[picks[j]], 0) * ct, limit)
+            return queued[j], rates[j], 0, node, anywhere - node
+
+        at, why = self._choose(scores, replicas, picks, self.tie_s, [t[0] for t in warm.values()])
+        p = picks[at]
+        return RouteDecision(self.name, request.role, best_then_rest(names[p], names, p), why,
+                             ScoreTable(picked, scores, row), PREFILL_TERMS, picked[w:] if drawn else ())
+
+    def _warm(self, own_depth: dict[str, int], node_depth: dict[str, int], by_name: dict[str, int],
+              nodes: list[str], limit: int, anywhere: int) -> dict[int, tuple[int, int, int]]:
+        """Own, node and remote tokens of each replica of the pool whose own cache holds a
+        prefix of the prompt, by pool position."""
+        ct = self.state.chunk_tokens
+        warm: dict[int, tuple[int, int, int]] = {}
         for name, depth in own_depth.items():
             i = by_name.get(name, -1)
-            if i < 0:
-                continue
-            own = min(depth * ct, limit)
-            node = min(max(node_depth.get(nodes[i], 0) * ct - own, 0), limit - own)
-            remote = max(anywhere - own - node, 0)
-            own_terms[i] = (own, node, remote)
-            scores[i] = (queued[i] + n - own - node - remote) / rates[i] + load_s(node, remote)
-        cold = (0, 0, anywhere)
-
-        def row(i: int) -> tuple[float, ...]:
-            terms = own_terms.get(i) or on_node.get(nodes[i], cold)
-            return (queued[i], rates[i], *terms)
-
-        table = ScoreTable(names, scores, row)
-        warm = {i: t[0] for i, t in own_terms.items()}
-        return self._decide(request.role, table, replicas, PREFILL_TERMS, self.tie_s, warm)
+            if i >= 0:
+                own = depth * ct if depth * ct < limit else limit
+                node = node_depth.get(nodes[i], 0) * ct - own
+                node = 0 if node < 0 else node if node < limit - own else limit - own
+                remote = anywhere - own - node
+                warm[i] = (own, node, remote if remote > 0 else 0)
+        return warm
 
     def _pool(
         self, replicas: Sequence[ReplicaLoad],
@@ -141,16 +163,7 @@ class KVAwarePolicy(RoutingPolicy):
             self._by_node = {}
             for i, node in enumerate(self._nodes):
                 self._by_node.setdefault(node, []).append(i)
-            self._rates_at = -1
         return self._pool_names, self._by_name, self._by_node, self._nodes
-
-    def _rates(self, names: list[str]) -> list[float]:
-        """Each replica's measured prefill rate, in pool order (the prior where unmeasured)."""
-        meter = self.state.rates
-        if self._rates_at != meter.version:
-            self._rate_list = list(map(meter.table().get, names, repeat(meter.prior_tps, len(names))))
-            self._rates_at = meter.version
-        return self._rate_list
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -166,36 +179,36 @@ class KVAwarePolicy(RoutingPolicy):
             # sequence the replica is running: the penalty grows with its batch.
             far = self.locality * (1.0 + load) if kv_node and r.node_id != kv_node else 0.0
             cands.append((r.replica, load + far, (load, far)))
-        return self._decide(request.role, cands, replicas, DECODE_TERMS, 0.5)
+        names = [c[0] for c in cands]
+        at, why = self._choose([c[1] for c in cands], replicas, range(len(replicas)), 0.5)
+        return RouteDecision(self.name, request.role, best_then_rest(names[at], names, at), why, cands, DECODE_TERMS)
 
     # -- shared ------------------------------------------------------------------------------
 
-    def _decide(self, role: str, cands: Sequence[Candidate], replicas: Sequence[ReplicaLoad],
-                terms: tuple[str, ...], tie_abs: float, warm: dict[int, int] | None = None) -> RouteDecision:
+    def _choose(self, scores: Sequence[float], replicas: Sequence[ReplicaLoad], at_pool: Sequence[int],
+                tie_abs: float, own: Sequence[int] = ()) -> tuple[int, str]:
         """The lowest score wins; candidates within the tie margin of it are ties, settled by
-        power of two choices on load (random among exact equals)."""
-        if isinstance(cands, ScoreTable):
-            names, scores = cands.names, cands.scores
-        else:
-            names, scores = [c[0] for c in cands], [c[1] for c in cands]
+        power of two choices on load (random among exact equals). Returns the winner's index
+        in ``scores`` and the rule; ``at_pool[i]`` is candidate i's position in ``replicas``,
+        ``own`` the own-cache tokens of the first (warm) candidates."""
         best = min(scores)
-        margin = best + max(tie_abs, abs(best) * self.tie_rel)
+        rel = abs(best) * self.tie_rel
+        margin = best + (rel if rel > tie_abs else tie_abs)
         # Among equals, those whose own cache holds the most (docstring). The warm replicas
         # are few: look among them first and scan every score only when none ties.
-        warm_ties = [i for i, own in warm.items() if own > 0 and scores[i] <= margin] if warm else []
+        warm_ties = [i for i, tokens in enumerate(own) if tokens > 0 and scores[i] <= margin]
         if warm_ties:
-            most = max(warm[i] for i in warm_ties)
-            ties = sorted(i for i in warm_ties if warm[i] == most)  # in pool order, as the scan gives
+            most = max(own[i] for i in warm_ties)
+            ties = [i for i in warm_ties if own[i] == most]
         else:
             ties = [i for i, score in enumerate(scores) if score <= margin]
         if len(ties) == 1:
-            at, why = ties[0], "lowest score"
-        else:
-            k = len(ties)
-            x = self._rng.randrange(k)
-            y = self._rng.randrange(k - 1)
-            a, b = ties[x], ties[y + (y >= x)]  # two distinct ties, drawn at random
-            la, lb = load_score(replicas[a]), load_score(replicas[b])  # exact in-flight counts
-            at = a if (la, scores[a]) <= (lb, scores[b]) else b
-            why = f"tie of {k}: power of two choices"
-        return RouteDecision(self.name, role, best_then_rest(names[at], names, at), why, cands, terms)
+            return ties[0], "lowest score"
+        k = len(ties)
+        rand = self._rng.random  # int(rand() * k): randrange's draw at a third of its cost
+        x = int(rand() * k)
+        y = int(rand() * (k - 1))
+        a, b = ties[x], ties[y + (y >= x)]  # two distinct ties, drawn at random
+        la, lb = load_score(replicas[at_pool[a]]), load_score(replicas[at_pool[b]])  # exact in-flight counts
+        at = a if (la, scores[a]) <= (lb, scores[b]) else b
+        return at, f"tie of {k}: power of two choices"

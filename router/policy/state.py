@@ -80,7 +80,6 @@ class RateMeter:
         self._last: dict[str, tuple[int, float]] = {}
         self._sums: dict[str, tuple[float, float]] = {}  # decayed (tokens, busy seconds)
         self._rate: dict[str, float] = {}
-        self.version = 0  # bumped whenever a rate changes: policies cache per-pool rate lists on it
 
     def observe(self, load: ReplicaLoad) -> None:
         last = self._last.get(load.replica)
@@ -95,7 +94,6 @@ class RateMeter:
         tokens, busy = tokens * keep + d_tokens, busy * keep + d_busy
         self._sums[load.replica] = (tokens, busy)
         self._rate[load.replica] = tokens / busy
-        self.version += 1
         self._last[load.replica] = (load.computed_tokens, load.busy_s)
 
     def rate(self, replica: str) -> float:
