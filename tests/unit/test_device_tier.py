@@ -30,6 +30,7 @@ from kvstore.transport.cuda_ipc import (  # noqa: E402
     TierReader,
     slot_runs,
 )
+from tests.unit.cuda_stubs import CUDA_AS_NO_OPS  # noqa: E402
 
 NODE = "node-a"
 HANDLE = (0, b"\x01" * 64, 4096, 0, b"/torch_123_456", 7, b"\x02" * 64, True)
@@ -352,23 +353,9 @@ def test_gpu_tier_mb_reaches_the_connector_settings(tmp_path: Path) -> None:
 
 # -- the copies, under Triton's interpreter --------------------------------------------------
 
-_TIER_CHECK = """
-import contextlib, gc, os, uuid
+_TIER_CHECK = CUDA_AS_NO_OPS + """
+import gc, os, uuid
 import torch
-
-class _S:  # CUDA streams and events as no-ops (tests/unit/test_gpu_path_logic.py does the same)
-    def __init__(self, *a, **k): pass
-    def wait_stream(self, s): pass
-    def wait_event(self, e): pass
-    def synchronize(self): pass
-    def record(self, s=None): pass
-torch.cuda.Stream = _S
-torch.cuda.Event = _S
-torch.cuda.stream = lambda s: contextlib.nullcontext()
-torch.cuda.current_stream = lambda device=None: _S()
-_empty = torch.empty
-def empty(*a, pin_memory=False, **k): return _empty(*a, **k)
-torch.empty = empty
 
 from kvstore import gpu_path, segment as segmod
 from kvstore.segment import HEADER_BYTES, Segment

@@ -12,6 +12,7 @@ import pytest
 
 from kvstore import segment as segmod
 from kvstore.segment import CHECK_BLOCK, Segment, checksum
+from tests.unit.cuda_stubs import CUDA_AS_NO_OPS
 
 
 @pytest.fixture
@@ -127,26 +128,9 @@ def test_one_hash_launch_covers_every_chunk_when_blocks_align() -> None:
     assert _groups(2, GROUP_BYTES * 2) == [range(0, 1), range(1, 2)]  # never an empty group
 
 
-_BATCH_CHECK = """
-import contextlib, gc, uuid
+_BATCH_CHECK = CUDA_AS_NO_OPS + """
+import gc, uuid
 import torch
-
-# CUDA streams and events as no-ops, pinned memory as plain memory: the kernels run under
-# Triton's interpreter on CPU tensors, so every copy and launch is done when it returns
-
-class _S:
-    def __init__(self, *a, **k): pass
-    def wait_stream(self, s): pass
-    def wait_event(self, e): pass
-    def synchronize(self): pass
-    def record(self, s=None): pass
-torch.cuda.Stream = _S
-torch.cuda.Event = _S
-torch.cuda.stream = lambda s: contextlib.nullcontext()
-torch.cuda.current_stream = lambda device=None: _S()
-_empty = torch.empty
-def empty(*a, pin_memory=False, **k): return _empty(*a, **k)
-torch.empty = empty
 
 from kvstore import gpu_path, segment as segmod
 from kvstore.segment import HEADER_BYTES, Segment
