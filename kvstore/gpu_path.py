@@ -379,17 +379,24 @@ class GpuKVPath:
 
     def _load_group(self, hosts: list[torch.Tensor], checksums: list[int],
                     targets: list[tuple[Sequence[int], int]], n: int) -> list[bool]:
-        flat = self._copy_in(hosts)
+        return self._verify_and_scatter(self._copy_in(hosts), checksums, targets, n)
+
+    def _verify_and_scatter(self, flat: torch.Tensor, checksums: Sequence[int],
+                            targets: Sequence[tuple[Sequence[int], int]], n: int) -> list[bool]:
+        """The end of every load: hash the chunks whose copies into ``flat`` are queued on the
+        side stream, compare each with its checksum, and scatter the ones that match in one
+        launch (``targets[c] = (ids, skip)``); per chunk, whether it matched. When this returns
+        the copies have landed: their sources may go."""
         every = [(c, ids, skip) for c, (ids, skip) in enumerate(targets)]
         try:
-            digests = self._hash_async(flat, len(hosts))
+            digests = self._hash_async(flat, len(targets))
             with torch.cuda.stream(self.stream):  # while the copies run: the scatter's index, as if all match
                 index = self._index(every, n) if self.fused_copies else None
-            self.hash_stream.synchronize()  # the copies have landed too: the slots may go once we return
+            self.hash_stream.synchronize()  # the copies have landed too
         except BaseException:
-            self.stream.synchronize()  # no copy may still read a slot once its pin goes
+            self.stream.synchronize()  # no copy may still read a source once the caller lets it go
             raise
-        matched = [got == want for got, want in zip(self._folds(digests, len(hosts)), checksums, strict=True)]
+        matched = [got == want for got, want in zip(self._folds(digests, len(targets)), checksums, strict=True)]
         if all(matched):
             self._scatter(every, flat, n, index)
         else:
@@ -540,15 +547,7 @@ class GpuKVPath:
             with torch.cuda.stream(self.stream):  # one copy per run of adjacent sources (a ring's slots)
                 for a, b in device_runs([srcs[i] for i in g], cb):
                     flat[a * cb : b * cb].copy_(_spanning(srcs[g[a]], (b - a) * cb), non_blocking=True)
-            try:
-                digests = self._hash_async(flat, len(g))
-                self.hash_stream.synchronize()  # the copies have landed too
-            except BaseException:
-                self.stream.synchronize()
-                raise
-            matched = [got == checksums[i] for got, i in zip(self._folds(digests, len(g)), g, strict=True)]
-            self._scatter([(c, targets[i][0], targets[i][1]) for c, i in enumerate(g) if matched[c]], flat, n_blocks)
-            ok += matched
+            ok += self._verify_and_scatter(flat, [checksums[i] for i in g], [targets[i] for i in g], n_blocks)
         return ok
 
 

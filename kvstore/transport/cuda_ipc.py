@@ -358,7 +358,7 @@ class TierReader:
         """The owner's buffer: this process's own tier as is; another's opened once per record
         (a changed record is a restarted owner: reopened); None without a record."""
         own = self._own
-        if own is not None and owner == own.owner:
+        if own is not None and self._is_own(owner):
             return _Opened(b"", own.buffer, own.slot_bytes, own.ring.n_slots)
         if raw is None:
             return None
