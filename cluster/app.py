@@ -65,6 +65,7 @@ def engine_spec(cfg: ClusterConfig, pool: PoolConfig, role: str, model_dir: Path
         store_prefix=cfg.kvstore.prefix,
         store_transport=cfg.kvstore.transport,
         store_gpu_tier_mb=cfg.kvstore.gpu_tier_mb,
+        store_replicate_after=cfg.kvstore.replicate_after,
         store_tls=cfg.kvstore.tls_files(),
         namespace=kv_namespace(cfg, model_dir),
     )

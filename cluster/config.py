@@ -149,6 +149,11 @@ class KVStoreConfig(_Strict):
         "saved chunks, which the decode engines of its node pull through CUDA IPC (the device tier; the host "
         "segment still holds every chunk); taken on top of vLLM's own memory. 0 = off; ignored on CPU.",
     )
+    replicate_after: int = Field(
+        0, ge=0, description="Hot-chunk replication: a chunk that a node's engines have pulled from other nodes this "
+        "many times gets a replica in that node's segment (pulled once more in the background, verified), which "
+        "that node then reads first. 0 = off.",
+    )
     tls: StoreTlsConfig | None = Field(
         None, description="Serve the agents' gRPC over mutual TLS only (needs transport grpc; the plaintext "
         "tcp slot server is then not started). Peers always prove the store token derived from Redis' password.",

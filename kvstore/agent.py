@@ -107,6 +107,7 @@ class AgentStats:
     expired: int = 0
     rejected: int = 0
     remote_reads: int = 0
+    replicas: int = 0  # replicas of other nodes' chunks committed here (hot-chunk replication)
     reclaimed_pending: int = 0
     republished: int = 0
     reaped_nodes: int = 0
@@ -121,6 +122,7 @@ class _Chunk:
     key: bytes
     loc: ChunkLocation
     touched_ns: int  # last use the agent knows of (commit, remote read, a reader's stamp)
+    replica: bool = False  # a replica of a chunk committed on another node (metadata.commit)
 
     @property
     def slot_len(self) -> int:
@@ -229,8 +231,9 @@ class StoreAgent:
         except Exception as e:  # Redis down: the header check still protects readers
             log.warning("could not remove metadata of %d dropped chunks: %s", len(removed), e)
 
-    def commit(self, entries: list[CommitEntry]) -> int:
-        """Publish written slots in Redis; returns how many were committed."""
+    def commit(self, entries: list[CommitEntry], replica: bool = False) -> int:
+        """Publish written slots in Redis (as this node's replicas of chunks committed
+        elsewhere, with ``replica``); returns how many were committed."""
         with self._lock:
             valid = [e for e in entries if e.offset in self._pending]
             located = [
@@ -238,7 +241,7 @@ class StoreAgent:
                 for e in valid
             ]
             try:
-                self.meta.commit(located)
+                self.meta.commit(located, replica=replica)
             except Exception:
                 for e in valid:
                     self._release(e.offset)
@@ -246,8 +249,9 @@ class StoreAgent:
             now_ns = time.monotonic_ns()
             for (key, loc), e in zip(located, valid, strict=True):
                 del self._pending[e.offset]
-                self._committed[e.offset] = _Chunk(key, loc, now_ns)
+                self._committed[e.offset] = _Chunk(key, loc, now_ns, replica)
             self.stats.committed += len(valid)
+            self.stats.replicas += len(valid) if replica else 0
             return len(valid)
 
     def abort(self, offsets: list[int]) -> None:
@@ -383,9 +387,11 @@ class StoreAgent:
 
     def _republish(self) -> None:
         with self._lock:
-            entries = [(c.key, c.loc) for c in self._committed.values()]
-        for i in range(0, len(entries), 1000):
-            self.meta.commit(entries[i : i + 1000])
+            entries = [(c.key, c.loc, c.replica) for c in self._committed.values()]
+        for replica in (False, True):
+            kind = [(k, loc) for k, loc, r in entries if r == replica]
+            for i in range(0, len(kind), 1000):
+                self.meta.commit(kind[i : i + 1000], replica=replica)
         if entries:
             log.warning("re-published %d chunks to a Redis that had lost them", len(entries))
         with self._lock:

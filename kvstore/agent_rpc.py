@@ -8,7 +8,8 @@ maps; errors travel as gRPC status codes. Every call must carry the cluster's st
 (``kvstore.peer_auth``); the server may also be TLS-only.
 
     Allocate {lengths: [int]}                       -> {offsets: [int]}
-    Commit   {entries: [[key, off, len, digest]]}   -> {committed: int}
+    Commit   {entries: [[key, off, len, digest]],   -> {committed: int}
+              replica?: bool}                         (replicas of chunks committed elsewhere)
     Abort    {offsets: [int]}                       -> {}
     Discard  {slots: [[off, key]]}                  -> {discarded: int}  (damaged chunks)
     Stats    {}                                     -> AgentStats fields
@@ -42,7 +43,7 @@ def _handlers(agent: StoreAgent) -> dict[str, Callable[[dict[str, Any]], Any]]:
     return {
         "Allocate": lambda m: {"offsets": agent.allocate(list(m["lengths"]))},
         "Commit": lambda m: {
-            "committed": agent.commit([CommitEntry(*e) for e in m["entries"]])
+            "committed": agent.commit([CommitEntry(*e) for e in m["entries"]], bool(m.get("replica")))
         },
         "Abort": lambda m: agent.abort(list(m["offsets"])) or {},
         "Discard": lambda m: {"discarded": agent.discard([(int(o), bytes(k)) for o, k in m["slots"]])},
@@ -120,9 +121,12 @@ class AgentClient:
     def allocate(self, lengths: list[int]) -> list[int]:
         return list(msgpack.unpackb(self._call("Allocate", {"lengths": lengths}))["offsets"])
 
-    def commit(self, entries: list[CommitEntry]) -> int:
+    def commit(self, entries: list[CommitEntry], replica: bool = False) -> int:
         rows = [[e.key, e.offset, e.length, e.checksum] for e in entries]
-        return int(msgpack.unpackb(self._call("Commit", {"entries": rows}))["committed"])
+        body: dict[str, Any] = {"entries": rows}
+        if replica:
+            body["replica"] = True
+        return int(msgpack.unpackb(self._call("Commit", body))["committed"])
 
     def abort(self, offsets: list[int]) -> None:
         self._call("Abort", {"offsets": offsets})

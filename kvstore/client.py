@@ -21,6 +21,7 @@ from kvstore.logging import get_logger
 from kvstore.metadata import AgentInfo, ChunkLocation, MetadataStore, connect
 from kvstore.peer_auth import PeerAuth, TlsFiles
 from kvstore.read_paths import deliver_group, deliver_slot, hand_over, read_split
+from kvstore.replication import Replicator
 from kvstore.segment import (
     CHECK_BLOCK,
     HEADER_BYTES,
@@ -88,7 +89,7 @@ def histogram_fields(name: str, seconds: float) -> dict[str, int]:
 class StoreClient:
     def __init__(
         self, redis_url: str, prefix: str, node_id: str, timeout_s: float = 1.0, transport: str = "tcp",
-        tls: TlsFiles | dict[str, str] | None = None,
+        tls: TlsFiles | dict[str, str] | None = None, replicate_after: int = 0,
     ) -> None:
         if transport not in REMOTE_TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; choose from {sorted(REMOTE_TRANSPORTS)}")
@@ -103,6 +104,12 @@ class StoreClient:
         self._staging = bytearray()
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="pdkv-verify")
         self.counters: dict[str, int] = {}
+        # Hot chunks pulled from other nodes get a replica on this one (kvstore.replication);
+        # its thread has its own transport connection and its own agent clients.
+        self._replicator = None if replicate_after <= 0 else Replicator(
+            node_id, replicate_after, self._replicator_agent, self.shm.segment,
+            REMOTE_TRANSPORTS[transport](self._auth, timeout_s=max(5.0, timeout_s)))
+        self._replicator_agents: dict[str, tuple[AgentInfo, AgentClient]] = {}
 
     # -- counters -------------------------------------------------------------------------
 
@@ -112,12 +119,17 @@ class StoreClient:
 
     def drain_counters(self) -> dict[str, int]:
         out, self.counters = self.counters, {}
+        if self._replicator is not None:
+            for name, n in self._replicator.drain_counters().items():
+                out[name] = out.get(name, 0) + n
         return out
 
     # -- lookups --------------------------------------------------------------------------
 
     def lookup(self, keys: Sequence[bytes]) -> list[ChunkLocation | None]:
-        return self.meta.lookup(keys)
+        """Where each chunk is; with replication on, this node's replica before the
+        committed copy (same round trip)."""
+        return self.meta.lookup(keys, near=self.node_id if self._replicator is not None else "")
 
     def batch_exists(self, keys: Sequence[bytes]) -> list[bool]:
         return self.meta.exists(keys)
@@ -213,6 +225,9 @@ class StoreClient:
             for run in _contiguous_runs(idxs):
                 run_dest = None if dest is None else dest[spans[run[0]][0] : spans[run[-1]][1]]
                 self._get_run(node, run, keys, locs, on_chunk, run_dest, ok)
+        if self._replicator is not None:
+            self._replicator.pulled([(keys[i], locs[i]) for i in range(len(keys))
+                                     if ok[i] and locs[i].node_id != self.node_id])
         return ok
 
     def batch_get_self_verified(
@@ -415,7 +430,29 @@ class StoreClient:
             client = self._agents[info.address] = AgentClient(info.address, self._auth, self._timeout_s * 2)
         return info, client
 
+    def _replicator_agent(self, node_id: str) -> tuple[AgentInfo, AgentClient]:
+        """``_agent`` for the replicator's thread (its own cache and clients: the request
+        path's are not shared across threads)."""
+        info = self.meta.agent(node_id)  # each batch: an agent may have restarted since
+        if info is None:
+            raise NoAgent(f"no store agent registered for node {node_id}")
+        cached = self._replicator_agents.get(node_id)
+        if cached is not None and cached[0] == info:
+            return cached
+        if cached is not None:
+            cached[1].close()
+        self._replicator_agents[node_id] = (info, AgentClient(info.address, self._auth, self._timeout_s * 2))
+        return self._replicator_agents[node_id]
+
+    def replicas_settled(self, timeout_s: float = 10.0) -> bool:
+        """Wait until the hot chunks queued for replication are replicated or given up."""
+        return self._replicator is None or self._replicator.drain(timeout_s)
+
     def close(self) -> None:
+        if self._replicator is not None:
+            self._replicator.close()
+            for _, client in self._replicator_agents.values():
+                client.close()
         for client in self._agents.values():
             client.close()
         self._agents.clear()

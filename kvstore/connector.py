@@ -114,6 +114,7 @@ class ConnectorSettings:
     transport: str = "tcp"  # for chunks on other nodes; same-node chunks map the segment
     tls: dict[str, str] | None = None  # kvstore.peer_auth.TlsFiles fields, for the grpc transport
     gpu_tier_mb: int = 0  # CUDA engines: a device tier of this size per saving worker; 0 = off
+    replicate_after: int = 0  # pulls from other nodes that give a chunk a replica on this one; 0 = off
 
     @classmethod
     def parse(cls, extra: dict[str, Any], vllm_config: VllmConfig) -> ConnectorSettings:
@@ -135,6 +136,7 @@ class ConnectorSettings:
             transport=str(extra.get("transport", "tcp")),
             tls=dict(extra["tls"]) if extra.get("tls") else None,
             gpu_tier_mb=int(extra.get("gpu_tier_mb") or 0),
+            replicate_after=int(extra.get("replicate_after") or 0),
         )
 
 
@@ -187,7 +189,8 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._enabled = False
             log.warning("pipeline / decode-context-parallel engines do not use the store; always recompute")
         s = self.settings
-        self._store = StoreClient(s.redis_url, s.prefix, s.node_id, transport=s.transport, tls=s.tls)
+        self._store = StoreClient(s.redis_url, s.prefix, s.node_id, transport=s.transport, tls=s.tls,
+                                  replicate_after=s.replicate_after)
         self._warn = _Warner()
         # scheduler side
         self._planner = StepPlanner(s.namespace.chunk_tokens, self._block_size, self._save_enabled)

@@ -127,6 +127,7 @@ class EngineHost:
                 "prefix": spec.store_prefix,
                 "transport": spec.store_transport,
                 "gpu_tier_mb": spec.store_gpu_tier_mb,
+                "replicate_after": spec.store_replicate_after,
                 "tls": spec.store_tls,
                 "node_id": self.node_id,
                 "instance": replica_name,

@@ -151,6 +151,7 @@ class EngineSpec:
     kv_cache_memory_bytes: int | None = None  # GPU: a fixed KV cache size (vLLM skips its profiling)
     stream_interval: int = 1  # output tokens per streamed delta (vLLM's stream_interval)
     store_gpu_tier_mb: int = 0  # CUDA: each prefill worker's device tier (kvstore/transport/cuda_ipc.py); 0 = off
+    store_replicate_after: int = 0  # pulls from other nodes that make a chunk a replica here; 0 = off
 
     @property
     def executor_backend(self) -> str | None:

@@ -3,6 +3,10 @@
 Keys (all under one prefix so a store can be listed or wiped without touching other data):
 
     {prefix}:c:<key hex>      -> msgpack ChunkLocation of the chunk's committed copy
+    {prefix}:r:<node>:<key hex> -> msgpack ChunkLocation of a replica on <node>: a hot chunk
+                                 that node's readers kept pulling from another node
+                                 (``kvstore/replication.py``), read there before the
+                                 committed copy
     {prefix}:n:<node_id>      -> set of chunk keys committed by that node's agent
     {prefix}:agent:<node_id>  -> msgpack AgentInfo (where to find the agent)
     {prefix}:alive:<node_id>  -> present while the agent heartbeats (expires on its own)
@@ -36,18 +40,25 @@ from redis.retry import Retry
 DEFAULT_PREFIX = "pdkv"
 EVENTS_MAXLEN = 100_000  # approximate cap on the change stream (XADD MAXLEN ~)
 
-# Delete each key only if it still holds the value this agent wrote; drop it from the node's
-# set either way (the set only ever means "this node may hold it").
+# Delete each key only if it still holds the value this agent wrote (the chunk's committed
+# location, else this node's replica of it); drop it from the node's set either way (the set
+# only ever means "this node may hold it").
 _COMPARE_AND_DELETE = """
 -- KEYS: chunk names; ARGV[1]: the node's set; ARGV[2]: where the key hex starts in a chunk
--- name; ARGV[2 + i]: the location KEYS[i] must still hold.
+-- name; ARGV[3]: the node's replica names up to the key hex; ARGV[3 + i]: the location
+-- KEYS[i] (or the node's replica of it) must still hold.
 local n = 0
 for i, k in ipairs(KEYS) do
-  if redis.call('GET', k) == ARGV[i + 2] then
+  local hex = string.sub(k, tonumber(ARGV[2]))
+  local replica = ARGV[3] .. hex
+  if redis.call('GET', k) == ARGV[i + 3] then
     redis.call('DEL', k)
     n = n + 1
+  elseif redis.call('GET', replica) == ARGV[i + 3] then
+    redis.call('DEL', replica)
+    n = n + 1
   end
-  redis.call('SREM', ARGV[1], string.sub(k, tonumber(ARGV[2])))
+  redis.call('SREM', ARGV[1], hex)
 end
 return n
 """
@@ -157,6 +168,9 @@ class MetadataStore:
     def _chunk(self, key: bytes) -> str:
         return f"{self.prefix}:c:{key.hex()}"
 
+    def _replica(self, node_id: str, key: bytes) -> str:
+        return f"{self.prefix}:r:{node_id}:{key.hex()}"
+
     def _node_set(self, node_id: str) -> str:
         return f"{self.prefix}:n:{node_id}"
 
@@ -172,24 +186,33 @@ class MetadataStore:
 
     # -- chunks ---------------------------------------------------------------------------
 
-    def commit(self, entries: Sequence[tuple[bytes, ChunkLocation]]) -> None:
-        """Publish chunks of one node whose bytes are complete, all or nothing."""
+    def commit(self, entries: Sequence[tuple[bytes, ChunkLocation]], replica: bool = False) -> None:
+        """Publish chunks of one node whose bytes are complete, all or nothing: as their
+        committed copies, or (``replica``) as that node's replicas, which leave the committed
+        copy where it is. Either is a ``stored`` event of the node."""
         if not entries:
             return
         node = entries[0][1].node_id
         pipe = self.client.pipeline(transaction=True)
         for key, loc in entries:
-            pipe.set(self._chunk(key), loc.encode())
+            pipe.set(self._replica(node, key) if replica else self._chunk(key), loc.encode())
         pipe.sadd(self._node_set(node), *[k.hex() for k, _ in entries])
-        pipe.hincrby(f"{self.prefix}:stats", "saved", len(entries))
+        pipe.hincrby(f"{self.prefix}:stats", "replicated" if replica else "saved", len(entries))
         self._event(pipe, "stored", node, [k for k, _ in entries])
         pipe.execute()
 
-    def lookup(self, keys: Sequence[bytes]) -> list[ChunkLocation | None]:
+    def lookup(self, keys: Sequence[bytes], near: str = "") -> list[ChunkLocation | None]:
+        """Each chunk's location: with ``near`` (a node id), that node's replica where it has
+        one, else the committed copy; both read in the same round trip."""
         if not keys:
             return []
-        raw = self.client.mget([self._chunk(k) for k in keys])
-        return [None if r is None else ChunkLocation.decode(r) for r in raw]
+        names = [self._chunk(k) for k in keys]
+        if not near:
+            return [None if r is None else ChunkLocation.decode(r) for r in self.client.mget(names)]
+        raw = self.client.mget(names + [self._replica(near, k) for k in keys])
+        n = len(keys)
+        return [None if r is None else ChunkLocation.decode(r)
+                for r in (raw[n + i] if raw[n + i] is not None else raw[i] for i in range(n))]
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         return [loc is not None for loc in self.lookup(keys)]
@@ -211,7 +234,7 @@ class MetadataStore:
         node = entries[0][1].node_id
         names = [self._chunk(k) for k, _ in entries]
         hex_start = len(self._chunk(b"")) + 1  # Lua strings are 1-based
-        args = [self._node_set(node), hex_start] + [loc.encode() for _, loc in entries]
+        args = [self._node_set(node), hex_start, self._replica(node, b"")] + [loc.encode() for _, loc in entries]
         removed = int(self._cad(keys=names, args=args))
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(f"{self.prefix}:stats", counter, removed)
@@ -220,9 +243,9 @@ class MetadataStore:
         return removed
 
     def node_chunks(self, node_id: str) -> list[tuple[bytes, ChunkLocation]]:
-        """Every chunk whose committed location is on ``node_id``."""
+        """Every chunk whose committed location, or a replica, is on ``node_id``."""
         keys = self.node_chunk_keys(node_id)
-        return [(k, loc) for k, loc in zip(keys, self.lookup(keys), strict=True)
+        return [(k, loc) for k, loc in zip(keys, self.lookup(keys, near=node_id), strict=True)
                 if loc is not None and loc.node_id == node_id]
 
     def drop_node(self, node_id: str, keep_segment: str | None = None) -> int:
@@ -239,8 +262,9 @@ class MetadataStore:
     def clear_chunks(self) -> int:
         """Drop every chunk location (the bytes become unreachable; agents reclaim them)."""
         n = 0
-        for name in self.client.scan_iter(f"{self.prefix}:c:*", count=1000):
-            n += int(self.client.delete(name))
+        for pattern in (f"{self.prefix}:c:*", f"{self.prefix}:r:*"):
+            for name in self.client.scan_iter(pattern, count=1000):
+                n += int(self.client.delete(name))
         for name in self.client.scan_iter(f"{self.prefix}:n:*", count=1000):
             self.client.delete(name)
         return n

@@ -63,6 +63,9 @@ _COUNTERS = {  # Redis counter -> (metric, help)
     "checksum_failures": ("pdserve_kvstore_checksum_failures_total", "Chunks whose bytes failed xxh3."),
     "slot_mismatches": ("pdserve_kvstore_slot_mismatches_total", "Reads of a slot reused since lookup."),
     "get_failures": ("pdserve_kvstore_get_failures_total", "Chunks a transfer failed to deliver."),
+    "replicated_chunks": ("pdserve_kvstore_replicated_chunks_total", "Hot chunks given a replica where they are read."),
+    "replication_failures": ("pdserve_kvstore_replication_failures_total",
+                             "Replica pulls given up (source gone, bytes not verified)."),
 }
 _NODE_GAUGES = {
     "capacity": ("pdserve_kvstore_segment_capacity_bytes", "Segment size."),
@@ -75,6 +78,7 @@ _NODE_COUNTERS = {
     "expired": ("pdserve_kvstore_expired_total", "Chunks dropped after their idle TTL."),
     "rejected": ("pdserve_kvstore_rejected_writes_total", "Chunks refused: the segment was full of leased data."),
     "republished": ("pdserve_kvstore_republished_total", "Chunks re-published after Redis lost them."),
+    "replicas": ("pdserve_kvstore_replicas_total", "Replicas of other nodes' hot chunks committed here."),
 }
 
 
