@@ -34,7 +34,9 @@ sample routes at least as well as scoring every replica did (README, "Routing po
 
 Decode, for replica r: requests in flight and KV usage decide; a replica off the node
 whose store holds the prompt's KV (usually the prefill replica's node) pays
-``locality * (1 + its load)``: it pulls the KV over the network while its batch waits.
+``locality * (1 + its load)`` times the share of the prompt's chunks its own node does not
+hold (hot chunks replicated there, ``kvstore/replication.py``): it pulls that share over the
+network while its batch waits.
 """
 
 from __future__ import annotations
@@ -168,16 +170,20 @@ class KVAwarePolicy(RoutingPolicy):
     # -- decode ----------------------------------------------------------------------------
 
     def _decode(self, request: RoutingRequest, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
-        kv_node = request.prefer_node
-        if not kv_node and request.chunk_keys:
-            by_node = self.state.store.prefix_by_node(request.chunk_keys)
-            kv_node = max(by_node, key=lambda node: by_node[node], default="")
+        kv_node, keys = request.prefer_node, request.chunk_keys
+        held = self.state.store.prefix_by_node(keys) if keys else {}
+        if not kv_node:
+            kv_node = max(held, key=lambda node: held[node], default="")
         cands: list[Candidate] = []
         for r in replicas:
             load = load_score(r) + 3.0 * r.kv_usage  # a nearly full KV cache soon preempts
             # Off the KV's node the prompt's KV is pulled over the network, stalling every
-            # sequence the replica is running: the penalty grows with its batch.
-            far = self.locality * (1.0 + load) if kv_node and r.node_id != kv_node else 0.0
+            # sequence the replica is running: the penalty grows with its batch, and shrinks
+            # with the share of the prompt's chunks the replica's own node holds already
+            # (replicas of hot chunks, kvstore/replication.py), which load from shared memory.
+            far = 0.0
+            if kv_node and r.node_id != kv_node:
+                far = self.locality * (1.0 + load) * (1.0 - held.get(r.node_id, 0) / len(keys) if keys else 1.0)
             cands.append((r.replica, load + far, (load, far)))
         names = [c[0] for c in cands]
         at, why = self._choose([c[1] for c in cands], replicas, range(len(replicas)), 0.5)

@@ -151,6 +151,25 @@ def test_kv_aware_decode_prefers_free_kv_and_the_node_with_the_kv() -> None:
     assert p.route(req(4, role="decode"), [load("a", "n1"), load("b", "n2")]).chosen == "a"
 
 
+def test_kv_aware_decode_counts_the_replicas_a_decode_node_holds_of_the_prompt() -> None:
+    st = RoutingState(CT)
+    p = KVAwarePolicy(st, "decode", random.Random(0))
+    r = req(4, role="decode", node="prefill-node")
+    pool = [load("a", "n1"), load("b", "n2")]
+    st.store.stored("n2", r.chunk_keys[:3])  # n2 holds replicas of the first three chunks
+    d = p.route(r, pool)
+    assert d.chosen == "b"  # it pulls one chunk of four over the network, a pulls all four
+    assert d.terms_of("a")["remote_kv"] == pytest.approx(1.0) and d.terms_of("b")["remote_kv"] == pytest.approx(0.25)
+    st.store.stored("n1", r.chunk_keys)  # n1 holds all of it: as good as the prefill node
+    d = p.route(r, pool)
+    assert d.chosen == "a" and d.terms_of("a")["remote_kv"] == 0.0
+    # A held prefix counts from the first chunk: chunks past a gap load over the network.
+    st2 = RoutingState(CT)
+    st2.store.stored("n1", r.chunk_keys[1:])
+    d = KVAwarePolicy(st2, "decode", random.Random(0)).route(r, pool)
+    assert d.terms_of("a")["remote_kv"] == pytest.approx(1.0)
+
+
 def test_state_explains_retires_and_bounds_what_it_keeps() -> None:
     st = RoutingState(CT, keep_decisions=3)
     p = KVAwarePolicy(st, "prefill")
