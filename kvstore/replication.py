@@ -113,7 +113,10 @@ class Replicator:
     def close(self) -> None:
         self._closed = True
         if self._thread is not None:
-            self._queue.put(None)
+            try:  # behind what is queued: those finish first (a full queue: the join times out)
+                self._queue.put(None, timeout=1.0)
+            except queue.Full:
+                pass
             self._thread.join(timeout=10)
         self._transport.close()
 
