@@ -10,13 +10,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 _RECV_STEP = 4 << 20  # the same receive size the tcp transport uses
 
-# A store agent on node "bench-A", in its own process as on a real node.
+# A store agent on node "bench-A" (or the node given after the prefix), in its own process as
+# on a real node.
 AGENT_SCRIPT = """
 import signal, sys, time
 from kvstore.agent import StoreAgent
 from kvstore.agent_rpc import AgentServers
 from kvstore.peer_auth import PeerAuth
-agent = StoreAgent("bench-A", sys.argv[1], int(sys.argv[2]), sys.argv[3])
+agent = StoreAgent(sys.argv[4] if len(sys.argv) > 4 else "bench-A", sys.argv[1], int(sys.argv[2]), sys.argv[3])
 servers = AgentServers(agent, "127.0.0.1", PeerAuth.for_store(sys.argv[1], sys.argv[3]))
 agent.tick()
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the segment is unlinked below

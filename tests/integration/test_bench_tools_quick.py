@@ -53,3 +53,19 @@ def test_router_bench_times_every_policy_against_the_floor(tmp_path: Path) -> No
             assert 0 < fig["p50_us"] <= fig["p99_us"], (r["replicas"], name)
         assert r["policies"]["round_robin"]["p50_over_round_robin"] == 1.0
     assert "| kv_aware |" in proc.stdout
+
+
+def test_hot_prefix_bench_reads_replicas_on_the_reading_node_after_two_pulls(tmp_path: Path) -> None:
+    before = set(os.listdir("/dev/shm"))
+    out = tmp_path / "hot.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.kvstore.hot", "--mib", "4", "--reads", "3", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())["result"]
+    assert result["sources"]["pull"] == ["bench-A"] * 3  # without replication every read crosses nodes
+    assert result["sources"]["replica"] == ["bench-A", "bench-A", "bench-B"]  # hot after two pulls
+    assert result["replicated_chunks"] == result["chunks"]
+    assert all(len(ms) == 3 and min(ms) > 0 for ms in result["read_ms"].values())
+    assert "| pull / replica |" in proc.stdout
+    left = {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("pdkv")}
+    assert not left, f"the benchmark's agents left their segments: {sorted(left)}"
