@@ -32,6 +32,17 @@ def _read(c: StoreClient, keys: list[bytes]) -> list[ChunkLocation]:
     return locs  # type: ignore[return-value]
 
 
+def _replicated(nodes: tuple, tag: str) -> list[bytes]:  # type: ignore[type-arg]
+    """Chunks saved on A and read twice from B, so B holds replicas of them; their keys."""
+    _a, b, writer, reader = nodes
+    keys = [make_key(tag, i) for i in range(len(SIZES))]
+    _save(writer, keys)
+    for _ in range(2):
+        _read(reader, keys)
+    assert reader.replicas_settled() and b.snapshot().replicas == len(keys)
+    return keys
+
+
 @pytest.fixture
 def nodes(make_agent: AgentFactory, redis_url: str, prefix: str):  # type: ignore[no-untyped-def]
     a, b = make_agent("node-A"), make_agent("node-B")
@@ -75,12 +86,8 @@ def test_a_chunk_pulled_twice_from_another_node_gets_a_replica_there_and_is_then
 
 
 def test_a_replica_outlives_its_source_and_goes_with_its_own_node(nodes, redis_url: str, prefix: str) -> None:  # type: ignore[no-untyped-def]
-    a, b, writer, reader = nodes
-    keys = [make_key("outlive", i) for i in range(len(SIZES))]
-    _save(writer, keys)
-    for _ in range(2):
-        _read(reader, keys)
-    assert reader.replicas_settled() and b.snapshot().replicas == len(keys)
+    a, b, _writer, reader = nodes
+    keys = _replicated(nodes, "outlive")
 
     assert a.clear() == len(keys)  # the committed copies go (evicted, node A restarted, ...)
     meta = MetadataStore(connect(redis_url), prefix)
@@ -93,24 +100,15 @@ def test_a_replica_outlives_its_source_and_goes_with_its_own_node(nodes, redis_u
 
 
 def test_a_departed_node_takes_its_replicas_with_it(nodes, redis_url: str, prefix: str) -> None:  # type: ignore[no-untyped-def]
-    _a, b, writer, reader = nodes
-    keys = [make_key("gone", i) for i in range(len(SIZES))]
-    _save(writer, keys)
-    for _ in range(2):
-        _read(reader, keys)
-    assert reader.replicas_settled() and b.snapshot().replicas == len(keys)
+    keys = _replicated(nodes, "gone")
     meta = MetadataStore(connect(redis_url), prefix)
     assert meta.drop_node("node-B") == len(keys)  # what the janitor does for a node that left
     assert [loc.node_id for loc in meta.lookup(keys, near="node-B") if loc] == ["node-A"] * len(keys)
 
 
 def test_replicas_are_republished_as_replicas_after_redis_forgets_them(nodes, redis_url: str, prefix: str) -> None:  # type: ignore[no-untyped-def]
-    a, b, writer, reader = nodes
-    keys = [make_key("republish", i) for i in range(len(SIZES))]
-    _save(writer, keys)
-    for _ in range(2):
-        _read(reader, keys)
-    assert reader.replicas_settled()
+    a, b, _writer, _reader = nodes
+    keys = _replicated(nodes, "republish")
     r = connect(redis_url)
     for name in r.scan_iter(f"{prefix}:*"):  # this store's keys, as a restarted Redis lost them
         r.delete(name)
