@@ -7,7 +7,7 @@ Keys (all under one prefix so a store can be listed or wiped without touching ot
                                  that node's readers kept pulling from another node
                                  (``kvstore/replication.py``), read there before the
                                  committed copy
-    {prefix}:n:<node_id>      -> set of chunk keys committed by that node's agent
+    {prefix}:n:<node_id>      -> set of chunk keys committed (or replicated) by that node's agent
     {prefix}:agent:<node_id>  -> msgpack AgentInfo (where to find the agent)
     {prefix}:alive:<node_id>  -> present while the agent heartbeats (expires on its own)
     {prefix}:stats[:<inst>]   -> hash of counters (store totals, per engine instance)
