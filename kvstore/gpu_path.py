@@ -17,16 +17,18 @@ slot layout, same checksums):
 - checksums are taken on the GPU (``kvstore/gpu_xxh3.py``: the same xxh3-64 per
   ``CHECK_BLOCK``, bit for bit), one launch over all the staged chunks, never by the host:
 
-      save:  gather -> staging --D2H (one copy per slot, queued)-------------> slots
-                          `--xxh3 per block (other stream)--> digests (8 B each) --> seals
-      load:  slots --H2D (one copy per slot)--> staging --xxh3--> digests --> host compares
-             each chunk with its slot's checksum --> one scatter of the chunks that matched
+      save:  gather -> staging --D2H (one pitched copy, queued)-------------------> slots
+                          `--xxh3 per block, fold per chunk (other stream)--> checksums --> seals
+      load:  slots --H2D (one pitched copy)--> staging --xxh3--> fold, compare with each slot's
+             checksum --> match flags --> ONE scatter that skips the chunks flagged 0;
+             the flags go to the host, which waits once, at the end
 
   A slot's payload follows its header, so a run of slots is never one contiguous payload;
   but the allocator lays a request's slots out back to back, at one pitch, so ONE
   ``cudaMemcpy2DAsync`` (rows of a payload, the slot pitch apart on the host) moves them
   all. Slots that are not at one pitch go one ``copy_`` each (~5 us of host time and a
-  gap between DMA transfers each).
+  gap between DMA transfers each). Everything a load does after its copies is queued before
+  they land, so no host round trip sits between the hash and the scatter.
   ``extract_many`` returns the payloads' checksums for the client to seal with;
   ``load_many`` is ``StoreClient.batch_get_self_verified``'s check: it runs while the slots
   are pinned and says which copies matched.
@@ -44,11 +46,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import mmap
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -59,6 +63,7 @@ from kvstore.logging import get_logger
 log = get_logger(__name__)
 
 _ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
+_U64 = (1 << 64) - 1
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
 _ROW_TILE = 1024  # 8-byte words per program of _copy_rows (8 KiB)
 # GPU staging per step of a request's save or load: its chunks go in runs of at most this
@@ -69,18 +74,24 @@ Staged = tuple[int, Sequence[int], int]  # (chunk's index in staging, its block 
 
 @triton.jit  # type: ignore[untyped-decorator]  # Triton types a kernel when it specialises it
 def _copy_rows(table, strides, ids, pos, staging, n_ids, layer_rows, row_words,  # type: ignore[no-untyped-def]
-               TO_STAGING: tl.constexpr, TILE: tl.constexpr):
+               flags, chunk_rows, TO_STAGING: tl.constexpr, TILE: tl.constexpr, FLAGGED: tl.constexpr):
     """Between block ``ids[j]`` of layer ``l`` (a row of ``row_words`` int64 words at address
     ``table[l] + ids[j] * strides[l]`` words) and staging row ``pos[j] + l * layer_rows``;
-    one program per (layer, id) and TILE words of its row."""
+    one program per (layer, id) and TILE words of its row. FLAGGED: only rows of staged
+    chunks whose ``flags[pos[j] // chunk_rows]`` is not 0 are moved (a load's scatter,
+    queued before anyone knows which chunks matched their checksums)."""
     r = tl.program_id(0)
     layer = r // n_ids
     j = r % n_ids
     base = tl.load(table + layer).to(tl.pointer_type(tl.int64))
     row = base + tl.load(ids + j) * tl.load(strides + layer)
     cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
-    m = cols < row_words
-    stage = staging + (tl.load(pos + j) + layer * layer_rows) * row_words
+    at = tl.load(pos + j)
+    if FLAGGED:  # a chunk that failed its check is a row of 0 words
+        m = cols < tl.where(tl.load(flags + at // chunk_rows) != 0, row_words, 0)
+    else:
+        m = cols < row_words
+    stage = staging + (at + layer * layer_rows) * row_words
     if TO_STAGING:
         tl.store(stage + cols, tl.load(row + cols, mask=m), mask=m)
     else:
@@ -96,8 +107,12 @@ def _gpu_checksums_work(device: torch.device) -> bool:
         for n in (3000, seg.CHECK_BLOCK + 333):
             probe = os.urandom(n)
             t = torch.frombuffer(bytearray(probe), dtype=torch.uint8).to(device)
-            got = gpu_xxh3.as_unsigned(gpu_xxh3.block_digests(t))
-            if got != [seg.block_digest(probe[a:b]) for a, b in seg.check_blocks(n)]:
+            digests = gpu_xxh3.block_digests(t)
+            want = seg.checksum(probe)
+            expected = torch.tensor([want - (1 << 64) if want >> 63 else want, 0], dtype=torch.int64, device=device)
+            sums, flags = gpu_xxh3.chunk_checksums(torch.cat([digests, digests]), 2, expected)
+            if (gpu_xxh3.as_unsigned(digests) != [seg.block_digest(probe[a:b]) for a, b in seg.check_blocks(n)]
+                    or gpu_xxh3.as_unsigned(sums) != [want, want] or flags is None or flags.tolist() != [1, 0]):
                 log.warning("GPU xxh3 disagrees with xxhash: checksums stay on the host")
                 return False
         return True
@@ -192,7 +207,10 @@ class GpuKVPath:
         self.hash_stream = torch.cuda.Stream(device=self.device)  # checksums beside the D2H
         self.registry = REGISTRY
         self._staging = torch.empty(0, dtype=torch.uint8, device=self.device)
-        self._digests_host = torch.empty(0, dtype=torch.int64, pin_memory=True)
+        self._results_host = torch.empty(0, dtype=torch.int64, pin_memory=True)
+        # _index's pinned source, reused once the last upload from it is done
+        self._index_host = torch.empty(0, dtype=torch.int64, pin_memory=True)
+        self._uploaded = torch.cuda.Event()
         self.gpu_checksums = _gpu_checksums_work(self.device)
         words = [r.stride(0) * r.element_size() // 8 for r in blocks]
         self._table = torch.tensor([r.data_ptr() for r in blocks], dtype=torch.int64, device=self.device)
@@ -200,6 +218,10 @@ class GpuKVPath:
         self.fused_copies = self._fused_copies_work()
         self.pitched_copies = False
         self.pitched_copies = self._pitched_copies_work()
+        # A load compares its checksums on the GPU and queues the scatter behind the compare
+        # (no host round trip in between); False makes the host read the verdicts first, as
+        # per-layer caches must (the benchmark times both).
+        self.device_verdicts = True
         log.info("GPU KV path: checksums on the GPU %s, one-launch gather/scatter %s, pitched slot copies %s",
                  self.gpu_checksums, self.fused_copies, self.pitched_copies)
 
@@ -233,32 +255,47 @@ class GpuKVPath:
 
     # -- the copies ------------------------------------------------------------------------
 
-    def _index(self, chunks: Sequence[Staged], n: int) -> torch.Tensor | None:
-        """``_copy_rows``' ids and positions for ``chunks`` on the GPU (one H2D, queued on the
-        current stream), or None when there are none."""
-        ids, pos = staging_rows(chunks, len(self.blocks), n)
-        return torch.tensor([ids, pos], dtype=torch.int64).to(self.device, non_blocking=True) if ids else None
+    def _index(self, chunks: Sequence[Staged], n: int, checksums: Sequence[int] = ()) -> Index:
+        """``_copy_rows``' ids and positions for ``chunks``, then ``checksums`` (as int64 bit
+        patterns), on the GPU: built with numpy into pinned memory and ONE H2D queued on the
+        current stream (torch.tensor of Python lists, or a fresh pinned tensor, cost tens of us
+        of host time more per request)."""
+        rows = staging_rows(chunks, len(self.blocks), n)
+        size = rows.size + len(checksums)
+        self._uploaded.synchronize()  # the last upload from the pinned buffer has left it (long since)
+        if self._index_host.numel() < size:
+            self._index_host = torch.empty(max(size, 2 * self._index_host.numel()), dtype=torch.int64,
+                                           pin_memory=True)
+        host = self._index_host[:size]
+        out = host.numpy()
+        out[: rows.size] = rows.reshape(-1)
+        out[rows.size :] = np.array(checksums, dtype=np.uint64).view(np.int64)
+        dev = host.to(self.device, non_blocking=True)
+        self._uploaded.record()
+        return Index(dev, rows.shape[1])
 
     def _launch(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool,
-                index: torch.Tensor | None = None) -> None:
+                index: Index | None = None, flags: torch.Tensor | None = None) -> None:
         """One ``_copy_rows`` launch, on the current stream, for every layer of every chunk:
         ``(c, ids, skip)`` moves staged chunk c's blocks skip.. to or from blocks ``ids``
-        (``index``: their ``_index``, uploaded beforehand)."""
-        both = index if index is not None else self._index(chunks, n)
-        if both is None:
+        (``index``: their ``_index``, uploaded beforehand); with ``flags`` (one per staged
+        chunk, on the GPU) only the chunks whose flag is not 0."""
+        index = index if index is not None else self._index(chunks, n)
+        if not index.rows:
             return
         words = self.row_bytes // 8
-        grid = (len(self.blocks) * both.shape[1], triton.cdiv(words, _ROW_TILE))
-        _copy_rows[grid](self._table, self._strides, both[0], both[1], flat.view(torch.int64), both.shape[1], n,
-                         words, TO_STAGING=to_staging, TILE=_ROW_TILE)
+        grid = (len(self.blocks) * index.rows, triton.cdiv(words, _ROW_TILE))
+        _copy_rows[grid](self._table, self._strides, index.ids, index.pos, flat.view(torch.int64), index.rows, n,
+                         words, index.ids if flags is None else flags, len(self.blocks) * n,
+                         TO_STAGING=to_staging, TILE=_ROW_TILE, FLAGGED=flags is not None)
 
     def _rows(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool,
-              index: torch.Tensor | None = None) -> None:
+              index: Index | None = None, flags: torch.Tensor | None = None) -> None:
         """Gather (``to_staging``) or scatter ``chunks`` on the side stream: one launch, or
-        per-layer ops where the rows are not word runs."""
+        per-layer ops where the rows are not word runs (these never take ``flags``)."""
         with torch.cuda.stream(self.stream):
             if self.fused_copies:
-                self._launch(chunks, flat, n, to_staging, index)
+                self._launch(chunks, flat, n, to_staging, index, flags)
                 return
             view = flat.view(self.dtype).view(-1, len(self.blocks), n, *self.row_shape)
             for c, ids_c, skip in chunks:
@@ -276,21 +313,28 @@ class GpuKVPath:
                 self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return self._staging[:nbytes]
 
-    def _host(self, payload: memoryview, n_blocks: int) -> torch.Tensor:
-        """The payload as a uint8 tensor (its segment registered with CUDA on first sight)."""
+    def _check_sizes(self, payloads: Sequence[memoryview], n_blocks: int) -> None:
         nbytes = len(self.blocks) * n_blocks * self.row_bytes
-        if len(payload) != nbytes:
-            raise ValueError(f"chunk holds {len(payload)} B, this engine expects {nbytes}")
-        self.registry.pinned(payload)
-        return torch.frombuffer(payload, dtype=torch.uint8)
+        for payload in payloads:
+            if len(payload) != nbytes:
+                raise ValueError(f"chunk holds {len(payload)} B, this engine expects {nbytes}")
+
+    def _slots(self, payloads: Sequence[memoryview]) -> Slots:
+        """The payloads and their addresses (each segment registered with CUDA on first
+        sight). Addresses, not tensors: ``torch.frombuffer`` cost ~6 us of host time per slot
+        on the H200 machines, 100 us for a request of 16 chunks, before its first copy."""
+        for payload in payloads:
+            self.registry.pinned(payload)
+        return Slots(payloads, [_address(p) for p in payloads])
 
     # -- the checksums ---------------------------------------------------------------------
 
-    def _hash_async(self, flat: torch.Tensor, n_chunks: int, after: torch.cuda.Event | None = None) -> torch.Tensor:
-        """Enqueue the xxh3 of every checksum block of the ``n_chunks`` equal chunks in
-        ``flat`` on the hash stream (after ``after``, else after what the side stream has
-        enqueued so far), and their copy to pinned host memory; chunk c's digests are the
-        c-th ``n_chunks``-th."""
+    def _hash_async(self, flat: torch.Tensor, n_chunks: int, after: torch.cuda.Event | None = None,
+                    expected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Enqueue on the hash stream (after ``after``, else after what the side stream has
+        enqueued so far) the xxh3 of every checksum block of the ``n_chunks`` equal chunks in
+        ``flat`` and each chunk's checksum from them (``gpu_xxh3.chunk_checksums``; with
+        ``expected``, also its match flag); both stay on the GPU."""
         from kvstore import gpu_xxh3
 
         h = self.hash_stream
@@ -305,18 +349,16 @@ class GpuKVPath:
                 digests = gpu_xxh3.block_digests(flat, block)
             else:
                 digests = torch.cat([gpu_xxh3.block_digests(flat[c * cb : (c + 1) * cb]) for c in range(n_chunks)])
-            if self._digests_host.numel() < digests.numel():
-                self._digests_host = torch.empty(digests.numel(), dtype=torch.int64, pin_memory=True)
-            host = self._digests_host[: digests.numel()]
-            host.copy_(digests, non_blocking=True)
-        return host
+            return gpu_xxh3.chunk_checksums(digests, n_chunks, expected)
 
-    @staticmethod
-    def _folds(host: torch.Tensor, n_chunks: int) -> list[int]:
-        """Each chunk's checksum (``segment.checksum``) from its blocks' digests."""
-        vals = [d & 0xFFFFFFFFFFFFFFFF for d in host.tolist()]
-        per = len(vals) // n_chunks
-        return [seg.fold_digests(vals[c * per : (c + 1) * per]) for c in range(n_chunks)]
+    def _to_host(self, values: torch.Tensor) -> torch.Tensor:
+        """Queue the copy of ``values`` (int64, on the GPU) into pinned memory on the current
+        stream; read it once that stream is synchronised (the buffer is reused per call)."""
+        if self._results_host.numel() < values.numel():
+            self._results_host = torch.empty(values.numel(), dtype=torch.int64, pin_memory=True)
+        host = self._results_host[: values.numel()]
+        host.copy_(values, non_blocking=True)
+        return host
 
     # -- a request's chunks ----------------------------------------------------------------
 
@@ -331,32 +373,36 @@ class GpuKVPath:
         n = len(block_ids[0])
         if any(len(ids) != n for ids in block_ids):
             raise ValueError("the chunks of one save must all hold the same number of blocks")
-        hosts = [self._host(p, n) for p in payloads]
+        self._check_sizes(payloads, n)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the forward wrote these blocks
         out: list[int | None] = []
         try:
-            for g in _groups(len(hosts), len(payloads[0])):
-                out += self._extract_group([block_ids[c] for c in g], [hosts[c] for c in g], n)
+            for g in _groups(len(payloads), len(payloads[0])):
+                out += self._extract_group([block_ids[c] for c in g], [payloads[c] for c in g], n)
         except BaseException:
             self.stream.synchronize()  # no copy may still write a slot once the caller aborts it
             raise
         return out
 
-    def _extract_group(self, block_ids: list[Sequence[int]], hosts: list[torch.Tensor], n: int) -> list[int | None]:
-        cb = hosts[0].numel()
-        flat = self._stage(len(hosts) * cb)
+    def _extract_group(self, block_ids: list[Sequence[int]], payloads: list[memoryview], n: int) -> list[int | None]:
+        cb = len(payloads[0])
+        flat = self._stage(len(payloads) * cb)
+        # The gather is launched first, the slots looked up while it runs; the D2H is queued
+        # before the hash is launched (a Triton launch costs 20-70 us of host time, which the
+        # copy engine would otherwise sit out), the hash beside it.
         self._rows([(c, ids, 0) for c, ids in enumerate(block_ids)], flat, n, to_staging=True)
         gathered = torch.cuda.Event()
         gathered.record(self.stream)
-        # The D2H is queued before the hash is launched (a Triton launch costs 20-70 us of host
-        # time, which the copy engine would otherwise sit out), the hash beside it.
-        self._move(hosts, flat, to_host=True)
-        digests = self._hash_async(flat, len(hosts), after=gathered) if self.gpu_checksums else None
+        self._move(self._slots(payloads), flat, to_host=True)
+        if not self.gpu_checksums:
+            self.stream.synchronize()
+            return [None] * len(payloads)
+        sums, _ = self._hash_async(flat, len(payloads), after=gathered)
+        with torch.cuda.stream(self.hash_stream):
+            host = self._to_host(sums)
         self.stream.synchronize()
-        if digests is None:
-            return [None] * len(hosts)
         self.hash_stream.synchronize()
-        return list(self._folds(digests, len(hosts)))
+        return [v & _U64 for v in host.tolist()]
 
     def load_many(self, payloads: Sequence[memoryview], checksums: Sequence[int],
                   targets: Sequence[tuple[Sequence[int], int]], n_blocks: int) -> list[bool]:
@@ -369,37 +415,57 @@ class GpuKVPath:
             raise ValueError("one checksum and one target per payload")
         if not payloads:
             return []
-        hosts = [self._host(p, n_blocks) for p in payloads]
+        self._check_sizes(payloads, n_blocks)
+        slots = self._slots(payloads)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         ok: list[bool] = []
-        for g in _groups(len(hosts), hosts[0].numel()):
-            ok += self._load_group([hosts[c] for c in g], [checksums[c] for c in g], [targets[c] for c in g],
-                                   n_blocks)
+        for g in _groups(len(payloads), len(payloads[0])):
+            ok += self._load_group(slots.pick(g), [checksums[c] for c in g], [targets[c] for c in g], n_blocks)
         return ok
 
-    def _load_group(self, hosts: list[torch.Tensor], checksums: list[int],
-                    targets: list[tuple[Sequence[int], int]], n: int) -> list[bool]:
-        return self._verify_and_scatter(self._copy_in(hosts), checksums, targets, n)
+    def _load_group(self, slots: Slots, checksums: list[int], targets: list[tuple[Sequence[int], int]],
+                    n: int) -> list[bool]:
+        return self._verify_and_scatter(self._copy_in(slots), checksums, targets, n)
 
     def _verify_and_scatter(self, flat: torch.Tensor, checksums: Sequence[int],
                             targets: Sequence[tuple[Sequence[int], int]], n: int) -> list[bool]:
         """The end of every load: hash the chunks whose copies into ``flat`` are queued on the
         side stream, compare each with its checksum, and scatter the ones that match in one
         launch (``targets[c] = (ids, skip)``); per chunk, whether it matched. When this returns
-        the copies have landed: their sources may go."""
+        the copies have landed: their sources may go.
+
+        With ``device_verdicts`` the comparison is on the GPU and the scatter is queued right
+        behind it, reading the flags there (a chunk whose flag is 0 writes nothing); the host
+        waits once, for the flags it reports::
+
+            hash stream:  ids, pos, checksums (H2D) | wait copies | xxh3 | fold + compare --D2H--> flags
+            side stream:  copies ...................................................| scatter (flagged)
+
+        Otherwise (per-layer caches, or ``device_verdicts`` off) the host reads the flags first
+        and queues a scatter of the matching chunks only."""
         every = [(c, ids, skip) for c, (ids, skip) in enumerate(targets)]
+        on_device = self.fused_copies and self.device_verdicts
+        h = self.hash_stream
         try:
-            digests = self._hash_async(flat, len(targets))
-            with torch.cuda.stream(self.stream):  # while the copies run: the scatter's index, as if all match
-                index = self._index(every, n) if self.fused_copies else None
-            self.hash_stream.synchronize()  # the copies have landed too
+            with torch.cuda.stream(h):  # uploaded while the copies run
+                index = self._index(every, n, checksums)
+            _, flags = self._hash_async(flat, len(targets), expected=index.tail(len(targets)))
+            assert flags is not None
+            if on_device:  # queued before the flags' copy to the host, so it need not wait for it
+                self.stream.wait_stream(h)
+                self._scatter(every, flat, n, index, flags)
+                if flags.is_cuda:  # made on the hash stream, read on the side one: kept until the scatter ran
+                    index.dev.record_stream(self.stream)
+                    flags.record_stream(self.stream)
+            with torch.cuda.stream(h):
+                verdicts = self._to_host(flags)
+            h.synchronize()  # the copies have landed too
         except BaseException:
             self.stream.synchronize()  # no copy may still read a source once the caller lets it go
+            h.synchronize()
             raise
-        matched = [got == want for got, want in zip(self._folds(digests, len(targets)), checksums, strict=True)]
-        if all(matched):
-            self._scatter(every, flat, n, index)
-        else:
+        matched = [bool(v) for v in verdicts.tolist()]
+        if not on_device:
             self._scatter([chunk for chunk, m in zip(every, matched, strict=True) if m], flat, n)
         return matched
 
@@ -417,9 +483,10 @@ class GpuKVPath:
     def inject(self, payload: memoryview, block_ids: Sequence[int], n_blocks: int, skip_blocks: int) -> None:
         """Copy the (host-verified) chunk in ``payload`` (``n_blocks`` blocks per layer) to the
         GPU and write its blocks from ``skip_blocks`` on into ``block_ids`` of every layer."""
-        host = self._host(payload, n_blocks)
+        self._check_sizes([payload], n_blocks)
+        slots = self._slots([payload])
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        flat = self._copy_in([host])
+        flat = self._copy_in(slots)
         landed = torch.cuda.Event()
         landed.record(self.stream)
         try:
@@ -427,37 +494,40 @@ class GpuKVPath:
         finally:
             landed.synchronize()  # the slot is unpinned (may be evicted) once this returns
 
-    def _copy_in(self, hosts: list[torch.Tensor]) -> torch.Tensor:
+    def _copy_in(self, slots: Slots) -> torch.Tensor:
         """Queue the H2D of the slots into staging on the side stream."""
-        flat = self._stage(len(hosts) * hosts[0].numel())
-        self._move(hosts, flat, to_host=False)
+        flat = self._stage(len(slots.views) * len(slots.views[0]))
+        self._move(slots, flat, to_host=False)
         return flat
 
-    def _move(self, hosts: list[torch.Tensor], flat: torch.Tensor, to_host: bool) -> None:
+    def _move(self, slots: Slots, flat: torch.Tensor, to_host: bool) -> None:
         """Queue the copies between the slots' payloads and their places in staging on the
         side stream: one ``cudaMemcpy2DAsync`` per run of slots at a constant pitch (the
         allocator lays a request's slots out back to back, so usually one for all of them),
         one ``copy_`` per slot otherwise."""
-        cb = hosts[0].numel()
-        runs = _pitched_runs([h.data_ptr() for h in hosts], cb) if self.pitched_copies else \
-            [(c, c + 1, cb) for c in range(len(hosts))]
-        with torch.cuda.stream(self.stream):
-            for a, b, pitch in runs:
-                if b - a > 1 and self.pitched_copies and self._copy_2d(hosts[a], flat[a * cb : b * cb], pitch, to_host):
-                    continue
-                for c in range(a, b):
-                    if to_host:
-                        hosts[c].copy_(flat[c * cb : (c + 1) * cb], non_blocking=True)
-                    else:
-                        flat[c * cb : (c + 1) * cb].copy_(hosts[c], non_blocking=True)
+        cb = len(slots.views[0])
+        n = len(slots.addrs)
+        runs = _pitched_runs(slots.addrs, cb) if self.pitched_copies else [(c, c + 1, cb) for c in range(n)]
+        dev = flat.data_ptr()
+        one_by_one: list[int] = []
+        for a, b, pitch in runs:
+            if not (b - a > 1 and self.pitched_copies and self._copy_2d(slots.addrs[a], dev + a * cb, cb, b - a,
+                                                                        pitch, to_host)):
+                one_by_one += range(a, b)
+        if not one_by_one:
+            return
+        with torch.cuda.stream(self.stream):  # entered once: ~10 us of host time each time
+            for c in one_by_one:
+                host = torch.frombuffer(slots.views[c], dtype=torch.uint8)
+                if to_host:
+                    host.copy_(flat[c * cb : (c + 1) * cb], non_blocking=True)
+                else:
+                    flat[c * cb : (c + 1) * cb].copy_(host, non_blocking=True)
 
-    def _copy_2d(self, first: torch.Tensor, staged: torch.Tensor, pitch: int, to_host: bool) -> bool:
-        """One ``cudaMemcpy2DAsync`` on the side stream between ``staged`` (rows of
-        ``first.numel()`` bytes, back to back) and as many host rows from ``first`` on, ``pitch``
-        bytes apart; False (logged, and pitched copies off for good) if CUDA refuses it."""
-        width = first.numel()
-        rows = staged.numel() // width
-        host, dev = first.data_ptr(), staged.data_ptr()
+    def _copy_2d(self, host: int, dev: int, width: int, rows: int, pitch: int, to_host: bool) -> bool:
+        """One ``cudaMemcpy2DAsync`` on the side stream between ``rows`` rows of ``width``
+        bytes back to back at device address ``dev`` and as many host rows from ``host`` on,
+        ``pitch`` bytes apart; False (logged, and pitched copies off for good) if CUDA refuses it."""
         fn = _memcpy_2d_async()
         args = (host, pitch, dev, width) if to_host else (dev, width, host, pitch)
         err = fn(*args, width, rows, _D2H if to_host else _H2D, self.stream.cuda_stream) if fn else -1
@@ -479,21 +549,22 @@ class GpuKVPath:
             host.copy_(torch.randint(0, 256, (3 * pitch,), dtype=torch.uint8))
             rows = [host[r * pitch : r * pitch + width] for r in range(3)]
             staged = torch.empty(3 * width, dtype=torch.uint8, device=self.device)
-            ok = self._copy_2d(rows[0], staged, pitch, to_host=False)
+            ok = self._copy_2d(host.data_ptr(), staged.data_ptr(), width, 3, pitch, to_host=False)
             self.stream.synchronize()
             ok = ok and torch.equal(staged.cpu(), torch.cat(rows))
             back = torch.zeros_like(host)
-            ok = ok and self._copy_2d(back[:width], staged, pitch, to_host=True)
+            ok = ok and self._copy_2d(back.data_ptr(), staged.data_ptr(), width, 3, pitch, to_host=True)
             self.stream.synchronize()
             return ok and all(torch.equal(back[r * pitch : r * pitch + width], rows[r]) for r in range(3))
         except Exception as e:
             log.warning("pitched slot copies are unavailable (%s: %s): one copy per slot", type(e).__name__, e)
             return False
 
-    def _scatter(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, index: torch.Tensor | None = None) -> None:
+    def _scatter(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, index: Index | None = None,
+                 flags: torch.Tensor | None = None) -> None:
         """Scatter on the side stream; the engine's stream waits for it before its forward."""
         if chunks:
-            self._rows(chunks, flat, n, to_staging=False, index=index)
+            self._rows(chunks, flat, n, to_staging=False, index=index, flags=flags)
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def close(self) -> None:
@@ -575,13 +646,58 @@ def _spanning(first: torch.Tensor, nbytes: int) -> torch.Tensor:
     return first if first.numel() == nbytes else first.as_strided((nbytes,), (1,))
 
 
-def staging_rows(chunks: Sequence[Staged], layers: int, n: int) -> tuple[list[int], list[int]]:
+def staging_rows(chunks: Sequence[Staged], layers: int, n: int) -> np.ndarray:
     """``_copy_rows``' ``ids`` and ``pos`` for ``chunks`` of ``n`` blocks per layer staged
-    back to back: block k of staged chunk c, layer 0, is staging row c * layers * n + k (the
-    kernel adds l * n for layer l); a chunk's ids start at its block ``skip``."""
-    ids = [b for _, ids_c, _ in chunks for b in ids_c]
-    pos = [c * layers * n + skip + k for c, ids_c, skip in chunks for k in range(len(ids_c))]
-    return ids, pos
+    back to back, as the rows of one int64 array: block k of staged chunk c, layer 0, is
+    staging row c * layers * n + k (the kernel adds l * n for layer l); a chunk's ids start
+    at its block ``skip``."""
+    ids = np.fromiter(itertools.chain.from_iterable(ids_c for _, ids_c, _ in chunks), np.int64)
+    first = np.fromiter((c * layers * n + skip for c, _, skip in chunks), np.int64, len(chunks))
+    m = len(chunks[0][1]) if chunks else 0
+    if all(len(ids_c) == m for _, ids_c, _ in chunks):  # as many ids each (always, saving)
+        return np.stack([ids, (first[:, None] + np.arange(m, dtype=np.int64)).reshape(-1)])
+    counts = np.fromiter((len(ids_c) for _, ids_c, _ in chunks), np.int64, len(chunks))
+    run_start = np.repeat(np.cumsum(counts) - counts, counts)  # each id's run's first index
+    pos = np.repeat(first, counts) + (np.arange(len(ids), dtype=np.int64) - run_start)
+    return np.stack([ids, pos])
+
+
+class Index(NamedTuple):
+    """What ``GpuKVPath._index`` uploaded: ``rows`` ids, ``rows`` staging positions, then
+    anything appended (a load's expected checksums), in one int64 tensor on the GPU."""
+
+    dev: torch.Tensor
+    rows: int
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.dev[: self.rows]
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.dev[self.rows : 2 * self.rows]
+
+    def tail(self, k: int) -> torch.Tensor:
+        return self.dev[2 * self.rows : 2 * self.rows + k]
+
+
+class Slots(NamedTuple):
+    """A group's slot payloads and their host addresses, in staging order."""
+
+    views: Sequence[memoryview]
+    addrs: list[int]
+
+    def pick(self, idx: Sequence[int]) -> Slots:
+        return Slots([self.views[i] for i in idx], [self.addrs[i] for i in idx])
+
+
+def _address(view: memoryview) -> int:
+    """Where ``view``'s bytes start (a writable view, as slots are, through ctypes; a
+    read-only one through numpy)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    except TypeError:
+        return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def _hash_block(chunk_bytes: int) -> int | None:

@@ -28,6 +28,12 @@ Lanes are kept as even (0, 2, 4, 6) and odd (1, 3, 5, 7) halves, so "acc[j ^ 1] 
 "even += odd words, odd += even words" with no lane shuffle; ``sums`` columns are
 [even 0..3 | odd 0..3].
 
+A chunk's checksum (``segment.checksum``) is its blocks' digests folded by one more xxh3-64 of
+their bytes: ``chunk_checksums`` does that on the device too (``_fold``, a program per chunk:
+8 B per MiB, so the short formulas up to 30 MiB chunks, a one-program long loop above), and
+compares with the expected checksums there, so a load's scatter can read the verdicts
+without a host round trip.
+
 A stripe of a block of length L at offset o counts in its kiB-block's sum only if
 o + 64 < L: with nb = (L - 1) // 1024 scrambled kiB-blocks, the partial block takes
 ((L - 1) - 1024 nb) // 64 stripes, and the stripe ending exactly at L is the last stripe.
@@ -137,8 +143,10 @@ def _stripe_terms(w_even, w_odd, k_even, k_odd):
 
 
 @triton.jit
-def _stripe_sums(data, secret, sums, n_bytes, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    """sums[kib] = per-lane sum of kiB-block kib's counted stripes (ROWS stripes a program)."""
+def _stripe_sums(data, secret, sums, n_bytes, BLOCK: tl.constexpr, ROWS: tl.constexpr, WORDS: tl.constexpr):
+    """sums[kib] = per-lane sum of kiB-block kib's counted stripes (ROWS stripes a program);
+    WORDS: ``data`` is 8-byte aligned, so its words are loaded as words, not byte by byte
+    (the GPU is little-endian, as xxh3 reads them)."""
     pid = tl.program_id(0).to(tl.int64)
     row = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # global stripe index
     half = tl.arange(0, 4)
@@ -147,8 +155,13 @@ def _stripe_sums(data, secret, sums, n_bytes, BLOCK: tl.constexpr, ROWS: tl.cons
     counted = start + 64 < block_end
     mask = counted[:, None] & (half[None, :] >= 0)
     off_even = start[:, None] + (half * 16)[None, :]
-    w_even = _le64_2d(data, off_even, mask)
-    w_odd = _le64_2d(data, off_even + 8, mask)
+    if WORDS:
+        words = data.to(tl.pointer_type(tl.uint64))
+        w_even = tl.load(words + off_even // 8, mask=mask, other=0)
+        w_odd = tl.load(words + off_even // 8 + 1, mask=mask, other=0)
+    else:
+        w_even = _le64_2d(data, off_even, mask)
+        w_odd = _le64_2d(data, off_even + 8, mask)
     s = (row % 16)[:, None]  # stripe within its kiB-block: secret words s + lane
     key_even = _le64_2d(secret, (s + half[None, :] * 2) * 8, mask)
     key_odd = _le64_2d(secret, (s + half[None, :] * 2 + 1) * 8, mask)
@@ -203,6 +216,16 @@ def _chains(data, secret, sums, digests, n_bytes, BLOCK: tl.constexpr, UNROLL: t
     # the last, partial kiB-block (its counted stripes were summed in _stripe_sums)
     acc_even += tl.load(sums + (k0 + nb) * 8 + half).to(tl.uint64, bitcast=True)
     acc_odd += tl.load(sums + (k0 + nb) * 8 + 4 + half).to(tl.uint64, bitcast=True)
+    tl.store(digests + c, _finish(acc_even, acc_odd, data, secret, base, length).to(tl.int64, bitcast=True))
+
+
+@triton.jit
+def _finish(acc_even, acc_odd, data, secret, base, length):
+    """The end of the long loop for the ``length`` bytes at ``data + base``, once every
+    counted stripe is in the accumulators: the last stripe, the merge, the avalanche."""
+    half = tl.arange(0, 4)
+    lane_even = half * 2
+    one = half >= 0
     # the last stripe: the final 64 bytes, keyed at secret + 192 - 64 - 7
     last = base + length - 64 + lane_even * 8
     key_even = _le64_1d(secret, 121 + lane_even * 8, one)
@@ -214,7 +237,7 @@ def _chains(data, secret, sums, digests, n_bytes, BLOCK: tl.constexpr, UNROLL: t
     m_even = acc_even ^ _le64_1d(secret, 11 + lane_even * 8, one)
     m_odd = acc_odd ^ _le64_1d(secret, 19 + lane_even * 8, one)
     h = _u64(length) * P64_1 + tl.sum(_mul128_fold64(m_even, m_odd), axis=0)
-    tl.store(digests + c, _avalanche(h).to(tl.int64, bitcast=True))
+    return _avalanche(h)
 
 
 @triton.jit
@@ -225,13 +248,11 @@ def _mix16(data, secret, d_off, s_off, mask):
     return tl.where(mask, _mul128_fold64(lo, hi), 0)
 
 
-# Triton turns an int argument equal to 1 into a compile-time constant (a Python int without
-# .to()), and a 1-byte block is a real case: these stay runtime values.
-@triton.jit(do_not_specialize=["index", "start", "length"])
-def _short(data, secret, digests, index, start, length, KIND: tl.constexpr):
-    """digests[index] = xxh3-64 of ``length`` (1..240) bytes at ``start``: the formula for
-    KIND 1 (1-3 B), 4 (4-8), 9 (9-16), 17 (17-128) or 129 (129-240)."""
-    p = data + start
+@triton.jit
+def _short_hash(p, secret, length, KIND: tl.constexpr):
+    """xxh3-64 of ``length`` (1..240) bytes at ``p`` by the formula for KIND 1 (1-3 B), 4
+    (4-8), 9 (9-16), 17 (17-128) or 129 (129-240); KIND 1, 4 and 9 leave it in lane 0 of
+    an 8-lane vector, 17 and 129 return a scalar."""
     i8 = tl.arange(0, 8).to(tl.int64)
     one = i8 < 1
     n = _u64(length)
@@ -276,8 +297,77 @@ def _short(data, secret, digests, index, start, length, KIND: tl.constexpr):
         acc_end = tl.sum(_mix16(p, secret, 16 * rest, 16 * i8 + 3, rest < length // 16), axis=0)
         acc_end += tl.sum(_mix16(p, secret, i8 * 0 + length - 16, i8 * 0 + 119, one), axis=0)
         h = _avalanche(acc + acc_end)
+    return h
+
+
+# Triton turns an int argument equal to 1 into a compile-time constant (a Python int without
+# .to()), and a 1-byte block is a real case: these stay runtime values.
+@triton.jit(do_not_specialize=["index", "start", "length"])
+def _short(data, secret, digests, index, start, length, KIND: tl.constexpr):
+    """digests[index] = xxh3-64 of ``length`` (1..240) bytes at ``start`` (``_short_hash``)."""
+    i8 = tl.arange(0, 8).to(tl.int64)
+    one = i8 < 1
+    h = _short_hash(data + start, secret, length, KIND)
     out = tl.where(one, h, 0)
     tl.store(digests + index + i8, out.to(tl.int64, bitcast=True), mask=one)
+
+
+@triton.jit
+def _kib_terms(p, secret, n_stripes):
+    """The even and odd lanes' sums of the first ``n_stripes`` stripes of the kiB-block at
+    ``p`` (``_stripe_sums`` for one kiB-block, in one program)."""
+    s = tl.arange(0, 16).to(tl.int64)
+    half = tl.arange(0, 4)
+    mask = (s < n_stripes)[:, None] & (half[None, :] >= 0)
+    off_even = (s * 64)[:, None] + (half * 16)[None, :]
+    key_even = _le64_2d(secret, (s[:, None] + half[None, :] * 2) * 8, mask)
+    key_odd = _le64_2d(secret, (s[:, None] + half[None, :] * 2 + 1) * 8, mask)
+    t_even, t_odd = _stripe_terms(_le64_2d(p, off_even, mask), _le64_2d(p, off_even + 8, mask), key_even, key_odd)
+    return tl.sum(tl.where(mask, t_even, 0), axis=0), tl.sum(tl.where(mask, t_odd, 0), axis=0)
+
+
+@triton.jit
+def _long_hash(p, secret, length):
+    """xxh3-64 of ``length`` (> 240) bytes at ``p`` in one program, kiB-block by kiB-block:
+    for inputs of a few KiB (a chunk's digests, 8 B per MiB), where one program is enough."""
+    half = tl.arange(0, 4)
+    lane_even = half * 2
+    one = half >= 0
+    acc_even = _four(P32_3, P64_2, P64_4, P64_5)
+    acc_odd = _four(P64_1, P64_3, P32_2, P32_1)
+    scr_even = _le64_1d(secret, 128 + lane_even * 8, one)
+    scr_odd = _le64_1d(secret, 136 + lane_even * 8, one)
+    nb = (length - 1) // 1024
+    for kb in range(0, nb):
+        t_even, t_odd = _kib_terms(p + kb * 1024, secret, 16)
+        x_even = acc_even + t_even
+        x_odd = acc_odd + t_odd
+        acc_even = ((x_even ^ (x_even >> 47)) ^ scr_even) * P32_1
+        acc_odd = ((x_odd ^ (x_odd >> 47)) ^ scr_odd) * P32_1
+    t_even, t_odd = _kib_terms(p + nb * 1024, secret, ((length - 1) - 1024 * nb) // 64)
+    return _finish(acc_even + t_even, acc_odd + t_odd, p, secret, 0, length)
+
+
+@triton.jit(do_not_specialize=["length"])
+def _fold(digests, secret, sums, expected, flags, length, KIND: tl.constexpr, CHECK: tl.constexpr):
+    """sums[c] = chunk c's checksum (``segment.fold_digests``): the xxh3-64 of its ``length``
+    bytes of block digests (little-endian u64s, as ``struct.pack("<Q")`` lays them out), or
+    its one digest itself (KIND 0); with CHECK, flags[c] = whether it equals expected[c]."""
+    c = tl.program_id(0).to(tl.int64)
+    p = digests + c * length
+    i8 = tl.arange(0, 8).to(tl.int64)
+    one = i8 < 1
+    if KIND == 0:
+        h = _le64_1d(p, i8 * 0, one)
+    elif KIND == 241:
+        h = _long_hash(p, secret, length)
+    else:
+        h = _short_hash(p, secret, length, KIND)
+    h = tl.sum(tl.where(one, h, 0), axis=0)  # lane 0's (or the scalar's) value
+    tl.store(sums + c, h.to(tl.int64, bitcast=True))
+    if CHECK:
+        want = tl.load(expected + c).to(tl.uint64, bitcast=True)
+        tl.store(flags + c, (h == want).to(tl.int64))
 
 
 _secrets: dict[torch.device, torch.Tensor] = {}
@@ -316,7 +406,8 @@ def block_digests(data: torch.Tensor, block: int = CHECK_BLOCK) -> torch.Tensor:
         long_bytes = n if n_long == n_blocks else (n_blocks - 1) * block
         n_kib = -(-long_bytes // KIB_BLOCK)
         sums = torch.empty(n_kib, 8, dtype=torch.int64, device=data.device)
-        _stripe_sums[(triton.cdiv(n_kib * 16, ROWS),)](data, secret, sums, long_bytes, BLOCK=block, ROWS=ROWS)
+        _stripe_sums[(triton.cdiv(n_kib * 16, ROWS),)](data, secret, sums, long_bytes, BLOCK=block, ROWS=ROWS,
+                                                       WORDS=data.data_ptr() % 8 == 0)
         _chains[(n_long,)](data, secret, sums, digests, long_bytes, BLOCK=block, UNROLL=CHAIN_UNROLL, num_warps=1)
     if n_long < n_blocks:
         start = (n_blocks - 1) * block
@@ -327,3 +418,24 @@ def block_digests(data: torch.Tensor, block: int = CHECK_BLOCK) -> torch.Tensor:
 def as_unsigned(digests: torch.Tensor) -> list[int]:
     """The digests as Python ints, as ``segment.block_digest`` returns them (synchronises)."""
     return [d & 0xFFFFFFFFFFFFFFFF for d in digests.tolist()]
+
+
+def chunk_checksums(digests: torch.Tensor, n_chunks: int,
+                    expected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each of ``n_chunks`` equal chunks' checksum (``segment.checksum``: ``fold_digests``
+    of its blocks' digests) from ``digests`` (``block_digests`` of the chunks back to back,
+    chunk c's the c-th ``n_chunks``-th), in one launch on the current stream, as int64 bit
+    patterns; with ``expected`` (int64 bit patterns, one per chunk, on the device) also an
+    int64 flag per chunk, 1 where the checksum equals it. The chunks' verdicts never need
+    the host: a scatter can read the flags where they are."""
+    if digests.dtype != torch.int64 or digests.dim() != 1 or digests.numel() % n_chunks:
+        raise ValueError(f"want n_chunks x per int64 digests, got {digests.dtype} {tuple(digests.shape)}")
+    per = digests.numel() // n_chunks
+    length = 8 * per
+    kind = 0 if per == 1 else _short_kind(length) if length <= SHORT_MAX else 241
+    sums = torch.empty(n_chunks, dtype=torch.int64, device=digests.device)
+    flags = None if expected is None else torch.empty(n_chunks, dtype=torch.int64, device=digests.device)
+    _fold[(n_chunks,)](digests.view(torch.uint8), _secret_on(digests.device), sums,
+                       sums if expected is None else expected, sums if flags is None else flags, length,
+                       KIND=kind, CHECK=expected is not None)
+    return sums, flags

@@ -38,7 +38,9 @@ one row per chunk size, GB/s of payload bytes (median of ``repeat`` passes):
                  req_load_store_vs_pinned; where the slots go by one pitched copy
                  (``GpuKVPath.pitched_copies``), the same save and load with one copy per
                  slot as well (timed after them): req_save_slotwise_GBps,
-                 req_load_slotwise_GBps and their _vs_pinned
+                 req_load_slotwise_GBps and their _vs_pinned; where a load's scatter reads
+                 the verdicts on the GPU (``GpuKVPath.device_verdicts``), the same load with
+                 the host reading them first: req_load_hostverdict_GBps and its _vs_pinned
 
 The cache is laid out as vLLM 0.26's FlashAttention backend lays it out (per layer NHD
 memory ``[num_blocks, block_size, kv_heads, 2 * head_dim]`` seen through the permuted view
@@ -348,6 +350,16 @@ def measure_request(cache: Cache, seg: Segment, nbytes: int, blocks: int, reques
             return run
 
         cases.update(req_save_slotwise=slotwise(save), req_load_slotwise=slotwise(load))
+    if getattr(path, "device_verdicts", False) and path.fused_copies:  # the same load, the host reads the verdicts
+
+        def host_verdicts(i: int) -> None:
+            path.device_verdicts = False
+            try:
+                load(i)
+            finally:
+                path.device_verdicts = True
+
+        cases.update(req_load_hostverdict=host_verdicts)
     n = max(2, min(16, (256 << 20) // total))
     save(0)
     row: dict[str, Any] = {"req_chunks": n_chunks, "req_iters": n}
@@ -357,7 +369,7 @@ def measure_request(cache: Cache, seg: Segment, nbytes: int, blocks: int, reques
         row[f"{name}_GBps"] = round(total / secs / 1e9, 2)
     for name, limit in (("req_save", "req_pinned_d2h"), ("req_load", "req_pinned_h2d"),
                         ("req_load_store", "req_pinned_h2d"), ("req_save_slotwise", "req_pinned_d2h"),
-                        ("req_load_slotwise", "req_pinned_h2d")):
+                        ("req_load_slotwise", "req_pinned_h2d"), ("req_load_hostverdict", "req_pinned_h2d")):
         if f"{name}_GBps" in row:
             row[f"{name}_vs_pinned"] = round(row[f"{name}_GBps"] / row[f"{limit}_GBps"], 3)
     # exact: every chunk's sealed digest is its payload's, and its blocks load back bit for bit
@@ -433,7 +445,7 @@ def main() -> None:
             json.dump(result, f, indent=1)
     print(f"{'chunk':>9} {'save':>7} {'load':>7} {'ld_store':>8} {'pin D2H':>8} {'pin H2D':>8} {'save/pin':>8} "
           f"{'load/pin':>8} {'lds/pin':>8} | {'N':>3} {'rq save':>7} {'rq load':>7} {'rq lds':>7} {'save/pin':>8} "
-          f"{'load/pin':>8} {'lds/pin':>8} {'slot sv':>8} {'slot ld':>8}  GB/s")
+          f"{'load/pin':>8} {'lds/pin':>8} {'slot sv':>8} {'slot ld':>8} {'host vd':>8}  GB/s")
     for r in rows:
         print(f"{r['chunk_bytes'] // KIB:>7}Ki {r['save_GBps']:>7} {r['load_GBps']:>7} {r['load_store_GBps']:>8} "
               f"{r['pinned_d2h_GBps']:>8} {r['pinned_h2d_GBps']:>8} {r['save_vs_pinned']:>8} {r['load_vs_pinned']:>8} "
@@ -441,7 +453,7 @@ def main() -> None:
               f"{r.get('req_load_GBps', '-'):>7} {r.get('req_load_store_GBps', '-'):>7} "
               f"{r.get('req_save_vs_pinned', '-'):>8} {r.get('req_load_vs_pinned', '-'):>8} "
               f"{r.get('req_load_store_vs_pinned', '-'):>8} {r.get('req_save_slotwise_vs_pinned', '-'):>8} "
-              f"{r.get('req_load_slotwise_vs_pinned', '-'):>8}")
+              f"{r.get('req_load_slotwise_vs_pinned', '-'):>8} {r.get('req_load_hostverdict_vs_pinned', '-'):>8}")
 
 
 if __name__ == "__main__":

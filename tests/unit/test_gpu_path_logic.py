@@ -53,10 +53,11 @@ layers = [torch.randint(-2**62, 2**62, (9, 6 + pad), dtype=torch.int64) for pad 
 table = torch.tensor([t.data_ptr() for t in layers], dtype=torch.int64)
 strides = torch.tensor([t.stride(0) for t in layers], dtype=torch.int64)
 
-def launch(chunks, staging, n, to_staging):
-    ids, pos = staging_rows(chunks, 3, n)
-    _copy_rows[(3 * len(ids), 2)](table, strides, torch.tensor(ids), torch.tensor(pos), staging, len(ids), n, 6,
-                                  TO_STAGING=to_staging, TILE=4)
+def launch(chunks, staging, n, to_staging, flags=None):
+    ids, pos = (torch.from_numpy(r) for r in staging_rows(chunks, 3, n))
+    _copy_rows[(3 * len(ids), 2)](table, strides, ids, pos, staging, len(ids), n, 6,
+                                  ids if flags is None else torch.tensor(flags), 3 * n,
+                                  TO_STAGING=to_staging, TILE=4, FLAGGED=flags is not None)
 
 # one request of two chunks of 3 blocks, gathered in one launch: [chunk][layer][block]
 chunks, n = [[7, 2, 5], [0, 8, 3]], 3
@@ -71,6 +72,18 @@ for t, b in zip(layers, before):
     assert torch.equal(t[1, :6], b[8, :6]) and torch.equal(t[6, :6], b[3, :6]), "scatter"
     keep = [0, 2, 3, 4, 5, 7, 8]
     assert torch.equal(t[keep], b[keep]) and torch.equal(t[:, 6:], b[:, 6:]), "wrote outside its rows"
+# a flagged scatter of both chunks (a load's, queued before the verdicts are read): chunk 0's
+# flag is 0, so its target blocks 4, 0, 6 keep every byte; chunk 1 (skip 1) lands in 2 and 5
+before = [t.clone() for t in layers]
+launch([(0, [4, 0, 6], 0), (1, [2, 5], 1)], staging, n, False, flags=[0, 1])
+for t, b in zip(layers, before):
+    assert torch.equal(t[2, :6], b[8, :6]) and torch.equal(t[5, :6], b[3, :6]), "flagged scatter"
+    keep = [0, 1, 3, 4, 6, 7, 8]
+    assert torch.equal(t[keep], b[keep]) and torch.equal(t[:, 6:], b[:, 6:]), "a chunk flagged 0 was written"
+# every flag 0: nothing at all is written
+before = [t.clone() for t in layers]
+launch([(0, [4, 0, 6], 0), (1, [2, 5], 1)], staging, n, False, flags=[0, 0])
+assert all(torch.equal(t, b) for t, b in zip(layers, before)), "a scatter with no match wrote"
 print("OK")
 """
 
@@ -79,7 +92,8 @@ def test_one_launch_gather_and_scatter_move_exactly_the_chunks_rows() -> None:
     """kvstore.gpu_path._copy_rows under Triton's interpreter (a child process: Triton reads
     TRITON_INTERPRET at import), fed by ``staging_rows`` as ``GpuKVPath`` feeds it: two chunks
     of a request in one launch, layers with different row strides, a tile that splits a row,
-    a scatter of one chunk that skips its leading block and touches nothing else."""
+    a scatter of one chunk that skips its leading block and touches nothing else, and a
+    flagged scatter (a load's) that leaves every block of a chunk flagged 0 untouched."""
     pytest.importorskip("triton", reason="triton is not installed")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)
@@ -93,10 +107,11 @@ def test_staging_rows_put_each_chunk_where_its_slot_starts() -> None:
     from kvstore.gpu_path import staging_rows
 
     # 2 layers, 4 blocks per chunk: chunk c starts at row c * 2 * 4; a skip moves its ids on
-    assert staging_rows([(0, [9, 8, 7, 6], 0), (1, [1, 2, 3, 4], 0)], 2, 4) == (
-        [9, 8, 7, 6, 1, 2, 3, 4], [0, 1, 2, 3, 8, 9, 10, 11])
-    assert staging_rows([(2, [5, 6], 2)], 2, 4) == ([5, 6], [18, 19])
-    assert staging_rows([], 2, 4) == ([], [])
+    assert staging_rows([(0, [9, 8, 7, 6], 0), (1, [1, 2, 3, 4], 0)], 2, 4).tolist() == [
+        [9, 8, 7, 6, 1, 2, 3, 4], [0, 1, 2, 3, 8, 9, 10, 11]]
+    assert staging_rows([(2, [5, 6], 2)], 2, 4).tolist() == [[5, 6], [18, 19]]
+    assert staging_rows([(0, [7], 3), (1, (1, 2, 3), 1), (3, [], 4)], 2, 4).tolist() == [[7, 1, 2, 3], [3, 9, 10, 11]]
+    assert staging_rows([], 2, 4).tolist() == [[], []]
 
 
 def test_slots_at_one_pitch_are_one_copy_and_the_rest_go_one_by_one() -> None:
@@ -136,13 +151,14 @@ from kvstore import gpu_path, segment as segmod
 from kvstore.segment import HEADER_BYTES, Segment
 gpu_path._gpu_checksums_work = lambda device: True
 
-def run(row_elems, layers, per, n_chunks, fused, group_bytes=None):
+def run(row_elems, layers, per, n_chunks, fused, group_bytes=None, device_verdicts=True):
     torch.manual_seed(0)
     nb = 4 * n_chunks * per  # saved from the first half, loaded into the second
     blocks = [torch.randn(nb, row_elems).to(torch.bfloat16) for _ in range(layers)]
     path = gpu_path.GpuKVPath(blocks)
     assert path.fused_copies, "self-check"
     path.fused_copies = fused
+    path.device_verdicts = device_verdicts
     if group_bytes: gpu_path.GROUP_BYTES = group_bytes
     nbytes = layers * per * row_elems * 2
     seg = Segment.create(f"pdkv-test-{uuid.uuid4().hex[:8]}", 1 << 20)
@@ -174,6 +190,12 @@ def run(row_elems, layers, per, n_chunks, fused, group_bytes=None):
         for b, was in zip(blocks, before):
             assert torch.equal(b[list(dst[1])], was[list(src[1])])
             assert torch.equal(b[list(dst[0])], was[list(src[2])])
+        # every chunk damaged: none matches, and not one block of the cache changes
+        for c in range(n_chunks): payloads[c][7] ^= 0x01
+        before = [b.clone() for b in blocks]
+        assert path.load_many(payloads, dig, [(d, 0) for d in src], per) == [False] * n_chunks
+        assert all(torch.equal(b, was) for b, was in zip(blocks, before)), "a damaged chunk was written"
+        for c in range(n_chunks): payloads[c][7] ^= 0x01
     finally:
         payloads = path = None
         gc.collect()  # the payload views go before their segment
@@ -182,6 +204,7 @@ def run(row_elems, layers, per, n_chunks, fused, group_bytes=None):
 
 run(1024, 2, 2, 3, True)            # 8 KiB chunks: one launch, block = chunk
 run(1024, 2, 2, 3, False)           # per-layer fallback
+run(1024, 2, 2, 3, True, device_verdicts=False)  # one launch, the host reads the verdicts first
 run(1024, 2, 2, 4, True, 16 << 10)  # groups of 2 chunks
 run(1024, 2, 2, 7, True)            # 7 chunks, a damaged one among them
 run(500, 2, 2, 3, True)             # 4000-byte chunks: one hash launch per chunk
@@ -193,9 +216,11 @@ def test_a_requests_chunks_go_through_one_gather_one_hash_and_one_scatter() -> N
     """GpuKVPath.extract_many / load_many on CPU tensors, its kernels under Triton's
     interpreter and CUDA streams as no-ops (a child process): each chunk's sealed digest is
     its payload's, every chunk lands in its own blocks (the first after a skip), a damaged
-    chunk is refused and writes nothing while the others load; with one hash launch (chunk =
-    one checksum block), one per chunk (a chunk of 4,000 B), per-layer copies, and a request
-    split into staging groups. The copies' speed is measured on a GPU (bench/gpu/kvpath.py)."""
+    chunk is refused and writes nothing while the others load, a request of damaged chunks
+    writes nothing at all; with one hash launch (chunk = one checksum block), one per chunk
+    (a chunk of 4,000 B), per-layer copies, the verdicts read by the scatter on the device or
+    by the host first, and a request split into staging groups. The copies' speed is
+    measured on a GPU (bench/gpu/kvpath.py)."""
     pytest.importorskip("triton", reason="triton is not installed")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root)

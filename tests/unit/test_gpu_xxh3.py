@@ -47,6 +47,10 @@ GPU_ONLY = [(f"mib-{n}", n, None, CHECK_BLOCK)
             for n in (CHECK_BLOCK - 1, 4 * CHECK_BLOCK, 3 * CHECK_BLOCK + 241, 7 * CHECK_BLOCK + 99991)]
 
 
+# Cases also hashed from an unaligned start (aligned data is read a word at a time)
+UNALIGNED = ["random-241", "random-1089", f"random-{3 * SMALL + 17}", "unrolled-17409"]
+
+
 def case_bytes(n: int, fill: int | None) -> bytes:
     return bytes([fill]) * n if fill is not None else random.Random(n).randbytes(n)
 
@@ -63,6 +67,9 @@ def kernel_digests(cases: list[tuple[str, int, int | None, int]], device: str) -
     for name, n, fill, block in cases:
         t = torch.frombuffer(bytearray(case_bytes(n, fill)), dtype=torch.uint8).to(device)
         out[name] = gpu_xxh3.as_unsigned(gpu_xxh3.block_digests(t, block))
+        if name in UNALIGNED:  # the same bytes one byte past an 8-byte boundary: read byte by byte
+            t = torch.frombuffer(bytearray(b"\0" + case_bytes(n, fill)), dtype=torch.uint8).to(device)[1:]
+            out[name + "@1"] = gpu_xxh3.as_unsigned(gpu_xxh3.block_digests(t, block))
     return out
 
 
@@ -85,11 +92,66 @@ def test_digests_equal_xxhash(got: dict[str, list[int]], case: tuple[str, int, i
     assert got[name] == reference(case_bytes(n, fill), block)
 
 
+@pytest.mark.parametrize("name", UNALIGNED)
+def test_unaligned_data_hashes_the_same(got: dict[str, list[int]], name: str) -> None:
+    assert got[name + "@1"] == got[name]
+
+
 def test_real_check_blocks_fold_to_the_payload_checksum(got: dict[str, list[int]]) -> None:
     """At CHECK_BLOCK: a whole 1 MiB block and a 13-byte last one fold to segment.checksum."""
     data = case_bytes(CHECK_BLOCK + 13, None)
     assert len(got["check-block-plus-13"]) == len(check_blocks(len(data)))
     assert fold_digests(got["check-block-plus-13"]) == checksum(data)
+
+
+# Digests per chunk: one (the chunk is one block: the checksum is its digest), 2 (16 B: the 9-16
+# formula), 3 and 16 (17-128), 30 (240 B, the last short one), 31 and 32 (the long loop, one
+# partial kiB-block), 128 (1,024 B: exactly one), 129 and 300 (scrambled kiB-blocks too).
+FOLD_PER = [1, 2, 3, 16, 30, 31, 32, 128, 129, 300]
+
+
+def fold_results(device: str) -> dict[str, Any]:
+    """``gpu_xxh3.chunk_checksums`` of 3 chunks of random digests for each ``FOLD_PER``, the
+    second chunk's expected checksum off by one bit (what the child runs on CPU)."""
+    from kvstore import gpu_xxh3
+
+    out: dict[str, Any] = {}
+    for per in FOLD_PER:
+        digests = [random.Random(per).getrandbits(64) for _ in range(3 * per)]
+        want = [fold_digests(digests[c * per : (c + 1) * per]) for c in range(3)]
+        signed = [d - (1 << 64) if d >> 63 else d for d in digests + want]
+        t = torch.tensor(signed, dtype=torch.int64, device=device)
+        expected = t[3 * per :].clone()
+        expected[1] ^= 1
+        sums, flags = gpu_xxh3.chunk_checksums(t[: 3 * per], 3, expected)
+        plain, none = gpu_xxh3.chunk_checksums(t[: 3 * per], 3)
+        assert flags is not None and none is None
+        out[str(per)] = {"want": want, "sums": gpu_xxh3.as_unsigned(sums), "plain": gpu_xxh3.as_unsigned(plain),
+                         "flags": flags.tolist()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def folds() -> dict[str, Any]:
+    if CUDA:
+        return fold_results("cuda")
+    code = ("import json, sys; from tests.unit.test_gpu_xxh3 import fold_results; "
+            "json.dump(fold_results('cpu'), sys.stdout)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result: dict[str, Any] = json.loads(run.stdout)
+    return result
+
+
+@pytest.mark.parametrize("per", FOLD_PER)
+def test_chunk_checksums_fold_and_compare_on_the_device_as_the_host_does(folds: dict[str, Any], per: int) -> None:
+    """A chunk's checksum folded on the device equals ``segment.fold_digests`` of its block
+    digests (so a load can compare it there, and a save seals with it), and the flag says
+    whether it equals the expected one."""
+    got = folds[str(per)]
+    assert got["sums"] == got["want"] and got["plain"] == got["want"]
+    assert got["flags"] == [1, 0, 1]
 
 
 @pytest.mark.skipif(not CUDA, reason="a few MiB per case: minutes under Triton's interpreter")

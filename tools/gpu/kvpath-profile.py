@@ -36,6 +36,55 @@ def t_us(fn, it=20):
     return round((time.perf_counter() - t) / it * 1e6, 1)
 
 
+def hash_to_host(flat):
+    """A chunk's checksum, hashed and folded on the GPU, read by the host."""
+    sums, _ = path._hash_async(flat, 1)
+    path.hash_stream.synchronize()
+    return sums.tolist()
+
+
+def trace(path, label, fn, steps=("_slots", "_index", "_launch", "_move", "_hash_async", "_to_host", "_scatter",
+                                    "_copy_in", "_extract_group", "_verify_and_scatter")):
+    """Print one call's timeline (us from its start): the path's own steps (as marked),
+    CUDA runtime calls over 3 us, and every GPU kernel and copy."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def marked(name, f):
+        def run(*a, **k):
+            with record_function(name):
+                return f(*a, **k)
+        return run
+
+    saved = {name: getattr(path, name) for name in steps if hasattr(path, name)}
+    for name, f in saved.items():
+        setattr(path, name, marked(name, f))
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(4):
+                with record_function(f"call{i}"):
+                    fn()
+                torch.cuda.synchronize()
+    finally:
+        for name in saved:
+            delattr(path, name)
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    call = [e for e in events if e.name == "call3"][0]
+    t0, t1 = call.time_range.start, call.time_range.end
+    print(f"TRACE {label}: {t1 - t0:.0f} us on the host")
+    lines = 0
+    for e in events:
+        start, dur = e.time_range.start - t0, e.time_range.elapsed_us()
+        if start < -5 or e.time_range.start > t1 + 300 or e.name.startswith("call"):
+            continue
+        gpu = str(e.device_type).endswith("CUDA")
+        if not gpu and not e.name.startswith("_") and not (e.name.startswith("cu") and dur > 3):
+            continue
+        print(f"TRACE {start:8.1f} {dur:8.1f} {'GPU' if gpu else 'cpu'} {e.name[:70]}")
+        lines += 1
+        if lines > 90:
+            break
+
+
 try:
     for kib in (1024, 4096, 65536):
         n = kib * 1024
@@ -59,7 +108,7 @@ try:
             "d2h_pin": t_us(lambda: pin.copy_(flat, non_blocking=True)),
             "h2d_seg": t_us(lambda: flat.copy_(host, non_blocking=True)),
             "hash_gpu": t_us(lambda: gpu_xxh3.block_digests(flat)),
-            "hash_gpu_to_host": t_us(lambda: path._folds(path._hash_async(flat, 1), 1)),
+            "hash_gpu_to_host": t_us(lambda: hash_to_host(flat)),
             "hash_1thr_cpu": t_us(lambda: [segmod.block_digest(m) for m in mvs]),
             "scatter16": t_us(lambda: [rw.index_copy_(0, idt, view[i]) for i, rw in enumerate(rows)]),
             "extract": t_us(lambda: path.extract(ids, payload)),
@@ -79,6 +128,18 @@ try:
              "load_many": t_us(lambda: path.load_many(pays, digs, tg, blocks))}
         print(f"PROF request {count} x {kib} KiB (us per request)", r, flush=True)
     print("is_pinned", host.is_pinned(), "fused_copies", path.fused_copies, "gpu_checksums", path.gpu_checksums)
+    n = 4 << 20  # one request's timeline: 16 x 4 MiB, host and GPU (torch.profiler)
+    blocks = n // per_block
+    ids = [list(range(c * blocks, (c + 1) * blocks)) for c in range(16)]
+    pays = [seg.payload(c * (n + segmod.HEADER_BYTES), n) for c in range(16)]
+    digs = path.extract_many(ids, pays)
+    tg = [(i, 0) for i in ids]
+    trace(path, "extract_many 16 x 4 MiB", lambda: path.extract_many(ids, pays))
+    trace(path, "load_many 16 x 4 MiB", lambda: path.load_many(pays, digs, tg, blocks))
+    if hasattr(path, "device_verdicts"):
+        path.device_verdicts = False
+        trace(path, "load_many 16 x 4 MiB, verdicts read by the host", lambda: path.load_many(pays, digs, tg, blocks))
+        path.device_verdicts = True
 finally:
     path.close()
     try:
