@@ -77,10 +77,16 @@ def kernel_digests(cases: list[tuple[str, int, int | None, int]], device: str) -
 def got() -> dict[str, list[int]]:
     if CUDA:
         return kernel_digests(CASES + GPU_ONLY, "cuda")
-    code = ("import json, sys; from tests.unit.test_gpu_xxh3 import CASES, kernel_digests; "
-            "json.dump(kernel_digests(CASES, 'cpu'), sys.stdout)")
+    return _interpreted("from tests.unit.test_gpu_xxh3 import CASES, kernel_digests; "
+                        "json.dump(kernel_digests(CASES, 'cpu'), sys.stdout)")
+
+
+def _interpreted(code: str) -> dict[str, Any]:
+    """What ``code`` (which dumps JSON to stdout) gives in a process under Triton's
+    interpreter (it must be set before Triton is imported)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", "import json, sys; " + code], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result: dict[str, Any] = json.loads(run.stdout)
     return result
@@ -135,13 +141,7 @@ def fold_results(device: str) -> dict[str, Any]:
 def folds() -> dict[str, Any]:
     if CUDA:
         return fold_results("cuda")
-    code = ("import json, sys; from tests.unit.test_gpu_xxh3 import fold_results; "
-            "json.dump(fold_results('cpu'), sys.stdout)")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result: dict[str, Any] = json.loads(run.stdout)
-    return result
+    return _interpreted("from tests.unit.test_gpu_xxh3 import fold_results; json.dump(fold_results('cpu'), sys.stdout)")
 
 
 @pytest.mark.parametrize("per", FOLD_PER)
