@@ -97,19 +97,19 @@ class StoreClient:
         self.meta = MetadataStore(connect(redis_url, timeout_s), prefix)
         self._timeout_s = timeout_s
         self._auth = PeerAuth.for_store(redis_url, prefix, tls)
-        self._agents: dict[str, AgentClient] = {}
-        self._infos: dict[str, tuple[AgentInfo, float]] = {}
+        self._agents = _Agents(self.meta, self._auth, timeout_s * 2)
         self.shm = ShmTransport()
         self.remote: Transport = REMOTE_TRANSPORTS[transport](self._auth, timeout_s=max(5.0, timeout_s))
         self._staging = bytearray()
         self._verifier = ThreadPoolExecutor(1, thread_name_prefix="pdkv-verify")
         self.counters: dict[str, int] = {}
         # Hot chunks pulled from other nodes get a replica on this one (kvstore.replication);
-        # its thread has its own transport connection and its own agent clients.
+        # its thread has its own transport connection and its own agent directory (the request
+        # path's is not shared across threads), which looks each node up again every batch.
+        self._replica_agents = _Agents(self.meta, self._auth, timeout_s * 2, info_ttl_s=0.0)
         self._replicator = None if replicate_after <= 0 else Replicator(
-            node_id, replicate_after, self._replicator_agent, self.shm.segment,
+            node_id, replicate_after, self._replica_agents.get, self.shm.segment,
             REMOTE_TRANSPORTS[transport](self._auth, timeout_s=max(5.0, timeout_s)))
-        self._replicator_agents: dict[str, tuple[AgentInfo, AgentClient]] = {}
 
     # -- counters -------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ class StoreClient:
         if not chunks:
             return 0
         target = node_id or self.node_id
-        info, agent = self._agent(target)
+        info, agent = self._agents.get(target)
         offsets = agent.allocate([c.nbytes for c in chunks])
         chunks = chunks[: len(offsets)]
         try:
@@ -266,7 +266,7 @@ class StoreClient:
         segment = None
         settled = 0  # chunks of run with a counted verdict
         try:
-            info, agent = self._agent(self.node_id)
+            info, agent = self._agents.get(self.node_id)
             segment = self.shm.segment(info.segment)
             for i in run:
                 loc = locs[i]
@@ -299,7 +299,7 @@ class StoreClient:
             if damaged:  # drop them, so the next save stores a good copy
                 agent.discard(damaged)
         except (StoreError, AgentUnavailable, TransportError, OSError) as e:
-            self._infos.pop(self.node_id, None)
+            self._agents.forget(self.node_id)
             self.count("get_failures", len(run) - settled)
             log.debug("self-verified get on this node failed: %s", e)
         finally:
@@ -317,7 +317,7 @@ class StoreClient:
         pinned: list[int] = []
         segment = None
         try:
-            info, agent = self._agent(node)
+            info, agent = self._agents.get(node)
             if local:  # pin the slots so eviction cannot reuse them under the copy
                 segment = self.shm.segment(info.segment)
                 pinned = [i for i in run if segment.locks.try_shared(locs[i].offset, HEADER_BYTES + locs[i].length)]
@@ -393,7 +393,7 @@ class StoreClient:
             if damaged:  # drop them, so the next save stores a good copy
                 agent.discard(damaged)
         except (StoreError, AgentUnavailable, TransportError, OSError) as e:
-            self._infos.pop(node, None)
+            self._agents.forget(node)
             self.count("get_failures", sum(1 for i in run if not ok[i]))
             log.debug("get from node %s failed: %s", node, e)
         finally:
@@ -414,36 +414,6 @@ class StoreClient:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _agent(self, node_id: str) -> tuple[AgentInfo, AgentClient]:
-        now = time.monotonic()
-        cached = self._infos.get(node_id)
-        if cached is not None and now - cached[1] < _INFO_TTL_S:
-            info = cached[0]
-        else:
-            found = self.meta.agent(node_id)
-            if found is None:
-                raise NoAgent(f"no store agent registered for node {node_id}")
-            info = found
-            self._infos[node_id] = (info, now)
-        client = self._agents.get(info.address)
-        if client is None:
-            client = self._agents[info.address] = AgentClient(info.address, self._auth, self._timeout_s * 2)
-        return info, client
-
-    def _replicator_agent(self, node_id: str) -> tuple[AgentInfo, AgentClient]:
-        """``_agent`` for the replicator's thread (its own cache and clients: the request
-        path's are not shared across threads)."""
-        info = self.meta.agent(node_id)  # each batch: an agent may have restarted since
-        if info is None:
-            raise NoAgent(f"no store agent registered for node {node_id}")
-        cached = self._replicator_agents.get(node_id)
-        if cached is not None and cached[0] == info:
-            return cached
-        if cached is not None:
-            cached[1].close()
-        self._replicator_agents[node_id] = (info, AgentClient(info.address, self._auth, self._timeout_s * 2))
-        return self._replicator_agents[node_id]
-
     def replicas_settled(self, timeout_s: float = 10.0) -> bool:
         """Wait until the hot chunks queued for replication are replicated or given up."""
         return self._replicator is None or self._replicator.drain(timeout_s)
@@ -451,14 +421,47 @@ class StoreClient:
     def close(self) -> None:
         if self._replicator is not None:
             self._replicator.close()
-            for _, client in self._replicator_agents.values():
-                client.close()
-        for client in self._agents.values():
-            client.close()
-        self._agents.clear()
+        self._replica_agents.close()
+        self._agents.close()
         self._verifier.shutdown(wait=True)
         self.shm.close()
         self.remote.close()
+
+
+class _Agents:
+    """Where each node's agent is and a client for it: the info cached for ``info_ttl_s``
+    (0: looked up on every call, for a thread that may outlive an agent's restart), one
+    client per address."""
+
+    def __init__(self, meta: MetadataStore, auth: PeerAuth, timeout_s: float, info_ttl_s: float = _INFO_TTL_S) -> None:
+        self._meta, self._auth, self._timeout_s, self._ttl = meta, auth, timeout_s, info_ttl_s
+        self._infos: dict[str, tuple[AgentInfo, float]] = {}
+        self._clients: dict[str, AgentClient] = {}
+
+    def get(self, node_id: str) -> tuple[AgentInfo, AgentClient]:
+        now = time.monotonic()
+        cached = self._infos.get(node_id)
+        if cached is not None and now - cached[1] < self._ttl:
+            info = cached[0]
+        else:
+            found = self._meta.agent(node_id)
+            if found is None:
+                raise NoAgent(f"no store agent registered for node {node_id}")
+            info = found
+            self._infos[node_id] = (info, now)
+        client = self._clients.get(info.address)
+        if client is None:
+            client = self._clients[info.address] = AgentClient(info.address, self._auth, self._timeout_s)
+        return info, client
+
+    def forget(self, node_id: str) -> None:
+        """Look the node up again next time (a call to its agent failed)."""
+        self._infos.pop(node_id, None)
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
 
 
 def _filled(fill_all: FillAll, payloads: list[memoryview]) -> list[int | None]:
