@@ -92,8 +92,7 @@ class KVAwarePolicy(RoutingPolicy):
         """Runs for every request: every replica of a small pool is scored, the warm ones and
         a sample of the rest in a large one (``ColdSampler``), the warm ones first."""
         st, ct, n, keys = self.state, self.state.chunk_tokens, request.num_prompt_tokens, request.chunk_keys
-        own_depth = st.engines.prefix_by_replica(keys) if keys else {}
-        node_depth, stored = st.store.prefix_by_node_and_any(keys) if keys else ({}, 0)
+        own_depth, node_depth, stored = st.prefix_view(keys)
         # min() and max() are written out on this path: a builtin call costs several times
         # the comparison (cachegrind: about 17k of 255k instructions a decision in _warm).
         limit = n - 1 if n > 1 else 0  # an engine computes at least the prompt's last token

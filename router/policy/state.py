@@ -26,41 +26,43 @@ from dataclasses import dataclass
 from kvstore.messages import ReplicaLoad
 from router.index import StoreIndex
 from router.index.engine_feed import EngineEventFeed
-from router.index.owners import OwnerIndex
+from router.index.owners import ENGINE, OwnerIndex
 from router.policy.interface import RouteDecision, RoutingRequest
 
 
 class EngineCacheIndex:
     """Chunks each prefill replica's own engine cache holds, from its KV events
     (``router.index.EngineEventFeed``); empty for engines without a prefix cache. LRU-bounded;
-    an entry that is stale costs a missed preference, never a wrong answer."""
+    an entry that is stale costs a missed preference, never a wrong answer. The replicas are
+    owners of kind ``ENGINE`` in a table shared with the store index (``RoutingState``)."""
 
-    def __init__(self, max_chunks: int = 1_000_000) -> None:
-        self._owners = OwnerIndex(max_chunks)
-        self._lock = threading.Lock()
+    def __init__(self, max_chunks: int = 1_000_000, owners: OwnerIndex | None = None,
+                 lock: threading.Lock | None = None) -> None:
+        self._owners = owners if owners is not None else OwnerIndex(max_chunks, kinds=2)
+        self._lock = lock or threading.Lock()
 
     def record(self, replica: str, keys: Iterable[bytes]) -> None:
         with self._lock:
-            self._owners.add(replica, keys)
+            self._owners.add(replica, keys, ENGINE)
 
     def remove(self, replica: str, keys: Iterable[bytes]) -> None:
         with self._lock:
-            self._owners.remove(replica, keys)
+            self._owners.remove(replica, keys, ENGINE)
 
     def forget(self, replica: str) -> None:
         with self._lock:
-            self._owners.drop_owner(replica)
+            self._owners.drop_owner(replica, ENGINE)
 
     def replicas(self) -> list[str]:
         with self._lock:
-            return self._owners.owner_names()
+            return self._owners.owner_names(ENGINE)
 
     def __len__(self) -> int:
-        return len(self._owners)
+        return self._owners.count(ENGINE)
 
     def prefix_by_replica(self, keys: Sequence[bytes]) -> dict[str, int]:
         with self._lock:
-            return self._owners.prefix_depths(keys)
+            return self._owners.prefix_depths(keys, ENGINE)
 
 
 class RateMeter:
@@ -144,8 +146,11 @@ class RoutingState:
         # Several router replicas send to the same pools: a replica's report of its queued
         # work (a period old) is then the only view of the other routers' requests.
         self.shared_routers = shared_routers
-        self.store = StoreIndex(max_chunks)
-        self.engines = EngineCacheIndex(max_chunks)
+        # One table for both indexes (router.index.owners): one walk per request answers both;
+        # ``max_chunks`` bounds the chunks either holds (a chunk in both counts once).
+        self._owners, self._index_lock = OwnerIndex(max_chunks, kinds=2), threading.Lock()
+        self.store = StoreIndex(owners=self._owners, lock=self._index_lock)
+        self.engines = EngineCacheIndex(owners=self._owners, lock=self._index_lock)
         self.rates = RateMeter(prefill_prior_tps)
         self.costs = TransferCosts()
         self.engine_feed: EngineEventFeed | None = None  # set by the ingress when it runs one
@@ -156,6 +161,20 @@ class RoutingState:
         self._decisions: OrderedDict[str, dict[str, RouteDecision]] = OrderedDict()
         self._keep = keep_decisions
         self._pools: dict[str, Callable[[], list[ReplicaLoad]]] = {}
+
+    @property
+    def indexed_chunks(self) -> int:
+        """Distinct chunks in the shared table (held by a store node, a replica, or both)."""
+        return len(self._owners)
+
+    def prefix_view(self, keys: Sequence[bytes]) -> tuple[dict[str, int], dict[str, int], int]:
+        """How deep into ``keys`` each replica's own cache goes, each node's store goes
+        (``prefix_by_replica``, ``store.prefix_by_node``), and the store as a whole
+        (``store.stored_prefix``): one walk of the shared table."""
+        if not keys:
+            return {}, {}, 0
+        with self._index_lock:
+            return self._owners.engine_and_store_depths(keys)
 
     # -- prefill work in flight (this router's own view: fresher than any report) -----------
 
