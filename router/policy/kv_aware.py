@@ -44,6 +44,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from itertools import repeat
+from operator import attrgetter
 
 from kvstore.messages import ReplicaLoad
 from router.policy.interface import (
@@ -61,6 +62,7 @@ from router.policy.state import RoutingState
 # Prefill candidates carry the inputs of their score (the score is the estimated TTFT, s).
 PREFILL_TERMS = ("queued_tokens", "rate_tps", "own_tokens", "node_tokens", "remote_tokens")
 DECODE_TERMS = ("load", "remote_kv")
+_replica_name = attrgetter("replica")
 
 
 class KVAwarePolicy(RoutingPolicy):
@@ -104,7 +106,7 @@ class KVAwarePolicy(RoutingPolicy):
             picks = sampler.positions(warm, len(names), node_depth, by_node)
         else:
             picks = [*warm, *(i for i in range(len(names)) if i not in warm)]
-        picked = [names[i] for i in picks]
+        picked = list(map(names.__getitem__, picks))  # C loops on this path, as below
         queued = list(map(st.queued_by_replica().get, picked, repeat(0)))
         if st.shared_routers:  # other routers' work, seen a stats period late
             queued = [max(q, replicas[i].queued_tokens) for q, i in zip(queued, picks, strict=True)]
@@ -121,8 +123,9 @@ class KVAwarePolicy(RoutingPolicy):
                       for q, rate, i in zip(queued, rates, picks, strict=True)]
         else:
             scores = [(q + work) / rate + load for q, rate in zip(queued, rates, strict=True)]
+        same, far = costs.same_node_s_per_token, costs.remote_s_per_token  # load_s, inlined
         for j, (own, node, remote) in enumerate(warm.values()):
-            scores[j] = (queued[j] + n - own - node - remote) / rates[j] + costs.load_s(node, remote)
+            scores[j] = (queued[j] + n - own - node - remote) / rates[j] + node * same + remote * far
 
         def row(j: int) -> tuple[float, ...]:  # the terms, read only by explanations
             if j < w:
@@ -156,7 +159,7 @@ class KVAwarePolicy(RoutingPolicy):
     ) -> tuple[list[str], dict[str, int], dict[str, list[int]], list[str]]:
         """Names, name -> position, node -> positions, node per position; rebuilt only when
         the pool changes."""
-        names = [r.replica for r in replicas]
+        names = list(map(_replica_name, replicas))
         if names != self._pool_names:
             self._pool_names = names
             self._by_name = {name: i for i, name in enumerate(names)}
