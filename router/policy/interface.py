@@ -98,6 +98,9 @@ class RouteDecision(NamedTuple):
     # A large pool: the candidates scored because they were drawn (the warm ones are always
     # scored, the cold ones not drawn are not); empty when every replica was scored.
     sampled: Sequence[str] = ()
+    # What the request will occupy the chosen replica for, in its prompt tokens (see
+    # ``RoutingState.routed``), when the policy priced it while scoring; -1: work it out.
+    work_tokens: int = -1
 
     @property
     def chosen(self) -> str:

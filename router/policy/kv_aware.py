@@ -135,8 +135,13 @@ class KVAwarePolicy(RoutingPolicy):
 
         at, why = self._choose(scores, replicas, picks, self.tie_s, [t[0] for t in warm.values()])
         p = picks[at]
+        # The chosen one's work (RoutingState.routed): the tokens it computes, plus its store
+        # loads at its rate (they block the engine step). Priced here, where the terms are.
+        own, node, remote = row(at)[2:]
+        chosen_work = int(n - own - node - remote + (node * same + remote * far) * rates[at])
         return RouteDecision(self.name, request.role, best_then_rest(names[p], names, p), why,
-                             ScoreTable(picked, scores, row), PREFILL_TERMS, picked[w:] if drawn else ())
+                             ScoreTable(picked, scores, row), PREFILL_TERMS, picked[w:] if drawn else (),
+                             chosen_work)
 
     def _warm(self, own_depth: dict[str, int], node_depth: dict[str, int], by_name: dict[str, int],
               nodes: list[str], limit: int, anywhere: int) -> dict[int, tuple[int, int, int]]:

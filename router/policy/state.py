@@ -184,7 +184,9 @@ class RoutingState:
         self.decided(request.request_id, decision)
         chosen = decision.chosen
         if request.role == "prefill" and chosen:
-            self.dispatched(chosen, request.request_id, self._work_tokens(request, decision, chosen))
+            work = decision.work_tokens
+            self.dispatched(chosen, request.request_id,
+                            work if work >= 0 else self._work_tokens(request, decision, chosen))
 
     def _work_tokens(self, request: RoutingRequest, decision: RouteDecision, chosen: str) -> int:
         """What the request will occupy the replica for, in its prompt tokens: the tokens it

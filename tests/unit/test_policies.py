@@ -267,3 +267,27 @@ def test_top_reads_the_chosen_and_the_best_others_only() -> None:
     assert top[0].replica == d.chosen and len(top) == 3
     assert [s.replica for s in top] == [s.replica for s in d.scored[:3]]
     assert LeastLoadedPolicy(rng=random.Random(0)).route(None, pool).top(2)[0].replica == "r0"
+
+
+def test_kv_aware_prices_the_chosen_replicas_work_as_the_state_would_from_its_terms() -> None:
+    """``RouteDecision.work_tokens`` (priced while scoring) is what ``RoutingState`` works
+    out from the chosen candidate's terms, for warm, store-node, remote and sampled picks."""
+    rng = random.Random(5)
+    st = RoutingState(CT, prefill_prior_tps=100.0)
+    st.costs.same_node_s_per_token, st.costs.remote_s_per_token = 2e-4, 1e-3
+    pool = [load(f"p{i:02d}", f"n{i // 8}") for i in range(40)]  # > 16: kv_aware samples
+    p = KVAwarePolicy(st, "prefill", random.Random(1))
+    seen = set()
+    for i in range(300):
+        r = req(rng.randint(1, 8), tag=rng.randint(0, 5))
+        st.store.stored(f"n{rng.randint(0, 4)}", r.chunk_keys[: rng.randint(0, len(r.chunk_keys))])
+        if rng.random() < 0.5:
+            st.engines.record(f"p{rng.randint(0, 39):02d}", r.chunk_keys[: rng.randint(0, len(r.chunk_keys))])
+        d = p.route(r, pool[: rng.choice((3, 40))])
+        assert d.work_tokens == st._work_tokens(r, d, d.chosen) >= 1
+        terms = d.terms_of(d.chosen)
+        seen.add((terms["own_tokens"] > 0, terms["node_tokens"] > 0, terms["remote_tokens"] > 0))
+        st.routed(r, d)
+        if i % 3 == 0:
+            st.finished(r.request_id)
+    assert len(seen) >= 4  # the priced work was checked on several kinds of pick
