@@ -68,11 +68,30 @@ class NoAgent(StoreError):
 
 
 
-
 @dataclass(frozen=True)
 class ChunkToSave:
     key: bytes
     nbytes: int
+
+
+@dataclass
+class Placement:
+    """Slots reserved by ``StoreClient.place`` and not yet sealed: chunk i goes into
+    ``payloads[i]`` (a view of the segment on this node, of the client's staging buffer for
+    another), then ``finish`` seals and commits them or ``abort`` gives them back::
+
+        place --> (payloads written) --> finish: seal + commit
+                                    `--> abort: slots freed (also on any failure in finish)
+    """
+
+    target: str
+    info: AgentInfo
+    agent: AgentClient
+    chunks: list[ChunkToSave]  # the placed prefix of the chunks asked for
+    offsets: list[int]
+    payloads: list[memoryview]
+    remote: bool = False
+    closed: bool = False  # finished or aborted
 
 
 def histogram_fields(name: str, seconds: float) -> dict[str, int]:
@@ -150,54 +169,95 @@ class StoreClient:
         self, chunks: Sequence[ChunkToSave], fill_all: FillAll, node_id: str | None = None,
     ) -> int:
         """``batch_put`` with one ``fill_all(payloads)`` call for every chunk it could place
-        (see ``FillAll``); the seals follow it."""
+        (see ``FillAll``); the seals follow it. ``place`` + ``finish`` in one call."""
         if not chunks:
             return 0
+        placed = self.place(chunks, node_id)
+        try:
+            digests = _filled(fill_all, placed.payloads)
+        except BaseException:
+            self.abort(placed)
+            raise
+        return self.finish(placed, digests)
+
+    def place(self, chunks: Sequence[ChunkToSave], node_id: str | None = None) -> Placement:
+        """Reserve slots for ``chunks`` on ``node_id`` (default: this node) and hand out their
+        payload views, to be written at the caller's pace (the CUDA path writes a step's
+        chunks layer by layer during the forward). Only a prefix of ``chunks`` may be placed
+        (the segment is full of pinned data): ``Placement.chunks``. Every placement ends in
+        exactly one ``finish`` or ``abort``; until then its slots are pending (the agent
+        reclaims pending slots of a caller that vanished after its timeout). On another node
+        the payloads are the client's staging buffer, so one such placement at a time."""
         target = node_id or self.node_id
         info, agent = self._agents.get(target)
-        offsets = agent.allocate([c.nbytes for c in chunks])
-        chunks = chunks[: len(offsets)]
+        offsets = agent.allocate([c.nbytes for c in chunks]) if chunks else []
+        chunks = list(chunks[: len(offsets)])
         try:
             if target == self.node_id:
-                entries = self._fill_in_place(info, chunks, offsets, fill_all)
-            else:
-                entries = self._fill_and_ship(info, chunks, offsets, fill_all)
-            return agent.commit(entries)
+                segment = self.shm.segment(info.segment)
+                payloads = [segment.payload(o, c.nbytes) for c, o in zip(chunks, offsets, strict=True)]
+                return Placement(target, info, agent, chunks, offsets, payloads)
+            lengths = [HEADER_BYTES + c.nbytes for c in chunks]
+            if len(self._staging) < sum(lengths):
+                self._staging = bytearray(sum(lengths))
+            staging = memoryview(self._staging)
+            payloads = [staging[a + HEADER_BYTES : a + HEADER_BYTES + c.nbytes]
+                        for c, (a, _b) in zip(chunks, slot_spans(lengths), strict=True)]
+            return Placement(target, info, agent, chunks, offsets, payloads, remote=True)
         except BaseException:
-            try:
-                agent.abort(offsets)
-            except AgentUnavailable:
-                pass  # the agent reclaims abandoned slots after its pending timeout
+            _abort_quietly(agent, offsets)
             raise
 
-    def _fill_in_place(
-        self, info: AgentInfo, chunks: Sequence[ChunkToSave], offsets: list[int], fill_all: FillAll,
-    ) -> list[CommitEntry]:
-        segment = self.shm.segment(info.segment)
-        payloads = [segment.payload(offset, chunk.nbytes) for chunk, offset in zip(chunks, offsets, strict=True)]
-        taken = _filled(fill_all, payloads)
+    def finish(self, placed: Placement, digests: Sequence[int | None]) -> int:
+        """Seal each placed chunk (with its digest, or hashing it where None), ship it if the
+        placement is on another node, and commit; returns how many were stored. Any failure
+        aborts the placement's slots and raises."""
+        if placed.closed:
+            raise StoreError("this placement was already finished or aborted")
+        if len(digests) != len(placed.chunks):
+            self.abort(placed)
+            raise ValueError(f"{len(digests)} digests for {len(placed.chunks)} placed chunks")
+        if not placed.chunks:
+            placed.closed = True
+            return 0
+        try:
+            if placed.remote:
+                entries = self._seal_and_ship(placed, digests)
+            else:
+                entries = self._seal_in_place(placed, digests)
+            stored = placed.agent.commit(entries)
+        except BaseException:
+            self.abort(placed)
+            raise
+        placed.closed = True
+        return stored
+
+    def abort(self, placed: Placement) -> None:
+        """Give a placement's slots back unwritten (idempotent; never raises for an agent that
+        is gone: it reclaims pending slots itself)."""
+        if placed.closed:
+            return
+        placed.closed = True
+        if placed.offsets:
+            _abort_quietly(placed.agent, placed.offsets)
+
+    def _seal_in_place(self, placed: Placement, digests: Sequence[int | None]) -> list[CommitEntry]:
+        segment = self.shm.segment(placed.info.segment)
         entries = []
-        for chunk, offset, digest in zip(chunks, offsets, taken, strict=True):
+        for chunk, offset, digest in zip(placed.chunks, placed.offsets, digests, strict=True):
             digest = segment.seal(offset, chunk.key, chunk.nbytes, digest)
             entries.append(CommitEntry(chunk.key, offset, chunk.nbytes, digest))
-        self.count("bytes_out_shm", sum(HEADER_BYTES + c.nbytes for c in chunks))
+        self.count("bytes_out_shm", sum(HEADER_BYTES + c.nbytes for c in placed.chunks))
         return entries
 
-    def _fill_and_ship(
-        self, info: AgentInfo, chunks: Sequence[ChunkToSave], offsets: list[int], fill_all: FillAll,
-    ) -> list[CommitEntry]:
-        lengths = [HEADER_BYTES + c.nbytes for c in chunks]
-        if len(self._staging) < sum(lengths):
-            self._staging = bytearray(sum(lengths))
+    def _seal_and_ship(self, placed: Placement, digests: Sequence[int | None]) -> list[CommitEntry]:
+        lengths = [HEADER_BYTES + c.nbytes for c in placed.chunks]
         staging = memoryview(self._staging)
-        spans = slot_spans(lengths)
-        taken = _filled(fill_all, [staging[a + HEADER_BYTES : a + HEADER_BYTES + c.nbytes]
-                                   for c, (a, _b) in zip(chunks, spans, strict=True)])
         entries = []
-        for i, (chunk, (a, _b)) in enumerate(zip(chunks, spans, strict=True)):
-            digest = seal_slot(staging, a, chunk.key, chunk.nbytes, taken[i])
-            entries.append(CommitEntry(chunk.key, offsets[i], chunk.nbytes, digest))
-        self.remote.write(info, offsets, lengths, staging)
+        for i, (chunk, (a, _b)) in enumerate(zip(placed.chunks, slot_spans(lengths), strict=True)):
+            digest = seal_slot(staging, a, chunk.key, chunk.nbytes, digests[i])
+            entries.append(CommitEntry(chunk.key, placed.offsets[i], chunk.nbytes, digest))
+        self.remote.write(placed.info, placed.offsets, lengths, staging)
         self.count(f"bytes_out_{self.remote.name}", sum(lengths))
         return entries
 
@@ -470,6 +530,13 @@ def _filled(fill_all: FillAll, payloads: list[memoryview]) -> list[int | None]:
     if len(taken) != len(payloads):
         raise ValueError(f"fill returned {len(taken)} digests for {len(payloads)} chunks")
     return taken
+
+
+def _abort_quietly(agent: AgentClient, offsets: list[int]) -> None:
+    try:
+        agent.abort(offsets)
+    except AgentUnavailable:
+        pass  # the agent reclaims abandoned slots after its pending timeout
 
 
 def _contiguous_runs(idxs: list[int]) -> list[list[int]]:

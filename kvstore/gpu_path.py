@@ -40,62 +40,55 @@ from another node (verified by the client as they land: hashing them again would
 
 A payload that is not in a mapped segment (a staging buffer shipped to another node) is copied
 the same way, unpinned: still correct, just slower.
+
+The CUDA path's modules (all imported only where the cache is on CUDA, but ``gpu_step``):
+
+    gpu_path.py       GpuKVPath: a request's whole chunks out (extract_many) and in (load_many),
+                      the device tier's copies; the staging buffer and the streams
+    gpu_staging.py    where chunks lie in staging, and the one-launch gather/scatter kernel
+    gpu_host.py       segments pinned with CUDA, slots as addresses, pitched slot copies
+    gpu_layerwise.py  the save overlapped with the forward: a step's chunks, group of layers
+                      by group of layers, from save_kv_layer
+    gpu_step.py       the connector's per-step state for it (imported on every engine)
+    gpu_xxh3.py       the checksums on the GPU
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import itertools
-import mmap
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import triton
-import triton.language as tl
 
 from kvstore import segment as seg
+from kvstore.gpu_host import (  # noqa: F401  (REGISTRY, HostRegistry: re-exported for the tools)
+    REGISTRY,
+    HostRegistry,
+    SlotCopies,
+    Slots,
+    _clear_last_cuda_error,
+    _pitched_runs,
+)
+from kvstore.gpu_staging import (  # noqa: F401  (re-exported: the tests and tools import them from here)
+    _ROW_TILE,
+    Index,
+    Staged,
+    _copy_rows,
+    _hash_block,
+    _spanning,
+    device_runs,
+    staging_rows,
+)
 from kvstore.logging import get_logger
 
 log = get_logger(__name__)
 
-_ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
 _U64 = (1 << 64) - 1
-_H2D, _D2H = 1, 2  # cudaMemcpyKind
-_ROW_TILE = 1024  # 8-byte words per program of _copy_rows (8 KiB)
 # GPU staging per step of a request's save or load: its chunks go in runs of at most this
 # many bytes (a 2k-token prompt of a 1B model is 64 MiB: one run; very long ones take a few).
 GROUP_BYTES = 256 << 20
-Staged = tuple[int, Sequence[int], int]  # (chunk's index in staging, its block ids, blocks skipped)
-
-
-@triton.jit  # type: ignore[untyped-decorator]  # Triton types a kernel when it specialises it
-def _copy_rows(table, strides, ids, pos, staging, n_ids, layer_rows, row_words,  # type: ignore[no-untyped-def]
-               flags, chunk_rows, TO_STAGING: tl.constexpr, TILE: tl.constexpr, FLAGGED: tl.constexpr):
-    """Between block ``ids[j]`` of layer ``l`` (a row of ``row_words`` int64 words at address
-    ``table[l] + ids[j] * strides[l]`` words) and staging row ``pos[j] + l * layer_rows``;
-    one program per (layer, id) and TILE words of its row. FLAGGED: only rows of staged
-    chunks whose ``flags[pos[j] // chunk_rows]`` is not 0 are moved (a load's scatter,
-    queued before anyone knows which chunks matched their checksums)."""
-    r = tl.program_id(0)
-    layer = r // n_ids
-    j = r % n_ids
-    base = tl.load(table + layer).to(tl.pointer_type(tl.int64))
-    row = base + tl.load(ids + j) * tl.load(strides + layer)
-    cols = tl.program_id(1) * TILE + tl.arange(0, TILE)
-    at = tl.load(pos + j)
-    if FLAGGED:  # a chunk that failed its check is a row of 0 words
-        m = cols < tl.where(tl.load(flags + at // chunk_rows) != 0, row_words, 0)
-    else:
-        m = cols < row_words
-    stage = staging + (at + layer * layer_rows) * row_words
-    if TO_STAGING:
-        tl.store(stage + cols, tl.load(row + cols, mask=m), mask=m)
-    else:
-        tl.store(row + cols, tl.load(stage + cols, mask=m), mask=m)
 
 
 def _gpu_checksums_work(device: torch.device) -> bool:
@@ -121,71 +114,7 @@ def _gpu_checksums_work(device: torch.device) -> bool:
         return False
 
 
-class HostRegistry:
-    """cudaHostRegister each mapped segment once; ``pinned(payload)`` says whether a payload
-    view lies in a registered mapping (registering it on first sight)."""
-
-    def __init__(self) -> None:
-        self._maps: dict[int, tuple[mmap.mmap, int, bool]] = {}  # id(mmap) -> (mmap, base, ok)
-        self._cudart: Any = None
-
-    def pinned(self, payload: memoryview) -> bool:
-        mm = payload.obj
-        if not isinstance(mm, mmap.mmap) or mm.closed:
-            return False
-        entry = self._maps.get(id(mm))
-        if entry is not None and entry[0] is mm:
-            return entry[2]
-        self._forget_closed()
-        base = ctypes.addressof(ctypes.c_char.from_buffer(mm))  # the anchor is dropped at once
-        ok = self._register(base, len(mm))
-        self._maps[id(mm)] = (mm, base, ok)
-        return ok
-
-    def _rt(self) -> Any:
-        if self._cudart is None:
-            self._cudart = torch.cuda.cudart()
-        return self._cudart
-
-    def _register(self, base: int, size: int) -> bool:
-        try:
-            err = self._rt().cudaHostRegister(base, size, 0)
-        except Exception as e:  # no binding: stay on pageable copies
-            log.warning("cudaHostRegister unavailable, KV copies stay pageable: %s", e)
-            return False
-        if int(err) == _ALREADY_REGISTERED:
-            return True
-        if int(err) != 0:
-            log.warning("cudaHostRegister of a %d B segment failed (%s), KV copies stay pageable", size, err)
-            _clear_last_cuda_error()  # else torch's next launch check reports it
-            return False
-        log.info("registered a %d MiB store segment with CUDA (pinned)", size >> 20)
-        return True
-
-    def _forget_closed(self) -> None:
-        for key, (mm, base, ok) in list(self._maps.items()):
-            if mm.closed:
-                del self._maps[key]
-                if ok:
-                    try:
-                        self._rt().cudaHostUnregister(base)
-                    except Exception:
-                        pass
-
-    def close(self) -> None:
-        for mm, base, ok in self._maps.values():
-            if ok and not mm.closed:
-                try:
-                    self._rt().cudaHostUnregister(base)
-                except Exception:
-                    pass
-        self._maps.clear()
-
-
-REGISTRY = HostRegistry()  # one per process: a mapping is registered once, whoever copies
-
-
-class GpuKVPath:
+class GpuKVPath(SlotCopies):
     """Gather/scatter of whole chunks between paged CUDA KV blocks and slot payloads, a
     request's chunks at a time (``extract_many``, ``load_many``): one gather or scatter
     launch, one hash launch and one host synchronisation per request (per ``GROUP_BYTES``
@@ -319,15 +248,6 @@ class GpuKVPath:
             if len(payload) != nbytes:
                 raise ValueError(f"chunk holds {len(payload)} B, this engine expects {nbytes}")
 
-    def _slots(self, payloads: Sequence[memoryview]) -> Slots:
-        """The payloads and their addresses (each segment registered with CUDA on first
-        sight). Addresses, not tensors: ``torch.frombuffer`` cost ~6 us of host time per slot
-        on the H200 machines, 100 us for a request of 16 chunks, before its first copy."""
-        for payload in payloads:
-            self.registry.pinned(payload)
-        return Slots(payloads, [_address(p) for p in payloads])
-
-    # -- the checksums ---------------------------------------------------------------------
 
     def _hash_async(self, flat: torch.Tensor, n_chunks: int, after: torch.cuda.Event | None = None,
                     expected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -500,66 +420,6 @@ class GpuKVPath:
         self._move(slots, flat, to_host=False)
         return flat
 
-    def _move(self, slots: Slots, flat: torch.Tensor, to_host: bool) -> None:
-        """Queue the copies between the slots' payloads and their places in staging on the
-        side stream: one ``cudaMemcpy2DAsync`` per run of slots at a constant pitch (the
-        allocator lays a request's slots out back to back, so usually one for all of them),
-        one ``copy_`` per slot otherwise."""
-        cb = len(slots.views[0])
-        n = len(slots.addrs)
-        runs = _pitched_runs(slots.addrs, cb) if self.pitched_copies else [(c, c + 1, cb) for c in range(n)]
-        dev = flat.data_ptr()
-        one_by_one: list[int] = []
-        for a, b, pitch in runs:
-            if not (b - a > 1 and self.pitched_copies and self._copy_2d(slots.addrs[a], dev + a * cb, cb, b - a,
-                                                                        pitch, to_host)):
-                one_by_one += range(a, b)
-        if not one_by_one:
-            return
-        with torch.cuda.stream(self.stream):  # entered once: ~10 us of host time each time
-            for c in one_by_one:
-                host = torch.frombuffer(slots.views[c], dtype=torch.uint8)
-                if to_host:
-                    host.copy_(flat[c * cb : (c + 1) * cb], non_blocking=True)
-                else:
-                    flat[c * cb : (c + 1) * cb].copy_(host, non_blocking=True)
-
-    def _copy_2d(self, host: int, dev: int, width: int, rows: int, pitch: int, to_host: bool) -> bool:
-        """One ``cudaMemcpy2DAsync`` on the side stream between ``rows`` rows of ``width``
-        bytes back to back at device address ``dev`` and as many host rows from ``host`` on,
-        ``pitch`` bytes apart; False (logged, and pitched copies off for good) if CUDA refuses it."""
-        fn = _memcpy_2d_async()
-        args = (host, pitch, dev, width) if to_host else (dev, width, host, pitch)
-        err = fn(*args, width, rows, _D2H if to_host else _H2D, self.stream.cuda_stream) if fn else -1
-        if err == 0:
-            return True
-        log.warning("cudaMemcpy2DAsync failed (%s): slot copies go one by one", err)
-        _clear_last_cuda_error()
-        self.pitched_copies = False
-        return False
-
-    def _pitched_copies_work(self) -> bool:
-        """Whether a pitched H2D and D2H of three rows through ``_copy_2d`` moves the same
-        bytes as row-by-row copies (a wrong pitch would scatter KV over the wrong slots)."""
-        if _memcpy_2d_async() is None:
-            return False
-        try:
-            width, pitch = 4096, 4096 + 512
-            host = torch.empty(3 * pitch, dtype=torch.uint8, pin_memory=True)
-            host.copy_(torch.randint(0, 256, (3 * pitch,), dtype=torch.uint8))
-            rows = [host[r * pitch : r * pitch + width] for r in range(3)]
-            staged = torch.empty(3 * width, dtype=torch.uint8, device=self.device)
-            ok = self._copy_2d(host.data_ptr(), staged.data_ptr(), width, 3, pitch, to_host=False)
-            self.stream.synchronize()
-            ok = ok and torch.equal(staged.cpu(), torch.cat(rows))
-            back = torch.zeros_like(host)
-            ok = ok and self._copy_2d(back.data_ptr(), staged.data_ptr(), width, 3, pitch, to_host=True)
-            self.stream.synchronize()
-            return ok and all(torch.equal(back[r * pitch : r * pitch + width], rows[r]) for r in range(3))
-        except Exception as e:
-            log.warning("pitched slot copies are unavailable (%s: %s): one copy per slot", type(e).__name__, e)
-            return False
-
     def _scatter(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, index: Index | None = None,
                  flags: torch.Tensor | None = None) -> None:
         """Scatter on the side stream; the engine's stream waits for it before its forward."""
@@ -622,145 +482,9 @@ class GpuKVPath:
         return ok
 
 
-def device_runs(srcs: Sequence[torch.Tensor], nbytes: int) -> list[tuple[int, int]]:
-    """[a, b) index ranges of ``srcs`` (``nbytes`` each) that lie back to back in one storage:
-    one device copy each (a device tier's ring hands a request consecutive slots)."""
-    runs: list[tuple[int, int]] = []
-    for i, src in enumerate(srcs):
-        if runs and _adjacent(srcs[i - 1], src, nbytes):
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
-def _adjacent(prev: torch.Tensor, src: torch.Tensor, nbytes: int) -> bool:
-    """Whether ``src`` starts where ``prev`` ends, both views of one tensor (cheap checks: a
-    request's worth of them runs per load)."""
-    base = src._base
-    return base is not None and base is prev._base and src.data_ptr() == prev.data_ptr() + nbytes
-
-
-def _spanning(first: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """``nbytes`` (uint8, contiguous) of ``first``'s storage from where ``first`` starts."""
-    return first if first.numel() == nbytes else first.as_strided((nbytes,), (1,))
-
-
-def staging_rows(chunks: Sequence[Staged], layers: int, n: int) -> np.ndarray:
-    """``_copy_rows``' ``ids`` and ``pos`` for ``chunks`` of ``n`` blocks per layer staged
-    back to back, as the rows of one int64 array: block k of staged chunk c, layer 0, is
-    staging row c * layers * n + k (the kernel adds l * n for layer l); a chunk's ids start
-    at its block ``skip``."""
-    ids = np.fromiter(itertools.chain.from_iterable(ids_c for _, ids_c, _ in chunks), np.int64)
-    first = np.fromiter((c * layers * n + skip for c, _, skip in chunks), np.int64, len(chunks))
-    m = len(chunks[0][1]) if chunks else 0
-    if all(len(ids_c) == m for _, ids_c, _ in chunks):  # as many ids each (always, saving)
-        return np.stack([ids, (first[:, None] + np.arange(m, dtype=np.int64)).reshape(-1)])
-    counts = np.fromiter((len(ids_c) for _, ids_c, _ in chunks), np.int64, len(chunks))
-    run_start = np.repeat(np.cumsum(counts) - counts, counts)  # each id's run's first index
-    pos = np.repeat(first, counts) + (np.arange(len(ids), dtype=np.int64) - run_start)
-    return np.stack([ids, pos])
-
-
-class Index(NamedTuple):
-    """What ``GpuKVPath._index`` uploaded: ``rows`` ids, ``rows`` staging positions, then
-    anything appended (a load's expected checksums), in one int64 tensor on the GPU."""
-
-    dev: torch.Tensor
-    rows: int
-
-    @property
-    def ids(self) -> torch.Tensor:
-        return self.dev[: self.rows]
-
-    @property
-    def pos(self) -> torch.Tensor:
-        return self.dev[self.rows : 2 * self.rows]
-
-    def tail(self, k: int) -> torch.Tensor:
-        return self.dev[2 * self.rows : 2 * self.rows + k]
-
-
-class Slots(NamedTuple):
-    """A group's slot payloads and their host addresses, in staging order."""
-
-    views: Sequence[memoryview]
-    addrs: list[int]
-
-    def pick(self, idx: Sequence[int]) -> Slots:
-        return Slots([self.views[i] for i in idx], [self.addrs[i] for i in idx])
-
-
-def _address(view: memoryview) -> int:
-    """Where ``view``'s bytes start (a writable view, as slots are, through ctypes; a
-    read-only one through numpy)."""
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
-    except TypeError:
-        return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
-
-
-def _hash_block(chunk_bytes: int) -> int | None:
-    """The block size at which ONE ``block_digests`` launch over chunks of ``chunk_bytes``
-    laid back to back yields every chunk's checksum blocks in order: CHECK_BLOCK when a chunk
-    is whole checksum blocks, the chunk itself when it is one (long-input) block; None when
-    neither (each chunk is hashed in its own launch)."""
-    from kvstore.gpu_xxh3 import KIB_BLOCK
-
-    if chunk_bytes % seg.CHECK_BLOCK == 0:
-        return seg.CHECK_BLOCK
-    if chunk_bytes < seg.CHECK_BLOCK and chunk_bytes % KIB_BLOCK == 0:
-        return chunk_bytes
-    return None
-
-
-def _pitched_runs(ptrs: Sequence[int], width: int) -> list[tuple[int, int, int]]:
-    """``ptrs`` (the slots' payload addresses, in staging order) as runs ``(a, b, pitch)``:
-    slots a..b-1 lie ``pitch`` bytes apart, ``pitch >= width`` (rows never overlap); a slot
-    with no such neighbour is a run of one."""
-    runs: list[tuple[int, int, int]] = []
-    a = 0
-    while a < len(ptrs):
-        b, pitch = a + 1, width
-        if b < len(ptrs) and ptrs[b] - ptrs[a] >= width:
-            pitch = ptrs[b] - ptrs[a]
-            while b < len(ptrs) and ptrs[b] - ptrs[b - 1] == pitch:
-                b += 1
-        runs.append((a, b, pitch))
-        a = b
-    return runs
-
-
-@functools.cache
-def _memcpy_2d_async() -> Any:
-    """The CUDA runtime's ``cudaMemcpy2DAsync`` (from the libcudart torch loaded; torch does
-    not bind it), or None."""
-    try:
-        with open("/proc/self/maps") as f:
-            libs = sorted({line.split()[-1] for line in f if "libcudart.so" in line})
-        fn = ctypes.CDLL(libs[0]).cudaMemcpy2DAsync
-    except Exception as e:
-        log.info("cudaMemcpy2DAsync not found (%s): one copy per slot", e)
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                   ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def _groups(n_chunks: int, chunk_bytes: int) -> list[range]:
     """A request's chunks in runs of at most GROUP_BYTES of staging (at least one chunk)."""
     per = max(1, GROUP_BYTES // max(1, chunk_bytes))
     return [range(a, min(a + per, n_chunks)) for a in range(0, n_chunks, per)]
-
-
-def _clear_last_cuda_error() -> None:
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "libcudart" in line}
-        for lib in libs:
-            ctypes.CDLL(lib).cudaGetLastError()
-    except Exception:
-        pass
 
 
