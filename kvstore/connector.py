@@ -8,7 +8,11 @@ Loaded by module path (``kv_connector_module_path="kvstore.connector"``,
   load and save work (``connector_plan``).
 - worker side (the process that owns the paged KV tensors): ``start_load_kv`` copies stored
   chunks into the request's blocks before the forward; ``wait_for_save`` copies every newly
-  completed prompt chunk out into the node's segment after it.
+  completed prompt chunk out into the node's segment after it. On CUDA (TP=1) the save is
+  overlapped with the forward instead: the step's slots are placed at its first
+  ``save_kv_layer``, each layer's part is gathered and copied out as the forward finishes it
+  (``kvstore/gpu_layerwise.py``), and ``wait_for_save`` only hashes, waits and commits;
+  ``PDSERVE_LAYERWISE_SAVE=0`` turns it off.
 - tensor parallelism: one scheduler side per engine, one worker side per rank. Each rank's
   shard of a chunk is its own slot under its own key (``hashing.rank_key``); the scheduler
   counts a chunk only when every rank's shard is stored, and each worker takes its own
@@ -51,6 +55,12 @@ from kvstore.connector_plan import (
     block_ids_after_step,
     plan_hit,
     stored_prefix,
+)
+from kvstore.gpu_step import (  # noqa: F401  (the switches: read here, at the worker's start)
+    LayerwiseSteps,
+    StepSave,
+    layerwise_min_bytes,
+    layerwise_save_enabled,
 )
 from kvstore.hashing import KVNamespace, chunk_keys, rank_keys
 from kvstore.logging import get_logger
@@ -160,7 +170,7 @@ class _Warner:
             log.warning("kv store %s works again after %d failures", what, n)
 
 
-class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
+class PDStoreConnector(LayerwiseSteps, KVConnectorBase_V1):  # type: ignore[misc]
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
@@ -203,6 +213,11 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._tier_reader: Any = None  # ...TierReader: this worker loads from the node's device tiers
         self._tier_warned: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._layer_index: dict[str, int] = {}  # layer name -> its index in _blocks
+        self._layerwise = False  # save_kv_layer writes the step's chunks (CUDA, TP=1, the switch on)
+        self._layerwise_min_bytes = 0  # steps saving less go after the forward (layerwise_min_bytes)
+        self._step: StepSave | None = None  # this step's save, once its first layer came
+        self._step_tried = False  # this step's save was begun (or could not be): once per step
         self._counters: dict[str, int] = {}
         # The process that started this one (the engine core, or the replica): once it is
         # gone, this process is being torn down and publishes nothing more.
@@ -303,15 +318,25 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 meta = StoreConnectorMetadata()
             else:
                 meta = meta.for_rank(self._tp_rank, self._tp_size)
+        self._drop_step("a step's save was begun but never waited for (its forward failed)")
+        self._step_tried = False
         super().bind_connector_metadata(meta)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._blocks = [self._block_rows(t) for t in kv_caches.values()]
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
         if self._blocks and self._blocks[0].is_cuda and gpu_path_enabled():
             from kvstore.gpu_path import GpuKVPath  # CUDA only: never imported on CPU engines
 
             self._gpu = GpuKVPath(self._blocks)
             self._start_device_tier()
+            # Layer by layer needs this rank's slots on this node and GPU checksums; TP ranks
+            # keep the whole-chunk path (one rank's forward is not the others').
+            self._layerwise = (layerwise_save_enabled() and self._enabled and self._save_enabled
+                               and self._tp_size == 1 and bool(self._gpu.gpu_checksums))
+            self._layerwise_min_bytes = layerwise_min_bytes()
+            log.info("save overlapped with the forward (layer by layer): %s, for steps saving %d MiB or more",
+                     self._layerwise, self._layerwise_min_bytes >> 20)
 
     def _start_device_tier(self) -> None:
         """The device tier (``kvstore.gpu_tier_mb`` > 0, GPU checksums working): a worker that
@@ -457,9 +482,6 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are synchronous in start_load_kv
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # whole chunks are saved after the forward, in wait_for_save
-
     def orphaned(self) -> bool:
         """True once the process that started this one (engine core or replica) has died."""
         return os.getppid() != self._parent_pid
@@ -467,24 +489,31 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def wait_for_save(self) -> None:
         meta = self._get_connector_metadata()
         if not isinstance(meta, StoreConnectorMetadata) or not meta.saves:
+            self._drop_step("a save begun without this step's plan")  # cannot be; never leak slots
             return
         # vLLM calls this from a `finally`: also after a forward that raised (an engine torn
         # down mid-step when its replica is killed). Its blocks then hold KV that was never
         # computed; saved, it would pass every checksum and serve garbage to the next reader
-        # (seen: a killed replica's retry answered EOS). Only a step that completed saves.
+        # (seen: a killed replica's retry answered EOS). Only a step that completed saves;
+        # the slots a layer-wise save placed for it are given back.
         failed = sys.exc_info()[1]
         if failed is not None or self.orphaned():
             why = f"the step failed ({type(failed).__name__})" if failed else f"process {self._parent_pid} is gone"
+            self._drop_step(why)
             self._warn("save", RuntimeError(f"{why}: its chunks are not saved"))
             self._count("save_failures", len(meta.saves))
             return
+        step, self._step = self._step, None
         nbytes = self._chunk_nbytes()
         items = meta.saves
         try:
-            stored = self._store.batch_put_all(
-                [ChunkToSave(it.key, nbytes) for it in items],
-                lambda payloads: self._extract_all(items, payloads),
-            )
+            if step is None:
+                stored = self._store.batch_put_all(
+                    [ChunkToSave(it.key, nbytes) for it in items],
+                    lambda payloads: self._extract_all(items, payloads),
+                )
+            else:
+                stored = self._finish_step(step)
             self._warn.ok("save")
             self._count("saved_chunks", stored)
         except Exception as e:
@@ -562,6 +591,7 @@ class PDStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._warn("stats", e)
 
     def shutdown(self) -> None:
+        self._drop_step("shut down mid-step")
         if self._tier is not None:
             try:
                 self._tier.close()  # readers stop pulling from it

@@ -81,6 +81,12 @@ def test_greedy_output_equals_monolithic_vllm_on_the_same_gpu(
         assert cached % BLOCK == 0 and cached <= (len(tokenizer.encode(prompt)) - 1) // BLOCK * BLOCK
     assert role_counter(meta, "prefill", "saved_chunks") > 0
     assert role_counter(meta, "decode", "load_failures") == 0
+    if DEVICE is not None and DEVICE.name == "cuda":  # the save overlapped with the forward (on by default)
+        layerwise = role_counter(meta, "prefill", "saved_chunks_layerwise")
+        fallbacks = role_counter(meta, "prefill", "layerwise_save_fallbacks")
+        print(f"prefill chunks saved layer by layer during the forward: {layerwise} of "
+              f"{role_counter(meta, 'prefill', 'saved_chunks')}; steps that fell back: {fallbacks}")
+        assert layerwise > 0
 
 
 def test_decode_replica_loads_the_prompt_kv_from_the_store(
