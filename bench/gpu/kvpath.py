@@ -73,14 +73,33 @@ import torch
 
 def _stand_in_for_vllm() -> None:
     """The names kvstore.connector imports from vLLM, where vLLM is not installed (the
-    device's image without the carried parts): the benchmark only calls its copy methods."""
+    device's image without the carried parts): the benchmarks call its copy methods and its
+    worker-side step (bench/gpu/overlap.py), which reads the step's metadata from the base."""
     try:
         import vllm  # noqa: F401
     except ImportError:
         name = "vllm.distributed.kv_transfer.kv_connector.v1.base"
         base = types.ModuleType(name)
-        for cls in ("KVConnectorBase_V1", "KVConnectorMetadata", "KVConnectorRole"):
+        for cls in ("KVConnectorMetadata", "KVConnectorRole"):
             setattr(base, cls, type(cls, (), {}))
+
+        class KVConnectorBase_V1:  # noqa: N801  (vLLM's name) the step's metadata, as vLLM's base keeps it
+            _connector_metadata: Any = None
+
+            def bind_connector_metadata(self, meta: Any) -> None:
+                self._connector_metadata = meta
+
+            def clear_connector_metadata(self) -> None:
+                self._connector_metadata = None
+
+            def has_connector_metadata(self) -> bool:
+                return self._connector_metadata is not None
+
+            def _get_connector_metadata(self) -> Any:
+                assert self._connector_metadata is not None
+                return self._connector_metadata
+
+        base.KVConnectorBase_V1 = KVConnectorBase_V1  # type: ignore[attr-defined]
         parts = name.split(".")
         for i in range(1, len(parts)):
             sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
@@ -277,6 +296,7 @@ def same_node_store(seg: Segment) -> Any:
     info = SimpleNamespace(segment=seg.name)
     client = SimpleNamespace(_verifier=verifier, shm=SimpleNamespace(segment=lambda name: seg, name="shm"), node_id="n",
                              _agent=lambda node: (info, None), count=lambda *a: None, _infos={},
+                             _agents=SimpleNamespace(get=lambda node: (info, None), forget=lambda node: None),
                              _count_loaded=lambda *a: None)
     client._get_local_self_verified = lambda *a: StoreClient._get_local_self_verified(client, *a)  # type: ignore[arg-type]
     client._get_run = lambda *a: StoreClient._get_run(client, *a)  # type: ignore[arg-type]

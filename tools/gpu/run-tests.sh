@@ -20,6 +20,9 @@
 # (tests/unit/test_gpu_xxh3.py on the GPU, then tools/gpu/xxh3-bench.py: $OUT/gpu-xxh3.json);
 # those need only the image's packages, so they can also run alone in any call.
 # KVPATH_TOOLS=1 also runs tools/gpu/kvpath-smoke.py and tools/gpu/kvpath-profile.py (logged here).
+# OVERLAP=1 runs tests/gpu/test_layerwise_gpu.py (layer-wise save = whole-chunk save, byte for byte)
+# and bench/gpu/overlap.py (a prefill step's save, layer by layer vs after the forward: JSON to
+# $OUT/gpu-overlap.json) within OVERLAP_BUDGET_S (200); OVERLAP_ARGS adds arguments. No vLLM needed.
 # CROSS=1 runs bench/gpu/crossgpu.py (KV between two processes' GPUs: $OUT/gpu-crossgpu.json)
 # within CROSS_BUDGET_S (150).
 # With TESTS=0 and no SERVE_BENCH the vLLM/Ray parts are not needed (nothing imports them: the KV
@@ -128,6 +131,9 @@ local saver=$!
 if [ "${TESTS:-1}" = 0 ]; then  # TESTS=0: the benchmarks alone (a later call on a warm machine)
   say "tests/gpu skipped (TESTS=0)"; rc=0
 else
+# the test model's steps save 4 MiB at most: every one goes layer by layer (the default minimum
+# is 32 MiB, kvstore.connector.layerwise_min_bytes); PDSERVE_LAYERWISE_SAVE=0 tests the old path
+PDSERVE_LAYERWISE_SAVE_MIN_MIB=${PDSERVE_LAYERWISE_SAVE_MIN_MIB:-0} \
 timeout -s INT -k 60 "${PYTEST_BUDGET_S:-420}" "$PY" -m pytest tests/gpu -v -s -rA -p no:cacheprovider \
   --basetemp=/tmp/pdgpu-pytest "$@"
 rc=$?
@@ -142,7 +148,8 @@ fi
 grep -rhoE "reserved [0-9.]+ GiB memory for KV Cache|Available KV cache memory: [0-9.]+ GiB|GPU KV cache size: [0-9,]+ tokens" \
   /tmp/pdgpu-logs | sort | uniq -c
 # the CUDA KV path's own start line in each engine (kvstore/gpu_path.py)
-grep -rhoE "GPU KV path: .*|GPU xxh3 .*|one-launch KV gather .*" /tmp/pdgpu-logs | sort | uniq -c
+grep -rhoE "GPU KV path: .*|GPU xxh3 .*|one-launch KV gather .*|save overlapped with the forward .*" /tmp/pdgpu-logs \
+  | sort | uniq -c
 
 # -- 6. optional: the KV path bandwidth benchmark on the same machine
 if [ "${BENCH:-0}" = 1 ]; then
@@ -168,6 +175,18 @@ fi
 if [ "${KVPATH_TOOLS:-0}" = 1 ]; then
   timeout -k 10 90 "$PY" tools/gpu/kvpath-smoke.py; say "RESULT kvpath-smoke rc=$?"
   timeout -k 10 120 "$PY" tools/gpu/kvpath-profile.py; say "RESULT kvpath-profile rc=$?"
+fi
+
+# -- 6c. optional: the save overlapped with the forward (kvstore/gpu_layerwise.py): its bytes and
+# checksums against the whole-chunk save's on this GPU, then the prefill step with either save
+# (bench/gpu/overlap.py: $OUT/gpu-overlap.json; image packages + redis-py only)
+if [ "${OVERLAP:-0}" = 1 ]; then
+  say "layer-wise save: tests/gpu/test_layerwise_gpu.py, bench/gpu/overlap.py"
+  timeout -k 10 150 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/gpu/test_layerwise_gpu.py
+  say "RESULT layerwise check rc=$?"
+  # shellcheck disable=SC2086
+  timeout -k 10 "${OVERLAP_BUDGET_S:-200}" "$PY" -m bench.gpu.overlap --out "$OUT/gpu-overlap.json" ${OVERLAP_ARGS:-}
+  say "RESULT overlap bench rc=$?"
 fi
 
 # -- 7. optional: pdserve 1P1D vs monolithic vLLM under load, on the same GPU
