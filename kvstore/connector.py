@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,7 @@ from kvstore.connector_plan import (
     plan_hit,
     stored_prefix,
 )
-from kvstore.gpu_step import (  # noqa: F401  (the switches: read here, at the worker's start)
+from kvstore.gpu_step import (
     LayerwiseSteps,
     StepSave,
     layerwise_min_bytes,
@@ -533,12 +533,18 @@ class PDStoreConnector(LayerwiseSteps, KVConnectorBase_V1):  # type: ignore[misc
         return [self._extract(it, p) for it, p in zip(items, payloads, strict=False)]
 
     def _extract_to_tier(self, items: list[SaveItem], payloads: Sequence[memoryview]) -> list[int | None]:
-        """``extract_many``, each staging group also copied into the device tier, then the
-        tier's mappings written: a failure there costs the tier copy, never the save."""
+        """``extract_many``, each staging group also copied into the device tier."""
+        return self._staged_into_tier(
+            items, lambda stage: self._gpu.extract_many_staged([it.block_ids for it in items], payloads, stage))
+
+    def _staged_into_tier(self, items: Sequence[SaveItem],
+                          save: Callable[[Callable[..., None]], Sequence[int | None]]) -> list[int | None]:
+        """Run a CUDA save whose staging groups ``save(tier.stage)`` also copies into the
+        device tier, then write the tier's mappings: a failure there costs the tier copy, never
+        the save (the whole-chunk save and the layer-wise one, ``gpu_step``, both end here)."""
         tier = self._tier
         try:
-            digests: list[int | None] = self._gpu.extract_many_staged([it.block_ids for it in items], payloads,
-                                                                      tier.stage)
+            digests: list[int | None] = list(save(tier.stage))
         except BaseException:
             tier.abandon()
             raise

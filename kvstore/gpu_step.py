@@ -18,7 +18,7 @@ imported on every engine and imports nothing GPU-only (the copies come in on CUD
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +88,8 @@ class LayerwiseSteps:
         def _get_connector_metadata(self) -> Any: ...
         def _chunk_nbytes(self) -> int: ...
         def _count(self, name: str, n: int) -> None: ...
-        def _tier_failed(self, what: str, err: BaseException) -> None: ...
+        def _staged_into_tier(self, items: Sequence[SaveItem],
+                              save: Callable[[Callable[..., None]], Sequence[int | None]]) -> list[int | None]: ...
         def _extract_all(self, items: list[SaveItem], payloads: Sequence[memoryview]) -> list[int | None]: ...
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
@@ -180,19 +181,7 @@ class LayerwiseSteps:
 
     def _finish_layers(self, step: StepSave) -> list[int | None]:
         """The layer-wise save's checksums; with a device tier, staging's chunks also copied
-        into it and its mappings written (a failure there costs the tier copy, never the save)."""
-        tier = self._tier
-        if tier is None:
+        into it (``_staged_into_tier``, as the whole-chunk save does)."""
+        if self._tier is None:
             return list(step.layers.finish())
-        try:
-            digests: list[int | None] = list(step.layers.finish(tier.stage))
-        except BaseException:
-            tier.abandon()
-            raise
-        try:
-            self._count("saved_chunks_device", tier.publish([it.key for it in step.items], digests))
-        except Exception as e:
-            tier.abandon()
-            self._tier_failed("save", e)
-        return digests
-
+        return self._staged_into_tier(step.items, step.layers.finish)
