@@ -146,31 +146,7 @@ class OwnerIndex:
         chunks of ``keys`` it holds contiguously, in order of depth, shallowest first (owners
         are noted as they drop out: the deepest are last, so callers read them without
         sorting). Touches the prompt's first chunk (its root is in use)."""
-        chunks, owner_at = self._chunks, self._owner_at
-        get = chunks.get
-        alive = get(keys[0], 0) & self._bits[kind] if keys else 0
-        if not alive:
-            return {}
-        chunks.move_to_end(keys[0])
-        out: dict[str, int] = {}
-        depth = 1
-        for key in keys[1:]:  # every request walks this: the common step (nobody drops) is one AND
-            nxt = alive & get(key, 0)
-            if nxt != alive:
-                dropped = alive ^ nxt  # nxt is a subset of alive
-                while dropped:
-                    low = dropped & -dropped
-                    out[owner_at[low.bit_length() - 1]] = depth  # type: ignore[index]
-                    dropped ^= low
-                if not nxt:
-                    return out
-                alive = nxt
-            depth += 1
-        while alive:
-            low = alive & -alive
-            out[owner_at[low.bit_length() - 1]] = depth  # type: ignore[index]
-            alive ^= low
-        return out
+        return self._walk(keys, self._bits[kind])[kind]
 
     def prefix_depths_and_any(self, keys: Sequence[bytes], kind: int = 0) -> tuple[dict[str, int], int]:
         """``prefix_depths`` and ``any_prefix`` together (the router asks both per request)."""
@@ -180,36 +156,41 @@ class OwnerIndex:
     def engine_and_store_depths(self, keys: Sequence[bytes]) -> tuple[dict[str, int], dict[str, int], int]:
         """In one walk of a two-kind table: ``prefix_depths`` of the engines, of the store
         nodes, and the store's ``any_prefix`` (what ``kv_aware`` asks per request)."""
+        by_kind = self._walk(keys, -1)  # every owner, of either kind
+        nodes = by_kind[STORE_NODE]
+        return by_kind[ENGINE], nodes, self._any_from(keys, next(reversed(nodes.values()), 0), STORE_NODE)
+
+    def _walk(self, keys: Sequence[bytes], within: int) -> list[dict[str, int]]:
+        """``prefix_depths`` of the owners in the mask ``within``, one dict per kind. It
+        AND-s the masks along the prompt and notes the depth at which each owner's bit drops
+        out (the common step, nobody drops, is one AND)."""
         chunks, owner_at, kind_at = self._chunks, self._owner_at, self._kind_at
         get = chunks.get
-        engines: dict[str, int] = {}
-        nodes: dict[str, int] = {}
-        alive = get(keys[0], 0) if keys else 0
+        out: list[dict[str, int]] = [{} for _ in self._bits]
+        alive = get(keys[0], 0) & within if keys else 0
         if not alive:
-            return engines, nodes, 0
+            return out
         chunks.move_to_end(keys[0])
-        out = (nodes, engines)  # by kind: STORE_NODE, ENGINE
         depth = 1
-        for key in keys[1:]:  # as in prefix_depths; a dropped owner goes to its kind's dict
+        for key in keys[1:]:  # every request walks this
             nxt = alive & get(key, 0)
             if nxt != alive:
-                dropped = alive ^ nxt
+                dropped = alive ^ nxt  # nxt is a subset of alive
                 while dropped:
                     low = dropped & -dropped
                     slot = low.bit_length() - 1
                     out[kind_at[slot]][owner_at[slot]] = depth  # type: ignore[index]
                     dropped ^= low
                 if not nxt:
-                    break
+                    return out
                 alive = nxt
             depth += 1
-        else:
-            while alive:
-                low = alive & -alive
-                slot = low.bit_length() - 1
-                out[kind_at[slot]][owner_at[slot]] = depth  # type: ignore[index]
-                alive ^= low
-        return engines, nodes, self._any_from(keys, next(reversed(nodes.values()), 0), STORE_NODE)
+        while alive:
+            low = alive & -alive
+            slot = low.bit_length() - 1
+            out[kind_at[slot]][owner_at[slot]] = depth  # type: ignore[index]
+            alive ^= low
+        return out
 
     def _any_from(self, keys: Sequence[bytes], start: int, kind: int) -> int:
         """How many leading chunks of ``keys`` owners of ``kind`` hold between them, knowing
