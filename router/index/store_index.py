@@ -53,6 +53,8 @@ class StoreIndex:
 
     def __init__(self, max_chunks: int = 1_000_000, owners: OwnerIndex | None = None,
                  lock: threading.Lock | None = None) -> None:
+        if (owners is None) != (lock is None):
+            raise ValueError("a shared owner table comes with the lock that guards it")
         self._owners = owners if owners is not None else OwnerIndex(max_chunks, kinds=2)
         self.last_id = "0-0"  # the last stream event applied
         self._applied = self._resyncs = 0

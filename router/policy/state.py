@@ -38,6 +38,8 @@ class EngineCacheIndex:
 
     def __init__(self, max_chunks: int = 1_000_000, owners: OwnerIndex | None = None,
                  lock: threading.Lock | None = None) -> None:
+        if (owners is None) != (lock is None):
+            raise ValueError("a shared owner table comes with the lock that guards it")
         self._owners = owners if owners is not None else OwnerIndex(max_chunks, kinds=2)
         self._lock = lock or threading.Lock()
 
