@@ -7,8 +7,9 @@ import os
 import socket
 from pathlib import Path
 
+from kvstore.transport.tcp import RECV_STEP  # the raw socket receives as the store's tcp reader does
+
 REPO = Path(__file__).resolve().parents[2]
-_RECV_STEP = 4 << 20  # the same receive size the tcp transport uses
 
 # A store agent on node "bench-A" (or the node given after the prefix), in its own process as
 # on a real node.
@@ -47,7 +48,7 @@ while True:
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         c.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sink = memoryview(bytearray(4 << 20))
+    sink = memoryview(bytearray(RECV_STEP))
     while True:
         head = c.recv(9, socket.MSG_WAITALL)
         if len(head) < 9:
@@ -64,7 +65,7 @@ while True:
                 n -= c.recv_into(sink, min(n, len(sink)))
             c.sendall(b"k")
     c.close()
-"""
+""".replace("RECV_STEP", str(RECV_STEP))
 
 
 class Workload:
@@ -100,7 +101,7 @@ class Workload:
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
     pos = 0
     while pos < len(view):
-        n = sock.recv_into(view[pos:], min(len(view) - pos, _RECV_STEP))
+        n = sock.recv_into(view[pos:], min(len(view) - pos, RECV_STEP))
         if n == 0:
             raise ConnectionError("server closed")
         pos += n
