@@ -7,7 +7,8 @@ import os
 import socket
 from pathlib import Path
 
-from kvstore.transport.tcp import RECV_STEP  # the raw socket receives as the store's tcp reader does
+# A bare socket's fastest receive size here (steps of 32 KiB to 4 MiB measured side by side).
+RECV_STEP = 128 << 10
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -45,12 +45,14 @@ _SLOT = struct.Struct("<QQ")
 _REPLY = struct.Struct("<B3xI")
 READ, WRITE = 1, 2
 _MAX_SLOTS = 1 << 16
-# Receives of at most 128 KiB: each lands in the receiving core's L2 and is hashed from there
-# (kvstore.verify), and the socket buffer is drained sooner, so the sender never waits on a
-# full one. Measured side by side (64 MiB gets over loopback, steps of 32 KiB to 4 MiB):
-# 128 KiB was the fastest or within noise of it for this reader AND for a bare socket; the
-# reader went from 2.8-3.6 GB/s at 4 MiB steps (1 MiB when hashing) to 4.4-5.2 GB/s.
-RECV_STEP = 128 << 10
+# Receives of at most 160 KiB, each ended at a slot's end where one lies within it: every
+# piece lands in the receiving core's L2 and is hashed from there (kvstore.verify), whole
+# checksum blocks rather than one split over two receives, and the socket buffer drains
+# sooner, so the sender rarely waits on a full one. Side by side over loopback (64 MiB gets,
+# steps of 32 KiB to 4 MiB, bench.kvstore's workload): the verified reader went from 2.8-3.6
+# GB/s (1 MiB steps) to 4.5-5.3 GB/s; a bare socket was fastest at 128 KiB (bench.kvstore's
+# raw-socket baseline receives in those).
+RECV_STEP = 160 << 10
 _SOCK_BUF = 4 << 20
 _SEND_STEP = 1 << 20  # one huge sendall ran at half the speed of 1 MiB calls here
 
@@ -330,9 +332,16 @@ class TcpTransport(Transport):
                  on_landed: OnLanded | None) -> None:
         """Receive the slots back to back with large reads, handing each one over as soon as
         its last byte is in (the next ones keep arriving in the socket buffer meanwhile)."""
-        total, pos, slot = spans[-1][1], 0, 0
+        total, pos, slot, count = spans[-1][1], 0, 0, len(spans)
         while pos < total:
-            n = sock.recv_into(dest[pos:total], min(total - pos, RECV_STEP))
+            # Ask for up to the last slot end within the step (a slot bigger than the step:
+            # the step): a hashing reader then gets whole checksum blocks, and never streams
+            # one split over two receives (the kernel may still return less).
+            want, k = pos + RECV_STEP, slot
+            while k < count and spans[k][1] <= want:
+                k += 1
+            end = spans[k - 1][1] if k > slot else min(total, want)
+            n = sock.recv_into(dest[pos:end], end - pos)
             if n == 0:
                 raise ConnectionError("peer closed the connection")
             pos += n
