@@ -83,4 +83,8 @@ fi
 # 5. The router's decision path, compiled by mypyc from its own source (router/compiled.py):
 #    ~15 s after a change to one of its modules, instant otherwise; if it cannot be built the
 #    router runs the same modules from source, slower.
+if ! command -v cc >/dev/null 2>&1; then
+  say "installing gcc (apt; mypyc compiles the router's decision path)"
+  as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq gcc >/dev/null || true
+fi
 "$VENV/bin/python" "$ROOT/deploy/compile_router.py" || true
