@@ -12,9 +12,10 @@ modules) and adds one: a value of the wrong type at a compiled function's bounda
 TypeError instead of passing through.
 
 Each build records the sha256 of each module's source next to the extensions
-(``router/compiled.json``). At import (``router/__init__.py``) a module whose source no longer
-matches its record runs from its source instead, so an edit is never shadowed by an older
-build; ``PDSERVE_PURE_PYTHON=1`` runs them all from source. The extensions are built in place
+(``router/compiled.json``). At import (``router/__init__.py``), if any module's source no
+longer matches its record, all of them run from source (compiled modules check each other's
+classes, so they go together), and an edit is never shadowed by an older build;
+``PDSERVE_PURE_PYTHON=1`` runs them all from source. The extensions are built in place
 (``<module>.cpython-*.so`` beside each source, git-ignored) and only load on the Python they
 were built for, so a checkout copied to a machine with another Python runs from source too.
 """
@@ -98,9 +99,12 @@ def guard() -> None:
     old = stale(record)  # every module, where nothing was recorded (never built, or a build failed)
     if old:
         if record:
-            log.warning("router modules changed since they were compiled, running from source: %s "
-                        "(deploy/ensure.sh rebuilds them)", ", ".join(old))
-        sys.meta_path.insert(0, _FromSource(old))
+            log.warning("router modules changed since they were compiled: %s; the decision path runs "
+                        "from source (deploy/ensure.sh rebuilds it)", ", ".join(old))
+        # All of them, not only the changed ones: a compiled module checks the classes it is
+        # given against the compiled classes of the others (a compiled kv_aware refuses an
+        # interpreted RoutingState: "RoutingState object expected; got RoutingState").
+        sys.meta_path.insert(0, _FromSource(MODULES))
 
 
 def running_compiled() -> dict[str, bool]:

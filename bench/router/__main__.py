@@ -82,7 +82,8 @@ def fill(state: RoutingState, wl: Workload, replicas: list[ReplicaLoad], chunks:
 
 def loads(rng: random.Random, n: int) -> list[ReplicaLoad]:
     return [ReplicaLoad(f"prefill-{i:04d}", f"node-{i // PER_NODE:04d}", running=rng.randint(0, 8),
-                        waiting=rng.randint(0, 4), kv_usage=rng.random(), queued_tokens=rng.randint(0, 8000))
+                        waiting=rng.randint(0, 4), kv_usage=rng.random(), queued_tokens=rng.randint(0, 8000),
+                        kv_events="tcp://bench")  # prefix caching on: a routed prompt is recorded as cached
             for i in range(n)]
 
 

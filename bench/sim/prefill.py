@@ -133,4 +133,5 @@ class PrefillReplica:
         return ReplicaLoad(self.name, self.node, running=len(self._queue) - waiting, waiting=waiting,
                            kv_usage=min(1.0, self._kv_tokens / pool_tokens),
                            inflight=m.inflight, queued_tokens=m.queued_tokens,
-                           computed_tokens=m.computed_tokens, busy_s=m.busy_s(now))
+                           computed_tokens=m.computed_tokens, busy_s=m.busy_s(now),
+                           kv_events="sim" if self.cost.prefill_cache_chunks else "")  # its cache reports changes

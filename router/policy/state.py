@@ -158,6 +158,7 @@ class RoutingState:
         self.engine_feed: EngineEventFeed | None = None  # set by the ingress when it runs one
         self._where: dict[str, tuple[str, int]] = {}  # request id -> (replica, tokens)
         self._queued: dict[str, int] = {}  # replica -> prompt tokens in flight there
+        self._publishing: set[str] = set()  # prefill replicas whose engines publish KV events
         self._node_of: dict[str, str] = {}
         self._prefill_pool: frozenset[str] = frozenset()
         self._decisions: OrderedDict[str, dict[str, RouteDecision]] = OrderedDict()
@@ -182,13 +183,23 @@ class RoutingState:
 
     def routed(self, request: RoutingRequest, decision: RouteDecision) -> None:
         """A request router decided: keep the explanation; count a prefill's work against
-        the chosen replica until the ingress says it finished."""
+        the chosen replica until the ingress says it finished, and its prompt's chunks as in
+        that replica's own cache from now on."""
         self.decided(request.request_id, decision)
         chosen = decision.chosen
         if request.role == "prefill" and chosen:
             work = decision.work_tokens
             self.dispatched(chosen, request.request_id,
                             work if work >= 0 else self._work_tokens(request, decision, chosen))
+            if request.chunk_keys and chosen in self._publishing:
+                # Its engine will hold the prompt's chunks once this prefill ran: the next
+                # request with the same prefix finds them there now, not after the prefill
+                # and a KV event (a burst of conversations on one system prompt went cold
+                # on whichever replica was not computing it: bench.policies run 8). The
+                # engine's events confirm them or take them back; a prefill that never runs
+                # leaves a missed preference, never a wrong answer. Only for engines that
+                # publish events: no event would ever take an entry back from the others.
+                self.engines.record(chosen, request.chunk_keys)
 
     def _work_tokens(self, request: RoutingRequest, decision: RouteDecision, chosen: str) -> int:
         """What the request will occupy the replica for, in its prompt tokens: the tokens it
@@ -231,8 +242,12 @@ class RoutingState:
             return
         for load in fresh:
             self.rates.observe(load)
-            if load.kv_events and self.engine_feed is not None:
-                self.engine_feed.watch(load.replica, load.kv_events)
+            if load.kv_events:
+                self._publishing.add(load.replica)
+                if self.engine_feed is not None:
+                    self.engine_feed.watch(load.replica, load.kv_events)
+            else:
+                self._publishing.discard(load.replica)
         members = self._prefill_pool  # a new replica always comes with a new report
         if len(loads) != len(members) or any(load.replica not in members for load in fresh):
             self._prefill_pool = frozenset(load.replica for load in loads)
@@ -267,6 +282,7 @@ class RoutingState:
             self.finished(rid)
         for name in [r for r in self._queued if r not in alive]:
             del self._queued[name]
+        self._publishing &= alive
 
     def snapshot(self) -> dict[str, object]:
         """What this router has measured per replica (JSON-ready): node, prefill rate (absent

@@ -291,3 +291,38 @@ def test_kv_aware_prices_the_chosen_replicas_work_as_the_state_would_from_its_te
         if i % 3 == 0:
             st.finished(r.request_id)
     assert len(seen) >= 4  # the priced work was checked on several kinds of pick
+
+
+def test_a_routed_prompt_counts_in_its_replicas_own_cache_at_once_where_the_engine_reports_its_cache() -> None:
+    """A burst of conversations on two system prompts, all cold: the second request on a
+    prompt goes where that prompt is being computed, not to whichever replica is free-er
+    (bench.policies run 8: before, it went cold on the other replica)."""
+    state = RoutingState(CT)
+    policy = KVAwarePolicy(state, rng=random.Random(0))
+    pool = [load("a", kv_events="tcp://a:1"), load("b", kv_events="tcp://b:1")]  # type: ignore[arg-type]
+    state.observe("prefill", pool)
+    system = [keys(10, tag) for tag in (1, 2)]  # two system prompts of 10 chunks
+    chosen = {}
+    for i in range(4):  # conversation i on system prompt i % 2, each with a turn of its own
+        r = RoutingRequest(f"c{i}", "prefill", 12 * CT + 5, system[i % 2] + keys(2, 10 + i))
+        d = policy.route(r, pool)
+        state.routed(r, d)
+        chosen[i] = d.chosen
+    assert chosen[0] != chosen[1]  # the first two split (the second would queue behind the first)
+    assert chosen[2] == chosen[0] and chosen[3] == chosen[1]  # each prompt's followers join it
+    assert state.engines.prefix_by_replica(system[0]) == {chosen[0]: 10}
+
+
+def test_an_engine_without_cache_events_never_gets_routed_prompts_recorded() -> None:
+    state = RoutingState(CT)
+    pool = [load("quiet"), load("reporting", kv_events="tcp://r:1")]  # type: ignore[arg-type]
+    state.observe("prefill", pool)
+    for name in ("quiet", "reporting"):
+        r = req(4, tag=7, rid=name)
+        state.routed(r, RoundRobinPolicy("prefill").route(r, [load(name)]))
+    # nothing would ever take the quiet engine's entries back: it gets none
+    assert state.engines.prefix_by_replica(keys(4, 7)) == {"reporting": 4}
+    state.observe("prefill", [load("quiet")])  # the reporting replica left the pool
+    r = req(4, tag=8, rid="again")
+    state.routed(r, RoundRobinPolicy("prefill").route(r, [load("reporting")]))
+    assert state.engines.prefix_by_replica(keys(4, 8)) == {}
