@@ -138,7 +138,10 @@ def own_cache_seen(base_url: str) -> dict[str, Any]:
     chosen = [r["prefill"] for r in routes if "prefill" in r]
     own = [next((c.get("own_tokens", 0) for c in d["candidates"] if c["replica"] == d["chosen"]), 0) for d in chosen]
     return {"decisions_with_own_cache": sum(1 for t in own if t > 0), "decisions": len(own),
-            "own_cache_tokens": sum(own)}
+            "own_cache_tokens": sum(own),
+            # Each prefill decision in the order made, its candidates' terms (what a slow
+            # request was routed on: bench/results/policies_run*.json, "routes").
+            "routes": [{"chosen": d["chosen"], "why": d["why"], "candidates": d["candidates"]} for d in chosen]}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -225,21 +228,21 @@ def main(argv: list[str] | None = None) -> int:
         for policy in names[r % len(names):] + names[: r % len(names)]:
             this[policy], results = run_policy(args, model_dir, policy, convs)
             pooled[policy] += results
-            print(f"[policies] round {r}: {policy}: { {k: v for k, v in this[policy].items() if k != 'records'} }",
-                  flush=True)
+            brief = {k: v for k, v in this[policy].items() if k not in ("records", "routes")}
+            print(f"[policies] round {r}: {policy}: {brief}", flush=True)
         rounds.append(this)
     if args.rounds == 1:
         report["policies"] = rounds[0]
     else:
         report["rounds"] = rounds
         report["round_ratios"] = round_ratios(rounds)
-        for name in names:  # pooled over the rounds; calibration stays per run (round 0's)
+        for name in names:  # pooled over the rounds
             ran = [rd[name] for rd in rounds if "error" not in rd[name]]
             report["policies"][name] = {**summarize(pooled[name]), "rounds_ok": len(ran)} if ran else rounds[0][name]
-    from bench.sim.calibrate import check_runs
+    from bench.sim.calibrate import check_rounds
     from bench.sim.calibrate import table as calibration_table
 
-    report["calibration"] = check_runs({**report, "policies": rounds[0]})  # the simulator against round 0
+    report["calibration"] = check_rounds(report["args"], rounds)  # each round replayed, pooled as above
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))

@@ -125,47 +125,86 @@ def _p(xs: Sequence[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
-def check_runs(report: dict[str, Any], cost: CostModel = CPU_SMOLLM2, shared_core: bool = False) -> dict[str, Any]:
-    """Simulated against measured TTFT p50/p90 for every policy run in a bench.policies
-    report, the overhead of each taken from the other runs (leave one out).
+def _simulate_run(name: str, run: dict[str, Any], overhead_s: float, args: dict[str, Any], cost: CostModel,
+                  shared_core: bool) -> tuple[list[float], list[float], tuple[float, ...]]:
+    """One policy run replayed: (simulated TTFTs, measured TTFTs, the prefill speeds used)."""
+    system_len, systems = int(args["system_len"]), int(args["system_prompts"])
+    model = replace(cost, prefill_step_s=0.0, same_node_token_s=0.0, remote_token_s=0.0,
+                    request_overhead_s=overhead_s)
+    speeds = prefill_speeds(run.get("router_view", {}), model)
+    reqs = [CalibrationRequest(((f"sys{r['conv'] % systems}", system_len),
+                                (f"conv{r['conv']}", r["prompt_tokens"] - system_len)),
+                               max(r["output_tokens"], 2), r["sent_s"]) for r in run["records"]]
+    if shared_core:
+        speeds = (speeds[0], speeds[0])
+    sim = simulated_ttft(reqs, name, model, prefill_speeds=speeds, shared_cores=((1, 0),) if shared_core else ())
+    return sim, [r["ttft_s"] for r in run["records"]], speeds
+
+
+def _check(sim: Sequence[float], real: Sequence[float]) -> dict[str, Any]:
+    return {"requests": len(real),
+            "measured_p50_s": round(_p(real, 50), 4), "sim_p50_s": round(_p(sim, 50), 4),
+            "measured_p90_s": round(_p(real, 90), 4), "sim_p90_s": round(_p(sim, 90), 4),
+            "p50_ratio": round(_p(sim, 50) / _p(real, 50), 3), "p90_ratio": round(_p(sim, 90) / _p(real, 90), 3)}
+
+
+def check_rounds(args: dict[str, Any], rounds: Sequence[dict[str, Any]], cost: CostModel = CPU_SMOLLM2,
+                 shared_core: bool = False) -> dict[str, Any]:
+    """Simulated against measured TTFT p50/p90 for every policy, each round replayed with
+    what was measured in it (each replica's rate, and the overhead outside the engine taken
+    from the round's OTHER policies: leave one out), then pooled over the rounds, as
+    bench.policies pools its measured figures. Per round figures are kept beside the pooled
+    ones: a round of 64 requests puts its p90 on the 7th slowest request.
 
     ``shared_core``: model bench.policies' layout as a mechanism instead of two measured
     speeds: both prefill replicas at the faster one's rate, the second at half of it while
     the decode replica (on its core) has work."""
-    args = report["args"]
-    system_len, systems = int(args["system_len"]), int(args["system_prompts"])
-    runs = {name: run for name, run in report["policies"].items() if run.get("records")}
-    overhead = {name: outside_engine_s(run["records"]) for name, run in runs.items()}
+    sims: dict[str, list[float]] = {}
+    reals: dict[str, list[float]] = {}
+    meta: dict[str, dict[str, Any]] = {}
+    for rd in rounds:
+        runs = {name: run for name, run in rd.items() if run.get("records")}
+        overhead = {name: outside_engine_s(run["records"]) for name, run in runs.items()}
+        for name, run in runs.items():
+            others = [v for k, v in overhead.items() if k != name] or [overhead[name]]
+            used = statistics.median(others)
+            sim, real, speeds = _simulate_run(name, run, used, args, cost, shared_core)
+            sims.setdefault(name, []).extend(sim)
+            reals.setdefault(name, []).extend(real)
+            m = meta.setdefault(name, {"overhead_s": [], "own_overhead_s": [], "prefill_speeds": [], "rounds": []})
+            m["overhead_s"].append(round(used, 4))
+            m["own_overhead_s"].append(round(overhead[name], 4))
+            m["prefill_speeds"].append([round(x, 3) for x in speeds])
+            m["rounds"].append(_check(sim, real))
     out: dict[str, Any] = {}
-    measured_rate = replace(cost, prefill_step_s=0.0, same_node_token_s=0.0, remote_token_s=0.0)
-    for name, run in runs.items():
-        others = [v for k, v in overhead.items() if k != name] or [overhead[name]]
-        model = replace(measured_rate, request_overhead_s=statistics.median(others))
-        speeds = prefill_speeds(run.get("router_view", {}), model)
-        reqs = [CalibrationRequest(((f"sys{r['conv'] % systems}", system_len),
-                                    (f"conv{r['conv']}", r["prompt_tokens"] - system_len)),
-                                   max(r["output_tokens"], 2), r["sent_s"]) for r in run["records"]]
-        if shared_core:
-            speeds = (speeds[0], speeds[0])
-        sim = simulated_ttft(reqs, name, model, prefill_speeds=speeds, shared_cores=((1, 0),) if shared_core else ())
-        real = [r["ttft_s"] for r in run["records"]]
-        out[name] = {
-            "requests": len(real), "overhead_s": round(model.request_overhead_s, 4),
-            "own_overhead_s": round(overhead[name], 4), "prefill_speeds": [round(x, 3) for x in speeds],
-            "measured_p50_s": round(_p(real, 50), 4), "sim_p50_s": round(_p(sim, 50), 4),
-            "measured_p90_s": round(_p(real, 90), 4), "sim_p90_s": round(_p(sim, 90), 4),
-            "p50_ratio": round(_p(sim, 50) / _p(real, 50), 3), "p90_ratio": round(_p(sim, 90) / _p(real, 90), 3),
-        }
+    for name in sims:
+        m = meta[name]
+        single = len(m["rounds"]) == 1
+        out[name] = {**_check(sims[name], reals[name]),
+                     "overhead_s": m["overhead_s"][0] if single else m["overhead_s"],
+                     "own_overhead_s": m["own_overhead_s"][0] if single else m["own_overhead_s"],
+                     "prefill_speeds": m["prefill_speeds"][0] if single else m["prefill_speeds"],
+                     **({} if single else {"rounds": m["rounds"]})}
     return out
+
+
+def check_runs(report: dict[str, Any], cost: CostModel = CPU_SMOLLM2, shared_core: bool = False) -> dict[str, Any]:
+    """``check_rounds`` over a bench.policies report: all its rounds where it has them, else
+    its one run per policy."""
+    rounds = report.get("rounds") or [report["policies"]]
+    return check_rounds(report["args"], rounds, cost, shared_core)
 
 
 def table(checks: dict[str, Any]) -> str:
     lines = ["| policy | measured TTFT p50 / p90 ms | simulated p50 / p90 ms | sim / measured p50 | p90 |"
-             " overhead used ms | prefill speeds |", "|---|---:|---:|---:|---:|---:|---|"]
+             " per round p50 · p90 | overhead used ms | prefill speeds |", "|---|---:|---:|---:|---:|---|---:|---|"]
     for name, c in checks.items():
+        per_round = ", ".join(f"{r['p50_ratio']:.2f} · {r['p90_ratio']:.2f}" for r in c.get("rounds", ()))
+        overhead = c["overhead_s"] if isinstance(c["overhead_s"], list) else [c["overhead_s"]]
         lines.append(f"| {name} | {c['measured_p50_s'] * 1e3:.0f} / {c['measured_p90_s'] * 1e3:.0f} | "
                      f"{c['sim_p50_s'] * 1e3:.0f} / {c['sim_p90_s'] * 1e3:.0f} | {c['p50_ratio']:.2f} | "
-                     f"{c['p90_ratio']:.2f} | {c['overhead_s'] * 1e3:.0f} | {c['prefill_speeds']} |")
+                     f"{c['p90_ratio']:.2f} | {per_round or '-'} | "
+                     f"{' / '.join(f'{o * 1e3:.0f}' for o in overhead)} | {c['prefill_speeds']} |")
     return "\n".join(lines)
 
 

@@ -211,18 +211,15 @@ def test_a_prefill_replica_sharing_a_core_with_busy_decode_runs_at_half_speed() 
         assert second == pytest.approx(cost.prefill_step_time(256, speed=speed))
 
 
-def test_check_runs_recovers_a_run_made_by_the_model_it_checks() -> None:
-    """A report whose 'measurements' the simulator made itself, with a known overhead and
-    known replica speeds: the check must read both back and match it exactly."""
-    overhead, speeds = 0.25, (1.0, 0.6)
-    # The checked profile: steps priced by computed tokens at the measured rate alone.
+def _made_by_the_model(overhead: float, speeds: tuple[float, float]) -> dict:
+    """One round of a bench.policies report whose 'measurements' the simulator made itself."""
     cost = replace(CPU_SMOLLM2, request_overhead_s=overhead, prefill_step_s=0.0, same_node_token_s=0.0,
-                   remote_token_s=0.0)
+                   remote_token_s=0.0)  # the checked profile: steps priced by computed tokens alone
     tps = cost.prefill_tps()
     turns = [(conv, turn) for turn in range(3) for conv in range(4)]
     reqs = [CalibrationRequest(((f"sys{conv % 2}", 320), (f"conv{conv}", 48 * (turn + 1))), 8, 2.0 * turn + 0.1 * conv)
             for conv, turn in turns]
-    report: dict = {"args": {"system_len": "320", "system_prompts": "2"}, "policies": {}}
+    runs = {}
     for policy in ("kv_aware", "round_robin"):
         ttft = simulated_ttft(reqs, policy, cost, prefill_speeds=speeds)
         records = [{"conv": conv, "sent_s": r.arrival_s, "prompt_tokens": r.prompt_tokens, "output_tokens": 8,
@@ -230,12 +227,38 @@ def test_check_runs_recovers_a_run_made_by_the_model_it_checks() -> None:
                    for (conv, _), r, t in zip(turns, reqs, ttft, strict=True)]
         view = {"replicas": {"p-a": {"prefill_tps": tps * speeds[1]}, "p-b": {"prefill_tps": tps * speeds[0]},
                              "d": {"node": "n"}}}
-        report["policies"][policy] = {"records": records, "router_view": view}
-    checks = check_runs(report)
+        runs[policy] = {"records": records, "router_view": view}
+    return runs
+
+
+ARGS = {"system_len": "320", "system_prompts": "2"}
+
+
+def test_check_runs_recovers_a_run_made_by_the_model_it_checks() -> None:
+    """With a known overhead and known replica speeds, the check must read both back and
+    match the run exactly."""
+    checks = check_runs({"args": ARGS, "policies": _made_by_the_model(0.25, (1.0, 0.6))})
     for c in checks.values():
-        assert c["overhead_s"] == pytest.approx(overhead) and c["prefill_speeds"] == list(speeds)
+        assert c["overhead_s"] == pytest.approx(0.25) and c["prefill_speeds"] == [1.0, 0.6]
         assert c["p50_ratio"] == pytest.approx(1.0) and c["p90_ratio"] == pytest.approx(1.0)
+        assert "rounds" not in c
     assert "| kv_aware |" in calibration_table(checks)
+
+
+def test_check_runs_replays_each_round_with_its_own_measurements_and_pools_them() -> None:
+    """Rounds on a machine in different phases (other speeds, another overhead): each is
+    replayed with what was measured in it, so the pooled check still matches exactly, and
+    each round's own ratios are kept."""
+    rounds = [_made_by_the_model(0.25, (1.0, 0.6)), _made_by_the_model(0.1, (0.5, 0.4))]
+    checks = check_runs({"args": ARGS, "policies": {}, "rounds": rounds})
+    for name, c in checks.items():
+        assert c["requests"] == 24 and c["prefill_speeds"] == [[1.0, 0.6], [0.5, 0.4]]
+        assert c["overhead_s"] == [pytest.approx(0.25), pytest.approx(0.1)]
+        assert c["p50_ratio"] == pytest.approx(1.0) and c["p90_ratio"] == pytest.approx(1.0)
+        assert [r["p90_ratio"] for r in c["rounds"]] == [pytest.approx(1.0)] * 2
+        pooled = sorted(r["ttft_s"] for rd in rounds for r in rd[name]["records"])
+        assert c["measured_p90_s"] == pytest.approx(pooled[int(0.9 * len(pooled))], abs=1e-4)
+    assert "1.00 · 1.00, 1.00 · 1.00" in calibration_table(checks)
 
 
 def test_knee_interpolates_where_attainment_crosses_the_target() -> None:
