@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.machinery
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,6 +66,11 @@ def build() -> int:
     cwd = os.getcwd()
     os.chdir(ROOT)  # mypyc names each module by its path from here
     log = work / "build.log"
+    # A cache of its own, emptied first: mypyc reusing an earlier build's incremental cache
+    # failed on a one-line docstring change (ValueError in emit_undefined_attr_check); a
+    # build runs only when a source changed, and a whole one takes about a minute.
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    os.environ["MYPY_CACHE_DIR"] = str(work / "cache")
     try:
         paths = [str(source(m).relative_to(ROOT)) for m in MODULES]
         with _output_to(log):
