@@ -382,15 +382,18 @@ class Router:
 
     async def _call_prefill(self, req: EngineRequest, hint: RoutingRequest) -> EngineDelta:
         call = self._prefill.prefill.remote(req.encode(), routing=hint.encode())
+        engine_s = None
         try:
-            return EngineDelta.decode(await call)
+            delta = EngineDelta.decode(await call)
+            engine_s = delta.engine_s  # against the decision's prediction (RateMeter.took)
+            return delta
         except asyncio.CancelledError:  # timed out, or the client left: stop the engine's work
             call.cancel()
             raise
         except Exception as e:
             raise self._translated(e, hint) from e
         finally:
-            self.routing.finished(hint.request_id)
+            self.routing.finished(hint.request_id, engine_s)
 
     async def _call_decode(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
         stream = self._decode.decode.remote(req.encode(), routing=hint.encode())

@@ -208,7 +208,7 @@ class SimCluster:
     def _prefilled(self, job: PrefillJob) -> None:
         req = job.request
         self.prefill.changed(self.prefill.by_name[job.replica])
-        self.state.finished(req.rid)
+        self.state.finished(req.rid, job.done_s - self._reaches_router(req))  # as the ingress: the engine's time
         if req.output_tokens <= 1:
             self._record(job, None)
             return

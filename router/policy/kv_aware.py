@@ -11,7 +11,8 @@ Prefill, for replica r and a prompt of n tokens (chunk keys k1..km):
     ttft(r) = queued(r) / rate(r) + compute / rate(r)
               + node * same_node_s_per_token + remote * remote_s_per_token
 
-``rate(r)`` is r's measured prefill rate (tokens per busy second, from its own counters),
+``rate(r)`` is r's measured prefill rate (tokens per busy second, from its own counters)
+over its slowdown (how much longer than predicted this router's prefills there took),
 ``queued(r)`` the work this router has in flight there, in token-equivalents (the tokens
 each request computes plus its blocking store loads at r's rate). The replica's own report
 of queued tokens is a stats period old and counts whole prompts: it is used only when

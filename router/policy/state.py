@@ -70,20 +70,34 @@ class EngineCacheIndex:
 class RateMeter:
     """Prefill rate per replica: prompt tokens computed per busy second, over about its last
     ``window_s`` busy seconds of the replica's own cumulative counters (so batching and the
-    machine's real speed are in it).
+    machine's real speed are in it), divided by the replica's slowdown (below).
 
     Both sums decay with busy time and the rate is their ratio: a report period that covers
     a sliver of odd work (one short prompt, a batch that waited on a load) moves the estimate
     by its share of the time, not as a whole sample. A per-sample average of 0.5 s reports
     swung with each batch, and the router sent a replica far less than its share on a rate
-    it showed for a few seconds (bench.policies, 2026-12-02: 33 tok/s trusted, 44 its mean)."""
+    it showed for a few seconds (bench.policies, 2026-12-02: 33 tok/s trusted, 44 its mean).
 
-    def __init__(self, prior_tps: float, window_s: float = 10.0, min_busy_s: float = 0.05) -> None:
+    The slowdown is how much longer than predicted this router's prefills there actually
+    took (``took``: the engine's own time against ``(queued + work) / rate`` at the
+    decision), a geometric moving average of the ratio. A busy-time mean prices every
+    prefill the same, but a replica that shares its core or GPU with another engine runs
+    slower exactly while that engine is busy, and that is when a router sends it work: in
+    bench.policies the prefill replica sharing a core with decode took 1.8-2.4x its
+    predicted time on the requests it got mid-burst, and those were kv_aware's slowest.
+    A replica that runs as predicted keeps a slowdown of 1."""
+
+    def __init__(self, prior_tps: float, window_s: float = 10.0, min_busy_s: float = 0.05,
+                 slowdown_weight: float = 0.2, slowdown_bounds: tuple[float, float] = (0.5, 4.0),
+                 min_predicted_s: float = 0.02) -> None:
         self.prior_tps = prior_tps
         self._window, self._min_busy = window_s, min_busy_s
+        self._weight, self._bounds, self._min_predicted = slowdown_weight, slowdown_bounds, min_predicted_s
         self._last: dict[str, tuple[int, float]] = {}
         self._sums: dict[str, tuple[float, float]] = {}  # decayed (tokens, busy seconds)
-        self._rate: dict[str, float] = {}
+        self._measured: dict[str, float] = {}  # tokens / busy second
+        self._slowdown: dict[str, float] = {}
+        self._rate: dict[str, float] = {}  # what routing uses: measured (or the prior) / slowdown
 
     def observe(self, load: ReplicaLoad) -> None:
         last = self._last.get(load.replica)
@@ -97,21 +111,51 @@ class RateMeter:
         tokens, busy = self._sums.get(load.replica, (0.0, 0.0))
         tokens, busy = tokens * keep + d_tokens, busy * keep + d_busy
         self._sums[load.replica] = (tokens, busy)
-        self._rate[load.replica] = tokens / busy
+        self._measured[load.replica] = tokens / busy
         self._last[load.replica] = (load.computed_tokens, load.busy_s)
+        self._rerate(load.replica)
+
+    def took(self, replica: str, predicted_s: float, engine_s: float) -> None:
+        """A prefill routed to ``replica`` took ``engine_s`` in its engine (queue and
+        compute), where the decision predicted ``predicted_s``. Predictions under
+        ``min_predicted_s`` (one-token probes) carry fixed costs more than rate: skipped.
+        One sample moves the slowdown by at most a factor of 2 ** weight."""
+        if predicted_s < self._min_predicted or engine_s <= 0.0:
+            return
+        ratio = min(2.0, max(0.5, engine_s / predicted_s))
+        lo, hi = self._bounds
+        slowdown = self._slowdown.get(replica, 1.0) * ratio ** self._weight
+        self._slowdown[replica] = min(hi, max(lo, slowdown))
+        self._rerate(replica)
+
+    def _rerate(self, replica: str) -> None:
+        self._rate[replica] = self._measured.get(replica, self.prior_tps) / self._slowdown.get(replica, 1.0)
 
     def rate(self, replica: str) -> float:
         return self._rate.get(replica, self.prior_tps)
 
     def table(self) -> dict[str, float]:
-        """The measured rates (read-only for callers; replicas missing are at the prior)."""
+        """The rates routing uses (read-only for callers; replicas missing are at the prior)."""
         return self._rate
+
+    def measured(self, replica: str) -> float | None:
+        """The windowed rate from the replica's counters, before its slowdown."""
+        return self._measured.get(replica)
+
+    def slowdown(self, replica: str) -> float:
+        return self._slowdown.get(replica, 1.0)
 
     def mean(self, replica: str) -> float | None:
         """The replica's rate over its whole life so far (computed tokens / busy seconds),
         for replaying a whole run; routing uses the windowed rate, which follows changes."""
         last = self._last.get(replica)
         return last[0] / last[1] if last and last[1] >= self._min_busy else None
+
+    def retain(self, alive: set[str]) -> None:
+        """Forget the replicas that are gone."""
+        for table in (self._last, self._sums, self._measured, self._slowdown, self._rate):
+            for name in [name for name in table if name not in alive]:
+                del table[name]
 
 
 @dataclass
@@ -156,7 +200,7 @@ class RoutingState:
         self.rates = RateMeter(prefill_prior_tps)
         self.costs = TransferCosts()
         self.engine_feed: EngineEventFeed | None = None  # set by the ingress when it runs one
-        self._where: dict[str, tuple[str, int]] = {}  # request id -> (replica, tokens)
+        self._where: dict[str, tuple[str, int, float]] = {}  # request id -> (replica, tokens, predicted s)
         self._queued: dict[str, int] = {}  # replica -> prompt tokens in flight there
         self._publishing: set[str] = set()  # prefill replicas whose engines publish KV events
         self._node_of: dict[str, str] = {}
@@ -211,14 +255,21 @@ class RoutingState:
 
     def dispatched(self, replica: str, request_id: str, tokens: int) -> None:
         self.finished(request_id)  # a retry routed elsewhere moves the work with it
-        self._where[request_id] = (replica, tokens)
-        self._queued[replica] = self._queued.get(replica, 0) + tokens
+        queued = self._queued.get(replica, 0)
+        # The engine time this predicts (kv_aware's score less the store loads, which the
+        # work tokens already hold at the replica's rate): held against what it took.
+        self._where[request_id] = (replica, tokens, (queued + tokens) / self.rates.rate(replica))
+        self._queued[replica] = queued + tokens
 
-    def finished(self, request_id: str) -> None:
+    def finished(self, request_id: str, engine_s: float | None = None) -> None:
+        """The prefill is over (answered, failed or cancelled); ``engine_s``: the engine's
+        own time for it, where it answered (``RateMeter.took``)."""
         where = self._where.pop(request_id, None)
         if where is not None:
-            replica, tokens = where
+            replica, tokens, predicted_s = where
             self._queued[replica] = self._queued.get(replica, 0) - tokens
+            if engine_s is not None:
+                self.rates.took(replica, predicted_s, engine_s)
 
     def queued_tokens(self, replica: str) -> int:
         return self._queued.get(replica, 0)
@@ -278,10 +329,11 @@ class RoutingState:
             for name in self.engine_feed.watched():
                 if name not in alive:
                     self.engine_feed.retire(name)
-        for rid in [rid for rid, (r, _) in self._where.items() if r not in alive]:
+        for rid in [rid for rid, (r, _, _) in self._where.items() if r not in alive]:
             self.finished(rid)
         for name in [r for r in self._queued if r not in alive]:
             del self._queued[name]
+        self.rates.retain(alive)
         self._publishing &= alive
 
     def snapshot(self) -> dict[str, object]:
@@ -292,10 +344,13 @@ class RoutingState:
         for name, node in self._node_of.items():
             row: dict[str, object] = {"node": node}
             if name in rates:
-                row["prefill_tps"] = round(rates[name], 1)
-                mean = self.rates.mean(name)
+                row["prefill_tps"] = round(rates[name], 1)  # what routing uses
+                measured, mean = self.rates.measured(name), self.rates.mean(name)
+                if measured is not None:
+                    row["prefill_tps_measured"] = round(measured, 1)
                 if mean is not None:
                     row["prefill_tps_mean"] = round(mean, 1)
+                row["prefill_slowdown"] = round(self.rates.slowdown(name), 3)
             if name in queued:
                 row["queued_tokens"] = queued[name]
             replicas[name] = row

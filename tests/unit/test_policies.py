@@ -208,6 +208,53 @@ def test_rate_meter_and_transfer_costs_measure_online() -> None:
     assert c.same_node_s_per_token == pytest.approx(1e-6) and c.remote_s_per_token == pytest.approx(1e-5)
 
 
+def test_a_replica_slower_than_predicted_gets_a_slowdown_and_one_on_time_keeps_none() -> None:
+    m = RateMeter(prior_tps=300.0, window_s=1e9)
+    m.observe(load("x", computed_tokens=0, busy_s=10.0))
+    m.observe(load("x", computed_tokens=300, busy_s=11.0))
+    for _ in range(20):
+        m.took("x", predicted_s=0.2, engine_s=0.2)
+    assert m.slowdown("x") == pytest.approx(1.0) and m.rate("x") == pytest.approx(300.0)
+    for _ in range(40):  # runs at half the predicted speed: the rate routing uses halves
+        m.took("x", predicted_s=0.2 * m.slowdown("x"), engine_s=0.4)
+    assert m.slowdown("x") == pytest.approx(2.0, rel=0.01) and m.rate("x") == pytest.approx(150.0, rel=0.01)
+    assert m.measured("x") == pytest.approx(300.0)  # the counters' rate is kept apart
+    before = m.slowdown("x")
+    m.took("x", predicted_s=0.2, engine_s=100.0)  # one stall moves it by 2 ** weight at most
+    assert m.slowdown("x") == pytest.approx(before * 2 ** 0.2)
+    m.took("x", predicted_s=0.001, engine_s=0.5)  # a one-token probe: fixed costs, not rate
+    m.took("x", predicted_s=0.2, engine_s=0.0)  # no engine time reported
+    assert m.slowdown("x") == pytest.approx(before * 2 ** 0.2)
+    m.took("new", predicted_s=0.1, engine_s=0.2)  # not measured yet: the prior, slowed
+    assert m.rate("new") == pytest.approx(300.0 / 2 ** 0.2)
+    m.retain({"x"})
+    assert m.rate("new") == 300.0 and m.slowdown("new") == 1.0 and m.measured("x") is not None
+
+
+def test_the_ingress_holds_each_prefills_engine_time_against_its_decision() -> None:
+    """routed -> finished(engine_s): the prediction is (work in flight there + this work) /
+    rate at the decision; a replica that keeps taking twice that loses work to one on time."""
+    st = RoutingState(CT, prefill_prior_tps=320.0)
+    policy = KVAwarePolicy(st, "prefill", rng=random.Random(0))
+    pool = [load("a"), load("b")]
+    st.observe("prefill", pool)
+    st.routed(req(4, rid="r1"), policy.route(req(4, rid="r1"), pool))
+    first = st.decisions("r1")["prefill"].chosen
+    st.finished("r1")  # failed or cancelled: no engine time, nothing learnt
+    assert st.rates.slowdown(first) == 1.0 and st.queued_tokens(first) == 0
+    for i in range(30):
+        r = req(4, tag=i + 1, rid=f"s{i}")
+        st.dispatched("a", r.request_id, 133)  # 133 tokens at 320/s: predicted 0.416 s
+        st.finished(r.request_id, engine_s=2 * 133 / st.rates.rate("a"))
+        st.dispatched("b", r.request_id, 133)
+        st.finished(r.request_id, engine_s=133 / st.rates.rate("b"))
+    assert st.rates.slowdown("a") > 1.8 and st.rates.slowdown("b") == pytest.approx(1.0)
+    snap = st.snapshot()["replicas"]
+    assert snap["a"]["prefill_slowdown"] > 1.8 and snap["a"]["prefill_tps"] < 180
+    picks = [policy.route(req(4, tag=100 + i, rid=f"t{i}"), pool).chosen for i in range(20)]
+    assert picks.count("b") == 20  # equal caches, equal queues: the one that runs as predicted
+
+
 def test_owner_index_prefix_depths_match_a_plain_walk() -> None:
     rng = random.Random(7)
     idx = OwnerIndex()
