@@ -16,6 +16,12 @@ Per policy: TTFT p50/p90 (the routing decides where the prompt is computed, so T
 policies differ), prefix hit rate (prompt tokens the prefill replica took from its own cache
 or the store instead of computing) and how requests split over the prefill replicas.
 
+Before the workload each cluster serves unmeasured prompts that share nothing with it until
+both prefill replicas have computed one (``warm_up``): an engine's first forward pays one-off
+costs (run 10: 2.7 s for a prompt that took 0.7 s later), which would otherwise land on
+whichever measured request a policy happened to send there first. The calibration takes each
+replica's speed over the workload alone (the router's counters after the warm-up and at the end).
+
 The policies run one after another, so a slower stretch of this shared machine lands on
 whichever ran then (run 6: the same core-0 replica measured 137 tokens/s under one policy and
 176 under the next). ``--rounds R`` interleaves them: each round runs every policy once, in an
@@ -47,10 +53,11 @@ from bench.servers import pdserve_system
 from bench.stats import RequestResult, percentile
 
 REPO = Path(__file__).resolve().parents[1]
+PREFILL_REPLICAS = 2
 LAYOUT = [  # 2 prefill replicas (core 0, core 1) + 1 decode replica (core 1); prefix caches on.
     # Ray's CPU count is 2: the prefill replicas reserve half a CPU each (pinning, not Ray's
     # accounting, decides which core an engine runs on).
-    "prefill.replicas=2", "prefill.cpus_per_replica=0.5", "prefill.cpu_binding=['0','1']",
+    f"prefill.replicas={PREFILL_REPLICAS}", "prefill.cpus_per_replica=0.5", "prefill.cpu_binding=['0','1']",
     "decode.cpu_binding=['1']",
     "prefill.engine.max_model_len=2048", "decode.engine.max_model_len=2048",
 ]
@@ -105,6 +112,29 @@ async def run_workload(base_url: str, model: str, convs: list[tuple[list[int], l
     return results
 
 
+async def warm_up(base_url: str, model: str, vocab: list[int], prompt_len: int, output_len: int,
+                  replicas: int, seed: int, most: int = 4) -> list[str]:
+    """Unmeasured pairs of prompts that share nothing with the workload, until every prefill
+    replica has served one (or ``most`` pairs): an engine's first forward pays one-off costs
+    (run 10: 2.7 s for a cold 368-token prompt that took 0.7 s a minute later), which would
+    land on whichever measured request a policy happened to send there first. The prefill
+    replicas that served them, in order."""
+    url = base_url.rstrip("/") + "/completions"
+    rng = random.Random(seed)
+    served: list[str] = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        for _ in range(most):
+            bodies = [request_body(model, Prompt([rng.choice(vocab) for _ in range(prompt_len)], output_len))
+                      for _ in range(2)]
+            for res in await asyncio.gather(*(stream_one(client, url, b, 600) for b in bodies)):
+                if not res.ok:
+                    raise RuntimeError(f"warm-up request failed: {res.error}")
+                served.append(str(res.trace.get("prefill_replica", "?")))
+            if len(set(served)) >= replicas:
+                break
+    return served
+
+
 def summarize(runs: list[tuple[int, RequestResult]]) -> dict[str, Any]:
     results = [r for _, r in runs]
     ok = [r for r in results if r.ok]
@@ -130,12 +160,18 @@ def records(runs: list[tuple[int, RequestResult]]) -> list[dict[str, Any]]:
              "prefill_replica": r.trace.get("prefill_replica")} for conv, r in ok]
 
 
-def own_cache_seen(base_url: str) -> dict[str, Any]:
+def prefill_decisions(base_url: str) -> list[dict[str, Any]]:
+    """The router's prefill decisions so far, in the order made."""
+    routes = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/debug/routes?last=1000", timeout=30).json()
+    return [r["prefill"] for r in routes if "prefill" in r]
+
+
+def own_cache_seen(base_url: str, skip: int = 0) -> dict[str, Any]:
     """How often the router saw the chosen prefill replica's own cache holding part of the
     prompt (kv_aware's candidates carry ``own_tokens``, from the engines' KV events): shows
-    the event feed working on real engines."""
-    routes = httpx.get(base_url.rstrip("/").removesuffix("/v1") + "/debug/routes?last=1000", timeout=30).json()
-    chosen = [r["prefill"] for r in routes if "prefill" in r]
+    the event feed working on real engines. The first ``skip`` decisions (before the workload)
+    are left out."""
+    chosen = prefill_decisions(base_url)[skip:]
     own = [next((c.get("own_tokens", 0) for c in d["candidates"] if c["replica"] == d["chosen"]), 0) for d in chosen]
     return {"decisions_with_own_cache": sum(1 for t in own if t > 0), "decisions": len(own),
             "own_cache_tokens": sum(own),
@@ -174,7 +210,7 @@ def table(report: dict[str, Any]) -> str:
 Conversations = list[tuple[list[int], list[list[int]]]]  # (system prompt, user turns) each
 
 
-def run_policy(args: argparse.Namespace, model_dir: Path, policy: str,
+def run_policy(args: argparse.Namespace, model_dir: Path, vocab: list[int], policy: str,
                convs: Conversations) -> tuple[dict[str, Any], list[tuple[int, RequestResult]]]:
     """One fresh cluster routed by ``policy``, the workload through it: its report and results."""
     with tempfile.TemporaryDirectory(prefix=f"pdbench-{policy}-") as logs:
@@ -182,13 +218,19 @@ def run_policy(args: argparse.Namespace, model_dir: Path, policy: str,
         try:
             with pdserve_system(model_dir, model_dir.name, Path(logs),
                                 [*LAYOUT, f"router.policy={policy}"]) as running:
+                warmed = asyncio.run(warm_up(running.base_url, model_dir.name, vocab,
+                                             args.system_len + args.user_len, args.output_len,
+                                             PREFILL_REPLICAS, args.seed + 10_000))
+                time.sleep(2.0)  # a few stats periods (0.5 s): the warm-up's counters reach the router
+                before = len(prefill_decisions(running.base_url))
+                root = running.base_url.rstrip("/").removesuffix("/v1")
+                warm_view = httpx.get(root + "/debug/replicas", timeout=30).json()
                 results = asyncio.run(run_workload(running.base_url, model_dir.name, convs,
                                                    args.output_len, args.concurrency))
-                seen = own_cache_seen(running.base_url)
-                root = running.base_url.rstrip("/").removesuffix("/v1")
+                seen = {**own_cache_seen(running.base_url, skip=before), "warm_up": warmed}
                 measured = httpx.get(root + "/debug/replicas", timeout=30).json()
             return ({**summarize(results), **seen, "wall_s": round(time.monotonic() - t0, 1),
-                     "router_view": measured, "records": records(results)}, results)
+                     "router_view": measured, "router_view_warm": warm_view, "records": records(results)}, results)
         except Exception as e:  # one policy failing still reports the others
             return {"error": f"{type(e).__name__}: {e}"}, []
 
@@ -226,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         convs = conversations(args, vocab, args.seed + r)
         this: dict[str, Any] = {}
         for policy in names[r % len(names):] + names[: r % len(names)]:
-            this[policy], results = run_policy(args, model_dir, policy, convs)
+            this[policy], results = run_policy(args, model_dir, vocab, policy, convs)
             pooled[policy] += results
-            brief = {k: v for k, v in this[policy].items() if k not in ("records", "routes")}
+            brief = {k: v for k, v in this[policy].items() if k not in ("records", "routes", "router_view_warm")}
             print(f"[policies] round {r}: {policy}: {brief}", flush=True)
         rounds.append(this)
     if args.rounds == 1:

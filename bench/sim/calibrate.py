@@ -112,11 +112,22 @@ def outside_engine_s(records: Sequence[dict[str, Any]]) -> float:
     return statistics.median(gaps)
 
 
-def prefill_speeds(router_view: dict[str, Any], cost: CostModel) -> tuple[float, ...]:
-    """Each prefill replica's measured rate over the profile's, fastest first: its mean over
-    the run where the report has it, else the router's windowed rate at the end of the run."""
-    rates = [v.get("prefill_tps_mean") or v["prefill_tps"] for v in router_view.get("replicas", {}).values()
-             if "prefill_tps" in v]
+def prefill_speeds(router_view: dict[str, Any], cost: CostModel,
+                   since: dict[str, Any] | None = None) -> tuple[float, ...]:
+    """Each prefill replica's measured rate over the profile's, fastest first: over the
+    workload alone where the report has the replica's counters from before it (``since``,
+    the router's view after bench.policies' warm-up), else its mean over the replica's life,
+    else the router's windowed rate at the end of the run."""
+    before = (since or {}).get("replicas", {})
+    rates = []
+    for name, v in router_view.get("replicas", {}).items():
+        if "prefill_tps" not in v:
+            continue
+        start, end = before.get(name, {}).get("prefill_counted"), v.get("prefill_counted")
+        if start and end and end[1] - start[1] > 0.5:  # busy seconds of the workload's own
+            rates.append((end[0] - start[0]) / (end[1] - start[1]))
+        else:
+            rates.append(v.get("prefill_tps_mean") or v["prefill_tps"])
     return tuple(sorted((tps / cost.prefill_tps() for tps in rates), reverse=True))
 
 
@@ -131,7 +142,7 @@ def _simulate_run(name: str, run: dict[str, Any], overhead_s: float, args: dict[
     system_len, systems = int(args["system_len"]), int(args["system_prompts"])
     model = replace(cost, prefill_step_s=0.0, same_node_token_s=0.0, remote_token_s=0.0,
                     request_overhead_s=overhead_s)
-    speeds = prefill_speeds(run.get("router_view", {}), model)
+    speeds = prefill_speeds(run.get("router_view", {}), model, run.get("router_view_warm"))
     reqs = [CalibrationRequest(((f"sys{r['conv'] % systems}", system_len),
                                 (f"conv{r['conv']}", r["prompt_tokens"] - system_len)),
                                max(r["output_tokens"], 2), r["sent_s"]) for r in run["records"]]

@@ -151,6 +151,11 @@ class RateMeter:
         last = self._last.get(replica)
         return last[0] / last[1] if last and last[1] >= self._min_busy else None
 
+    def counted(self, replica: str) -> tuple[int, float] | None:
+        """The replica's counters as last reported: (computed tokens, busy seconds) since it
+        started. Two snapshots give the rate between them (bench.policies leaves its warm-up out)."""
+        return self._last.get(replica)
+
     def retain(self, alive: set[str]) -> None:
         """Forget the replicas that are gone."""
         for table in (self._last, self._sums, self._measured, self._slowdown, self._rate):
@@ -351,6 +356,9 @@ class RoutingState:
                 if mean is not None:
                     row["prefill_tps_mean"] = round(mean, 1)
                 row["prefill_slowdown"] = round(self.rates.slowdown(name), 3)
+            counted = self.rates.counted(name)
+            if counted is not None:
+                row["prefill_counted"] = [counted[0], round(counted[1], 4)]
             if name in queued:
                 row["queued_tokens"] = queued[name]
             replicas[name] = row

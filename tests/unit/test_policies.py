@@ -251,6 +251,7 @@ def test_the_ingress_holds_each_prefills_engine_time_against_its_decision() -> N
     assert st.rates.slowdown("a") > 1.8 and st.rates.slowdown("b") == pytest.approx(1.0)
     snap = st.snapshot()["replicas"]
     assert snap["a"]["prefill_slowdown"] > 1.8 and snap["a"]["prefill_tps"] < 180
+    assert snap["a"]["prefill_counted"] == [load("a").computed_tokens, pytest.approx(load("a").busy_s)]
     picks = [policy.route(req(4, tag=100 + i, rid=f"t{i}"), pool).chosen for i in range(20)]
     assert picks.count("b") == 20  # equal caches, equal queues: the one that runs as predicted
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.sim.calibrate import CalibrationRequest, check_runs, simulated_ttft
+from bench.sim.calibrate import CalibrationRequest, check_runs, prefill_speeds, simulated_ttft
 from bench.sim.calibrate import table as calibration_table
 from bench.sim.cluster import ClusterSpec, SimCluster
 from bench.sim.decode import DecodeReplica, DecodeSeq
@@ -259,6 +259,18 @@ def test_check_runs_replays_each_round_with_its_own_measurements_and_pools_them(
         pooled = sorted(r["ttft_s"] for rd in rounds for r in rd[name]["records"])
         assert c["measured_p90_s"] == pytest.approx(pooled[int(0.9 * len(pooled))], abs=1e-4)
     assert "1.00 · 1.00, 1.00 · 1.00" in calibration_table(checks)
+
+
+def test_prefill_speeds_leave_out_the_warm_up_where_the_counters_before_the_workload_are_known() -> None:
+    """A slow first forward (the warm-up) is in the replica's life mean, not in the workload:
+    the counters after the warm-up and at the end give the workload's own rate."""
+    tps = CPU_SMOLLM2.prefill_tps()
+    warm = {"replicas": {"p-a": {"prefill_tps": 10.0, "prefill_counted": [368, 5.0]}}}
+    end = {"replicas": {"p-a": {"prefill_tps": 1.0, "prefill_tps_mean": (368 + tps * 10) / 15.0,
+                                "prefill_counted": [368 + int(tps * 10), 15.0]}, "d": {"node": "n"}}}
+    assert prefill_speeds(end, CPU_SMOLLM2, warm) == (pytest.approx(1.0, abs=1e-3),)
+    assert prefill_speeds(end, CPU_SMOLLM2)[0] < 0.8  # the life mean, warm-up and all
+    assert prefill_speeds(end, CPU_SMOLLM2, {"replicas": {}}) == prefill_speeds(end, CPU_SMOLLM2)
 
 
 def test_knee_interpolates_where_attainment_crosses_the_target() -> None:
