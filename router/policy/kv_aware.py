@@ -26,7 +26,8 @@ are drawn at random and the one with fewer requests in flight wins (power of two
 so equal replicas share the load.
 
 A pool of more than 16 replicas is not scored whole: the replicas whose own cache holds a
-prefix of the prompt are, and of the rest (whose scores differ only by load, rate and their
+prefix of the prompt are (the eight deepest, when more hold one: a hot system prompt is in
+nearly every cache), and of the rest (whose scores differ only by load, rate and their
 node's store) a sample: two replicas of each of the two nodes whose store holds the
 deepest prefix and about four drawn from the whole pool (``router.policy.sampling``). A decision's
 explanation names the sampled candidates. Scoring every replica was the largest per-request
@@ -43,7 +44,7 @@ network while its batch waits.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import repeat
 from operator import attrgetter
 
@@ -92,8 +93,8 @@ class KVAwarePolicy(RoutingPolicy):
     # -- prefill ---------------------------------------------------------------------------
 
     def _prefill(self, request: RoutingRequest, replicas: Sequence[ReplicaLoad]) -> RouteDecision:
-        """Runs for every request: every replica of a small pool is scored, the warm ones and
-        a sample of the rest in a large one (``ColdSampler``), the warm ones first."""
+        """Runs for every request: every replica of a small pool is scored, the deepest warm
+        ones and a sample of the rest in a large one (``ColdSampler``), the warm ones first."""
         st, ct, n, keys = self.state, self.state.chunk_tokens, request.num_prompt_tokens, request.chunk_keys
         own_depth, node_depth, stored = st.prefix_view(keys)
         # min() and max() are written out on this path: a builtin call costs several times
@@ -101,9 +102,12 @@ class KVAwarePolicy(RoutingPolicy):
         limit = n - 1 if n > 1 else 0  # an engine computes at least the prompt's last token
         anywhere = stored * ct if stored * ct < limit else limit
         names, by_name, by_node, nodes = self._pool(replicas)
-        warm = self._warm(own_depth, node_depth, by_name, nodes, limit, anywhere)
-        w, sampler = len(warm), self._sampler
-        if drawn := sampler.samples(len(names)):
+        sampler = self._sampler
+        drawn = sampler.samples(len(names))
+        kept = sampler.warm(own_depth, by_name) if drawn else own_depth.items()
+        warm = self._warm(kept, node_depth, by_name, nodes, limit, anywhere)
+        w = len(warm)
+        if drawn:
             picks = sampler.positions(warm, len(names), node_depth, by_node)
         else:
             picks = [*warm, *(i for i in range(len(names)) if i not in warm)]
@@ -144,13 +148,13 @@ class KVAwarePolicy(RoutingPolicy):
                              ScoreTable(picked, scores, row), PREFILL_TERMS, picked[w:] if drawn else (),
                              chosen_work)
 
-    def _warm(self, own_depth: dict[str, int], node_depth: dict[str, int], by_name: dict[str, int],
+    def _warm(self, own_depth: Iterable[tuple[str, int]], node_depth: dict[str, int], by_name: dict[str, int],
               nodes: list[str], limit: int, anywhere: int) -> dict[int, tuple[int, int, int]]:
         """Own, node and remote tokens of each replica of the pool whose own cache holds a
-        prefix of the prompt, by pool position."""
+        prefix of the prompt (of those the sampler kept, in a large pool), by pool position."""
         ct = self.state.chunk_tokens
         warm: dict[int, tuple[int, int, int]] = {}
-        for name, depth in own_depth.items():
+        for name, depth in own_depth:
             i = by_name.get(name, -1)
             if i >= 0:
                 own = depth * ct if depth * ct < limit else limit

@@ -51,6 +51,7 @@ def test_router_bench_times_every_policy_against_the_floor(tmp_path: Path) -> No
         assert r["store_chunks"] > 0 and r["engine_chunks"] > 0 and r["index_bytes_per_chunk"] > 0
         for name, fig in r["policies"].items():
             assert 0 < fig["p50_us"] <= fig["p99_us"], (r["replicas"], name)
+            assert 0 < fig["after_p50_us"] <= fig["after_p99_us"], (r["replicas"], name)
         assert r["policies"]["round_robin"]["p50_over_round_robin"] == 1.0
     assert "| kv_aware |" in proc.stdout
 

@@ -114,3 +114,33 @@ def test_prefix_depths_come_shallowest_first() -> None:
         idx.add(owner, prompt[:depth])
     depths = idx.prefix_depths(prompt)
     assert list(depths.values()) == sorted(depths.values()) and list(depths)[-1] == "deep"
+
+
+def test_past_eight_warm_replicas_the_deepest_are_kept_and_the_cut_depth_is_drawn_fairly() -> None:
+    s = ColdSampler(random.Random(4))
+    members = {f"p{i:03d}": i for i in range(64)}
+    # shallowest first, as the index returns them: 20 replicas hold the system prompt (2
+    # chunks), 5 the conversation (6), one more outside this pool, 1 its latest turn (9)
+    own_depth = {f"p{i:03d}": 2 for i in range(20)} | {"elsewhere": 4}
+    own_depth |= {f"p{i:03d}": 6 for i in range(20, 25)} | {"p030": 9}
+    drawn: dict[str, int] = {}
+    for _ in range(400):
+        kept = s.warm(own_depth, members)
+        assert len(kept) == 8 and [d for _, d in kept] == sorted(d for _, d in kept)
+        names = [n for n, _ in kept]
+        assert set(names[-6:]) == {"p020", "p021", "p022", "p023", "p024", "p030"}  # every deeper one
+        assert len(set(names)) == 8 and "elsewhere" not in names
+        for name in names[:2]:  # two of the 20 at the cut depth
+            drawn[name] = drawn.get(name, 0) + 1
+    assert len(drawn) == 20 and min(drawn.values()) >= 20  # each about 40 times in 400
+    few = {f"p{i:03d}": 2 for i in range(8)}
+    assert s.warm(few, members) == list(few.items())  # eight or fewer: all of them
+
+
+def test_a_hot_prefix_in_every_cache_costs_a_bounded_number_of_candidates() -> None:
+    st = RoutingState(CT)
+    for i in range(64):
+        st.engines.record(f"p{i:03d}", keys(2))  # the system prompt, everywhere
+    st.engines.record("p017", keys(5))  # the conversation, on one
+    d = KVAwarePolicy(st, "prefill", random.Random(0)).route(req(6), pool(64))
+    assert len(d.candidates) <= 8 + 4 + 4 and d.chosen == "p017"

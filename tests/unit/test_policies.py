@@ -355,6 +355,9 @@ def test_a_routed_prompt_counts_in_its_replicas_own_cache_at_once_where_the_engi
         r = RoutingRequest(f"c{i}", "prefill", 12 * CT + 5, system[i % 2] + keys(2, 10 + i))
         d = policy.route(r, pool)
         state.routed(r, d)
+        if i == 0:  # routed keeps the work in flight; the cache comes after the request went out
+            assert state.engines.prefix_by_replica(r.chunk_keys) == {} and state.queued_tokens(d.chosen) > 0
+        state.expect_cached(r, d)
         chosen[i] = d.chosen
     assert chosen[0] != chosen[1]  # the first two split (the second would queue behind the first)
     assert chosen[2] == chosen[0] and chosen[3] == chosen[1]  # each prompt's followers join it
@@ -367,10 +370,14 @@ def test_an_engine_without_cache_events_never_gets_routed_prompts_recorded() -> 
     state.observe("prefill", pool)
     for name in ("quiet", "reporting"):
         r = req(4, tag=7, rid=name)
-        state.routed(r, RoundRobinPolicy("prefill").route(r, [load(name)]))
+        d = RoundRobinPolicy("prefill").route(r, [load(name)])
+        state.routed(r, d)
+        state.expect_cached(r, d)
     # nothing would ever take the quiet engine's entries back: it gets none
     assert state.engines.prefix_by_replica(keys(4, 7)) == {"reporting": 4}
     state.observe("prefill", [load("quiet")])  # the reporting replica left the pool
     r = req(4, tag=8, rid="again")
-    state.routed(r, RoundRobinPolicy("prefill").route(r, [load("reporting")]))
+    d = RoundRobinPolicy("prefill").route(r, [load("reporting")])
+    state.routed(r, d)
+    state.expect_cached(r, d)
     assert state.engines.prefix_by_replica(keys(4, 8)) == {}
