@@ -95,8 +95,8 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
         decision = self._policy.route(hint, loads)
         if hint is not None and self._state is not None:
             self._state.routed(hint, decision)
-            # The prompt's chunks into the index once the request has gone out: before the
-            # next decision on this loop, not in this request's wait (RoutingState.expect_cached).
-            asyncio.get_running_loop().call_soon(self._state.expect_cached, hint, decision)
+            # The explanation and the prompt's chunks once the request has gone out: before
+            # the next decision on this loop, not in this request's wait (RoutingState.after_send).
+            asyncio.get_running_loop().call_soon(self._state.after_send, hint, decision)
         by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_name[name] for name in group if name in by_name] for group in decision.groups]

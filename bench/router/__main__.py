@@ -11,8 +11,8 @@ from shared prefixes, so the indexes answer real matches. Each decision is timed
 (perf_counter_ns) as the request router runs it (new load reports into the state, the
 policy's decision, the decision recorded), the policies take turns in rotated order (the
 machine is shared), and ``round_robin`` is the floor: the cost of any decision at all. What
-the router does per request once the request went out (the prompt's chunks into the index,
-the ingress's ``finished``) is timed apart and shown beside it: CPU per request, not wait.
+the router does per request once the request went out (the explanation kept, the prompt's
+chunks into the index, the ingress's ``finished``) is timed apart and shown beside it: CPU per request, not wait.
 Memory per chunk is measured with tracemalloc while the indexes are filled.
 """
 
@@ -94,7 +94,8 @@ def time_policy(policy: RoutingPolicy, state: RoutingState, wl: Workload, pool: 
     """What the request router does per decision, timed: the pool's new reports go to the
     state (one replica's, as when the last request landed there), then the policy decides
     and the decision is recorded (``routed``): the decision. Then, timed apart, what it runs
-    once the request went out (``expect_cached``: the prompt's chunks into the index) and the
+    once the request went out (``after_send``: the explanation kept, the prompt's chunks into
+    the index) and the
     ingress's ``finished``: work per request, but not in its wait."""
     decide, after = [], []
     rng = wl.rng
@@ -108,7 +109,7 @@ def time_policy(policy: RoutingPolicy, state: RoutingState, wl: Workload, pool: 
         decision = policy.route(request, pool)
         state.routed(request, decision)
         t1 = clock()
-        state.expect_cached(request, decision)
+        state.after_send(request, decision)
         state.finished(request.request_id)
         if i >= 0:
             decide.append((t1 - t0) / 1000)

@@ -175,7 +175,9 @@ def test_state_explains_retires_and_bounds_what_it_keeps() -> None:
     p = KVAwarePolicy(st, "prefill")
     for i in range(5):
         r = req(2, rid=f"r{i}")
-        st.routed(r, p.route(r, [load("a"), load("b")]))
+        d = p.route(r, [load("a"), load("b")])
+        st.routed(r, d)
+        st.after_send(r, d)
     assert [rid for rid, _ in st.recent(10)] == ["r2", "r3", "r4"] and st.decisions("r0") == {}
     explained = st.decisions("r4")["prefill"].explain()
     assert explained["policy"] == "kv_aware" and len(explained["candidates"]) == 2
@@ -238,8 +240,9 @@ def test_the_ingress_holds_each_prefills_engine_time_against_its_decision() -> N
     policy = KVAwarePolicy(st, "prefill", rng=random.Random(0))
     pool = [load("a"), load("b")]
     st.observe("prefill", pool)
-    st.routed(req(4, rid="r1"), policy.route(req(4, rid="r1"), pool))
-    first = st.decisions("r1")["prefill"].chosen
+    d = policy.route(req(4, rid="r1"), pool)
+    st.routed(req(4, rid="r1"), d)
+    first = d.chosen
     st.finished("r1")  # failed or cancelled: no engine time, nothing learnt
     assert st.rates.slowdown(first) == 1.0 and st.queued_tokens(first) == 0
     for i in range(30):
@@ -355,9 +358,10 @@ def test_a_routed_prompt_counts_in_its_replicas_own_cache_at_once_where_the_engi
         r = RoutingRequest(f"c{i}", "prefill", 12 * CT + 5, system[i % 2] + keys(2, 10 + i))
         d = policy.route(r, pool)
         state.routed(r, d)
-        if i == 0:  # routed keeps the work in flight; the cache comes after the request went out
+        if i == 0:  # routed keeps the work in flight; the cache and the explanation come after
             assert state.engines.prefix_by_replica(r.chunk_keys) == {} and state.queued_tokens(d.chosen) > 0
-        state.expect_cached(r, d)
+            assert state.decisions(r.request_id) == {}
+        state.after_send(r, d)
         chosen[i] = d.chosen
     assert chosen[0] != chosen[1]  # the first two split (the second would queue behind the first)
     assert chosen[2] == chosen[0] and chosen[3] == chosen[1]  # each prompt's followers join it
@@ -372,12 +376,12 @@ def test_an_engine_without_cache_events_never_gets_routed_prompts_recorded() -> 
         r = req(4, tag=7, rid=name)
         d = RoundRobinPolicy("prefill").route(r, [load(name)])
         state.routed(r, d)
-        state.expect_cached(r, d)
+        state.after_send(r, d)
     # nothing would ever take the quiet engine's entries back: it gets none
     assert state.engines.prefix_by_replica(keys(4, 7)) == {"reporting": 4}
     state.observe("prefill", [load("quiet")])  # the reporting replica left the pool
     r = req(4, tag=8, rid="again")
     d = RoundRobinPolicy("prefill").route(r, [load("reporting")])
     state.routed(r, d)
-    state.expect_cached(r, d)
+    state.after_send(r, d)
     assert state.engines.prefix_by_replica(keys(4, 8)) == {}

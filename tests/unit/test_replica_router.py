@@ -47,10 +47,12 @@ def test_the_prompt_counts_as_cached_once_the_request_went_out_and_before_the_ne
     async def route() -> None:
         groups = await router.choose_replicas(replicas, SimpleNamespace(kwargs={"routing": request.encode()}))
         chosen = groups[0][0].replica_id.unique_id
-        # Before the request goes: the decision explained and its work in flight, no cache yet.
-        assert state.decisions("r1")["prefill"].chosen == chosen and state.queued_tokens(chosen) > 0
-        assert state.engines.prefix_by_replica(keys) == {}
+        # Before the request goes: its work in flight, which the next decision reads; no
+        # explanation, no cache entries yet.
+        assert state.queued_tokens(chosen) > 0
+        assert state.decisions("r1") == {} and state.engines.prefix_by_replica(keys) == {}
         await asyncio.sleep(0)  # the request went out; the loop runs what the router left for after
+        assert state.decisions("r1")["prefill"].chosen == chosen
         assert state.engines.prefix_by_replica(keys) == {chosen: 4}
         state.finished("r1")
         follower = RoutingRequest("r2", "prefill", 6 * CT + 5, keys + (b"x" * 16, b"y" * 16))
