@@ -90,13 +90,15 @@ class PDRequestRouter(FIFOMixin, RequestRouter):
             live = {load.replica for load in loads}
             self._loads = {name: v for name, v in self._loads.items() if name in live}
             changed = changed or loads[:1]  # membership changed: let the state see it
-        if self._state is not None and changed:
-            self._state.observe(self._role, loads, changed)
+        if self._state is not None:
+            self._state.settle()  # earlier decisions' bookkeeping, if the loop has not run it yet
+            if changed:
+                self._state.observe(self._role, loads, changed)
         decision = self._policy.route(hint, loads)
         if hint is not None and self._state is not None:
             self._state.routed(hint, decision)
-            # The explanation and the prompt's chunks once the request has gone out: before
-            # the next decision on this loop, not in this request's wait (RoutingState.after_send).
-            asyncio.get_running_loop().call_soon(self._state.after_send, hint, decision)
+            # The rest of its bookkeeping once the request has gone out, not in its wait
+            # (RoutingState.settle).
+            asyncio.get_running_loop().call_soon(self._state.settle)
         by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_name[name] for name in group if name in by_name] for group in decision.groups]

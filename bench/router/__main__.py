@@ -94,9 +94,8 @@ def time_policy(policy: RoutingPolicy, state: RoutingState, wl: Workload, pool: 
     """What the request router does per decision, timed: the pool's new reports go to the
     state (one replica's, as when the last request landed there), then the policy decides
     and the decision is recorded (``routed``): the decision. Then, timed apart, what it runs
-    once the request went out (``after_send``: the explanation kept, the prompt's chunks into
-    the index) and the
-    ingress's ``finished``: work per request, but not in its wait."""
+    once the request went out (``settle``: the explanation kept, the prompt's chunks into the
+    index) and the ingress's ``finished``: work per request, but not in its wait."""
     decide, after = [], []
     rng = wl.rng
     clock = time.perf_counter_ns
@@ -105,11 +104,12 @@ def time_policy(policy: RoutingPolicy, state: RoutingState, wl: Workload, pool: 
         j = rng.randrange(len(pool))
         pool[j] = replace(pool[j], inflight=rng.randint(0, 8), queued_tokens=rng.randint(0, 8000))
         t0 = clock()
+        state.settle()  # as PDRequestRouter.choose_replicas: nothing left here, settled below
         state.observe("prefill", pool, [pool[j]])
         decision = policy.route(request, pool)
         state.routed(request, decision)
         t1 = clock()
-        state.after_send(request, decision)
+        state.settle()
         state.finished(request.request_id)
         if i >= 0:
             decide.append((t1 - t0) / 1000)

@@ -185,7 +185,7 @@ class SimCluster:
             self.state.observe(pool.role, pool.loads, changed)
         decision = self.policies[pool.role].route(hint, pool.loads)
         self.state.routed(hint, decision)
-        self.state.after_send(hint, decision)  # the request router runs it just after
+        self.state.settle()  # the request router runs it once the request went out
         self.decisions += 1
         return pool.by_name[decision.chosen]
 

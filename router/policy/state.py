@@ -212,6 +212,7 @@ class RoutingState:
         self._prefill_pool: frozenset[str] = frozenset()
         self._decisions: OrderedDict[str, dict[str, RouteDecision]] = OrderedDict()
         self._keep = keep_decisions
+        self._unsettled: list[tuple[RoutingRequest, RouteDecision]] = []  # decided, bookkeeping to do
         self._pools: dict[str, Callable[[], list[ReplicaLoad]]] = {}
 
     @property
@@ -231,38 +232,46 @@ class RoutingState:
     # -- prefill work in flight (this router's own view: fresher than any report) -----------
 
     def routed(self, request: RoutingRequest, decision: RouteDecision) -> None:
-        """A request router decided: count a prefill's work against the chosen replica until
-        the ingress says it finished. The one piece of a decision's bookkeeping the next
-        decision needs before this request goes; ``after_send`` is the rest."""
+        """A request router decided. Before the request goes, only what the next decision
+        reads: a prefill's work counted against the chosen replica until the ingress says
+        it finished. The rest of the bookkeeping waits for ``settle``."""
         chosen = decision.chosen
         if request.role == "prefill" and chosen:
             work = decision.work_tokens
             self.dispatched(chosen, request.request_id,
                             work if work >= 0 else self._work_tokens(request, decision, chosen))
+        self._unsettled.append((request, decision))
 
-    def after_send(self, request: RoutingRequest, decision: RouteDecision) -> None:
-        """The rest of a decision's bookkeeping, run by the request router once the request
-        has gone out (``call_soon``: before its next decision, not in this request's wait):
+    def settle(self) -> None:
+        """The rest of each decision's bookkeeping. The request router runs it once the
+        request has gone out (``call_soon``) and again before its next decision, in case
+        that comes first (a burst of requests on one loop turn); every reader here settles
+        first. Two parts, together most of a decision's time before they moved here
+        (bench.router), neither of which the request itself depends on:
 
-        - The explanation is kept (``decisions``, read once the request is under way: the
-          response's route header, errors, the debug endpoints). Keeping one lets the oldest
-          go, and freeing a decision made a thousand requests ago (its score table, tens of
-          objects long out of the CPU's caches) took 6-8 us (bench.router).
-        - A prefill's prompt chunks count as in the chosen replica's own cache from now on.
-          Its engine will hold them once this prefill ran: the next request with the same
-          prefix finds them there now, not after the prefill and a KV event (a burst of
-          conversations on one system prompt went cold on whichever replica was not
-          computing it: bench.policies run 8). The engine's events confirm them or take them
-          back; a prefill that never runs leaves a missed preference, never a wrong answer.
-          Only for engines that publish events: no event would ever take an entry back from
-          the others. A prompt's 32 chunks into a 100k-chunk table: 12-16 us.
+        - The explanation is kept (``decisions``: the response's route header, errors, the
+          debug endpoints). Keeping one lets the oldest of ``keep_decisions`` go, and
+          freeing a decision made a thousand requests ago (its score table, tens of objects
+          long out of the CPU's caches) took 6-8 us.
+        - A prefill's prompt chunks count as in the chosen replica's own cache from now on
+          (12-16 us for 32 chunks into a 100k-chunk table). Its engine will hold them once
+          this prefill ran: the next request with the same prefix finds them there now, not
+          after the prefill and a KV event (a burst of conversations on one system prompt
+          went cold on whichever replica was not computing it: bench.policies run 8). The
+          engine's events confirm them or take them back; a prefill that never runs leaves a
+          missed preference, never a wrong answer. Only for engines that publish events: no
+          event would ever take an entry back from the others.
 
         Ray Serve's prefix-aware router updates its tree after routing the same way
         (``on_request_routed``)."""
-        self.decided(request.request_id, decision)
-        chosen = decision.chosen
-        if request.role == "prefill" and chosen and request.chunk_keys and chosen in self._publishing:
-            self.engines.record(chosen, request.chunk_keys)
+        if not self._unsettled:
+            return
+        pending, self._unsettled = self._unsettled, []
+        for request, decision in pending:
+            self.decided(request.request_id, decision)
+            chosen = decision.chosen
+            if request.role == "prefill" and chosen and request.chunk_keys and chosen in self._publishing:
+                self.engines.record(chosen, request.chunk_keys)
 
     def _work_tokens(self, request: RoutingRequest, decision: RouteDecision, chosen: str) -> int:
         """What the request will occupy the replica for, in its prompt tokens: the tokens it
@@ -389,9 +398,11 @@ class RoutingState:
             self._decisions.popitem(last=False)
 
     def decisions(self, request_id: str) -> dict[str, RouteDecision]:
+        self.settle()
         return dict(self._decisions.get(request_id, {}))
 
     def recent(self, n: int) -> list[tuple[str, dict[str, RouteDecision]]]:
+        self.settle()
         return list(self._decisions.items())[-n:]
 
 

@@ -177,7 +177,7 @@ def test_state_explains_retires_and_bounds_what_it_keeps() -> None:
         r = req(2, rid=f"r{i}")
         d = p.route(r, [load("a"), load("b")])
         st.routed(r, d)
-        st.after_send(r, d)
+        st.settle()
     assert [rid for rid, _ in st.recent(10)] == ["r2", "r3", "r4"] and st.decisions("r0") == {}
     explained = st.decisions("r4")["prefill"].explain()
     assert explained["policy"] == "kv_aware" and len(explained["candidates"]) == 2
@@ -358,10 +358,9 @@ def test_a_routed_prompt_counts_in_its_replicas_own_cache_at_once_where_the_engi
         r = RoutingRequest(f"c{i}", "prefill", 12 * CT + 5, system[i % 2] + keys(2, 10 + i))
         d = policy.route(r, pool)
         state.routed(r, d)
-        if i == 0:  # routed keeps the work in flight; the cache and the explanation come after
+        if i == 0:  # routed keeps the work in flight; the cache comes when the state settles
             assert state.engines.prefix_by_replica(r.chunk_keys) == {} and state.queued_tokens(d.chosen) > 0
-            assert state.decisions(r.request_id) == {}
-        state.after_send(r, d)
+        state.settle()
         chosen[i] = d.chosen
     assert chosen[0] != chosen[1]  # the first two split (the second would queue behind the first)
     assert chosen[2] == chosen[0] and chosen[3] == chosen[1]  # each prompt's followers join it
@@ -376,12 +375,12 @@ def test_an_engine_without_cache_events_never_gets_routed_prompts_recorded() -> 
         r = req(4, tag=7, rid=name)
         d = RoundRobinPolicy("prefill").route(r, [load(name)])
         state.routed(r, d)
-        state.after_send(r, d)
+        state.settle()
     # nothing would ever take the quiet engine's entries back: it gets none
     assert state.engines.prefix_by_replica(keys(4, 7)) == {"reporting": 4}
     state.observe("prefill", [load("quiet")])  # the reporting replica left the pool
     r = req(4, tag=8, rid="again")
     d = RoundRobinPolicy("prefill").route(r, [load("reporting")])
     state.routed(r, d)
-    state.after_send(r, d)
+    state.settle()
     assert state.engines.prefix_by_replica(keys(4, 8)) == {}

@@ -35,28 +35,45 @@ def state() -> Iterator[RoutingState]:
     routing_state._current = before
 
 
-def test_the_prompt_counts_as_cached_once_the_request_went_out_and_before_the_next_decision(
-        state: RoutingState) -> None:
+def make_router() -> PDRequestRouter:
     router = PDRequestRouter.__new__(PDRequestRouter)  # Serve's own constructor needs a controller
     router._replica_queue_len_cache = {}
     router.initialize_state("kv_aware", "prefill")
-    replicas = [replica("a"), replica("b")]
-    keys = tuple(bytes([7, i]) * 8 for i in range(4))
-    request = RoutingRequest("r1", "prefill", 4 * CT + 5, keys)
+    return router
+
+
+def prompt(rid: str, tag: int, turns: int = 0) -> RoutingRequest:
+    keys = tuple(bytes([tag, i]) * 8 for i in range(4 + turns))
+    return RoutingRequest(rid, "prefill", len(keys) * CT + 5, keys)
+
+
+async def choose(router: PDRequestRouter, replicas: list[SimpleNamespace], request: RoutingRequest) -> str:
+    groups = await router.choose_replicas(replicas, SimpleNamespace(kwargs={"routing": request.encode()}))
+    return str(groups[0][0].replica_id.unique_id)
+
+
+def test_the_prompt_counts_as_cached_once_the_request_went_out(state: RoutingState) -> None:
+    router, replicas, first = make_router(), [replica("a"), replica("b")], prompt("r1", 7)
 
     async def route() -> None:
-        groups = await router.choose_replicas(replicas, SimpleNamespace(kwargs={"routing": request.encode()}))
-        chosen = groups[0][0].replica_id.unique_id
-        # Before the request goes: its work in flight, which the next decision reads; no
-        # explanation, no cache entries yet.
-        assert state.queued_tokens(chosen) > 0
-        assert state.decisions("r1") == {} and state.engines.prefix_by_replica(keys) == {}
+        chosen = await choose(router, replicas, first)
+        # Before the request goes: its work in flight, which the next decision reads; the
+        # prompt's chunks are not in the index yet.
+        assert state.queued_tokens(chosen) > 0 and state.engines.prefix_by_replica(first.chunk_keys) == {}
         await asyncio.sleep(0)  # the request went out; the loop runs what the router left for after
+        assert state.engines.prefix_by_replica(first.chunk_keys) == {chosen: 4}
         assert state.decisions("r1")["prefill"].chosen == chosen
-        assert state.engines.prefix_by_replica(keys) == {chosen: 4}
-        state.finished("r1")
-        follower = RoutingRequest("r2", "prefill", 6 * CT + 5, keys + (b"x" * 16, b"y" * 16))
-        groups = await router.choose_replicas(replicas, SimpleNamespace(kwargs={"routing": follower.encode()}))
-        assert groups[0][0].replica_id.unique_id == chosen  # the next request on the prefix joins it
 
     asyncio.run(route())
+
+
+def test_a_decision_before_the_loop_settled_the_last_one_still_sees_it(state: RoutingState) -> None:
+    router, replicas = make_router(), [replica("a"), replica("b")]
+
+    async def burst() -> None:
+        chosen = await choose(router, replicas, prompt("r1", 7))
+        state.finished("r1")
+        follower = await choose(router, replicas, prompt("r2", 7, turns=2))  # no loop turn between
+        assert follower == chosen  # the next request on the prefix joins it
+
+    asyncio.run(burst())
