@@ -1,11 +1,14 @@
 """Shared memory that dead engines leave behind, found and freed.
 
 vLLM's engines talk to their workers over ``multiprocessing`` shared-memory queues
-(``/dev/shm/psm_*``, a few hundred MiB per engine). An engine shut down cleanly unlinks them;
-an engine whose replica is killed outright cannot, and tmpfs keeps their memory until
-someone unlinks them. A segment is an orphan when it is ours (same uid), old enough to be
-past any creator's window between creating and mapping it, and no live process maps it.
-Each node's store agent sweeps its node periodically; ``pdserve down`` sweeps once at the end.
+(``/dev/shm/psm_*``, a few hundred MiB per engine), and their spawned processes share
+``multiprocessing`` locks, POSIX named semaphores (``/dev/shm/sem.mp-*``, which the resource
+tracker of a spawning process unlinks when it exits). An engine shut down cleanly unlinks
+them; an engine whose replica is killed outright (its resource tracker with it) cannot, and
+tmpfs keeps them until someone unlinks them: each full test run left four semaphores. A
+segment is an orphan when it is ours (same uid), old enough to be past any creator's window
+between creating and mapping it, and no live process maps it. Each node's store agent sweeps
+its node periodically; ``pdserve down`` sweeps once at the end.
 """
 
 from __future__ import annotations
@@ -20,42 +23,49 @@ log = get_logger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 ENGINE_QUEUES = "psm_"
+ENGINE_LOCKS = "sem.mp-"  # sem_open("/mp-...") names /dev/shm/sem.mp-...; an open one is mapped
+ENGINE_LEFTOVERS = (ENGINE_QUEUES, ENGINE_LOCKS)
 
 
-def mapped_shm_files(proc: Path = Path("/proc")) -> set[str]:
-    """Names of the /dev/shm files some live process maps (whatever we may read)."""
-    names: set[str] = set()
+def mapped_shm_inodes(proc: Path = Path("/proc"), shm_dir: Path = SHM_DIR) -> set[int]:
+    """Inodes of the files in ``shm_dir`` some live process maps (whatever we may read). By
+    inode, not name: glibc creates a named semaphore under a temporary name, maps it, links
+    it to its real name and unlinks the temporary one, so its holders' maps name a deleted
+    file (``/dev/shm/sem.t0ySmq (deleted)``) that is the same inode as ``sem.mp-...``."""
+    prefix = f" {shm_dir}/"
+    inodes: set[int] = set()
     for maps in proc.glob("[0-9]*/maps"):
         try:
             text = maps.read_text()
         except OSError:  # gone, or not ours to read
             continue
         for line in text.splitlines():
-            at = line.find("/dev/shm/")
-            if at >= 0:
-                names.add(line[at + 9 :].removesuffix(" (deleted)"))
-    return names
+            if prefix in line:
+                fields = line.split(maxsplit=5)  # address perms offset device inode path
+                if len(fields) == 6 and fields[4].isdigit():
+                    inodes.add(int(fields[4]))
+    return inodes
 
 
-def orphaned_segments(shm_dir: Path = SHM_DIR, prefix: str = ENGINE_QUEUES, min_age_s: float = 60.0,
-                      proc: Path = Path("/proc")) -> list[Path]:
+def orphaned_segments(shm_dir: Path = SHM_DIR, prefixes: tuple[str, ...] = ENGINE_LEFTOVERS,
+                      min_age_s: float = 60.0, proc: Path = Path("/proc")) -> list[Path]:
     now, uid = time.time(), os.getuid()
     candidates = []
-    for path in shm_dir.glob(f"{prefix}*"):
+    for path in sorted(p for prefix in prefixes for p in shm_dir.glob(f"{prefix}*")):
         try:
             st = path.stat()
         except OSError:
             continue
         if st.st_uid == uid and now - st.st_mtime >= min_age_s:
-            candidates.append(path)
+            candidates.append((path, st.st_ino))
     if not candidates:
         return []
-    mapped = mapped_shm_files(proc)
-    return [p for p in candidates if p.name not in mapped]
+    mapped = mapped_shm_inodes(proc, shm_dir)
+    return [path for path, inode in candidates if inode not in mapped]
 
 
 def sweep(shm_dir: Path = SHM_DIR, min_age_s: float = 60.0) -> int:
-    """Unlink the orphaned engine queues; how many bytes that freed."""
+    """Unlink the orphaned engine queues and locks; how many bytes that freed."""
     freed = 0
     for path in orphaned_segments(shm_dir, min_age_s=min_age_s):
         try:

@@ -12,18 +12,39 @@ def make_proc(root: Path, maps: dict[int, str]) -> Path:
     return root
 
 
-def test_only_old_unmapped_engine_queues_are_orphans(tmp_path: Path) -> None:
+def test_only_old_unmapped_engine_queues_and_locks_are_orphans(tmp_path: Path) -> None:
     shm = tmp_path / "shm"
     shm.mkdir()
-    for name in ("psm_live", "psm_dead", "psm_young", "pdkv-store"):
+    names = ("psm_live", "psm_dead", "psm_young", "pdkv-store", "sem.mp-live", "sem.mp-dead", "sem.other")
+    for name in names:
         (shm / name).write_bytes(b"x" * 1024)
     old = time.time() - 120
-    for name in ("psm_live", "psm_dead", "pdkv-store"):
-        os.utime(shm / name, (old, old))
+    for name in names:
+        if name != "psm_young":
+            os.utime(shm / name, (old, old))
+    ino = {name: (shm / name).stat().st_ino for name in names}
+    # A semaphore's holder maps it under the temporary name glibc created it with: same inode.
+    (shm / "sem.tmp1").hardlink_to(shm / "sem.mp-live")
+    (shm / "sem.tmp1").unlink()
     proc = make_proc(tmp_path / "proc", {
-        11: "7f00-7f10 rw-s 00000000 00:1a 5 /dev/shm/psm_live\n7f20-7f30 r-xp 0 08:01 9 /usr/lib/libc.so\n",
-        12: "7f00-7f10 rw-s 00000000 00:1a 6 /dev/shm/pdkv-store (deleted)\n",
+        11: f"7f00-7f10 rw-s 00000000 00:1a {ino['psm_live']} {shm}/psm_live\n"
+            "7f20-7f30 r-xp 0 08:01 9 /usr/lib/libc.so\n",
+        12: f"7f00-7f10 rw-s 00000000 00:1a {ino['pdkv-store']} {shm}/pdkv-store (deleted)\n",
+        13: f"7f40-7f41 rw-s 00000000 00:1a {ino['sem.mp-live']} {shm}/sem.tmp1 (deleted)\n",
     })
     got = janitor.orphaned_segments(shm, min_age_s=60, proc=proc)
-    assert got == [shm / "psm_dead"]  # mapped, too young, or not an engine queue: left alone
-    assert janitor.mapped_shm_files(proc) == {"psm_live", "pdkv-store"}
+    # mapped, too young, or not an engine's: left alone
+    assert got == [shm / "psm_dead", shm / "sem.mp-dead"]
+    assert janitor.mapped_shm_inodes(proc, shm) == {ino["psm_live"], ino["pdkv-store"], ino["sem.mp-live"]}
+
+
+def test_a_live_multiprocessing_lock_is_mapped_by_its_holder() -> None:
+    """What the sweep relies on, on this machine's glibc: an open named semaphore's inode
+    shows in its holder's maps, and a sweep leaves it alone."""
+    import multiprocessing
+
+    lock = multiprocessing.get_context("spawn").Lock()  # named, linked until the tracker unlinks it
+    name = lock._semlock.name  # type: ignore[attr-defined]
+    path = janitor.SHM_DIR / f"sem.{name.lstrip('/')}"
+    assert path.stat().st_ino in janitor.mapped_shm_inodes()
+    assert path not in janitor.orphaned_segments(min_age_s=0)
