@@ -294,7 +294,7 @@ def rayllm_system(mode: str, model_dir: Path, model: str, log_dir: Path,
         running.notes += stop_session(proc)  # SIGTERM: the app shuts Serve and Ray down
         out.close()
         shutil.rmtree(kv_dir, ignore_errors=True)
-        # vLLM's queues of engines that SIGKILL ended (only what no live process maps).
+        # vLLM's queues and locks of engines that SIGKILL ended (only what no live process maps).
         from kvstore import janitor
 
         if freed := janitor.sweep(min_age_s=0):

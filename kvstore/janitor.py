@@ -23,7 +23,7 @@ log = get_logger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 ENGINE_QUEUES = "psm_"
-ENGINE_LOCKS = "sem.mp-"  # sem_open("/mp-...") names /dev/shm/sem.mp-...; an open one is mapped
+ENGINE_LOCKS = "sem.mp-"  # sem_open("/mp-...") names /dev/shm/sem.mp-...; live: its inode is mapped
 ENGINE_LEFTOVERS = (ENGINE_QUEUES, ENGINE_LOCKS)
 
 

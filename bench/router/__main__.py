@@ -12,8 +12,9 @@ from shared prefixes, so the indexes answer real matches. Each decision is timed
 policy's decision, the decision recorded), the policies take turns in rotated order (the
 machine is shared), and ``round_robin`` is the floor: the cost of any decision at all. What
 the router does per request once the request went out (the explanation kept, the prompt's
-chunks into the index, the ingress's ``finished``) is timed apart and shown beside it: CPU per request, not wait.
-Memory per chunk is measured with tracemalloc while the indexes are filled.
+chunks into the index, the ingress's ``finished``) is timed apart and shown beside it: CPU
+per request, not wait. Memory per chunk is measured with tracemalloc while the indexes are
+filled.
 """
 
 from __future__ import annotations
