@@ -38,6 +38,7 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = (
     "router.index.owners",
+    "router.policy.inflight",
     "router.policy.kv_aware",
     "router.policy.sampling",
     "router.policy.simple",

@@ -112,7 +112,8 @@ class SimCluster:
         self.spec, self.cost, self.policy_name = spec, cost, policy
         self.loop = EventLoop()
         layout = spec.layout()
-        self.state = RoutingState(cost.chunk_tokens, prefill_prior_tps=cost.prefill_tps())
+        self.state = RoutingState(cost.chunk_tokens, prefill_prior_tps=cost.prefill_tps(),
+                                  clock=lambda: self.loop.now)
         self.store = KVStore(cost, sorted({node for _, node, _ in layout}), self._store_changed)
         prefill_layout = [(n, node) for n, node, r in layout if r == "prefill"]
         speeds = list(spec.prefill_speeds) + [1.0] * (len(prefill_layout) - len(spec.prefill_speeds))

@@ -12,12 +12,13 @@ Prefill, for replica r and a prompt of n tokens (chunk keys k1..km):
               + node * same_node_s_per_token + remote * remote_s_per_token
 
 ``rate(r)`` is r's measured prefill rate (tokens per busy second, from its own counters)
-over its slowdown (how much longer than predicted this router's prefills there took),
-``queued(r)`` the work this router has in flight there, in token-equivalents (the tokens
-each request computes plus its blocking store loads at r's rate). The replica's own report
-of queued tokens is a stats period old and counts whole prompts: it is used only when
-several routers share the pool (``shared_routers``), to see the others' work. The transfer
-costs come from the store's measured get latencies. Replicas within ``tie_s`` (or
+over its slowdown (how much longer than predicted this router's prefills there took) and
+over how late its oldest prefill in flight runs now (``InFlight.late``: the slowdown learns
+of a stall only once a prefill answers). ``queued(r)`` is the work this router has in flight
+there, in token-equivalents (the tokens each request computes plus its blocking store loads
+at r's rate). The replica's own report of queued tokens is a stats period old and counts
+whole prompts: it is used only when several routers share the pool (``shared_routers``), to
+see the others' work. The transfer costs come from the store's measured get latencies. Replicas within ``tie_s`` (or
 ``tie_rel``) of the best are ties. Among ties the ones whose own cache holds the most of the
 prompt stay: the score prices this request only, and a conversation kept where its cache is
 pays again on every later turn, which the replicas that would load it cannot offer (the
@@ -116,6 +117,9 @@ class KVAwarePolicy(RoutingPolicy):
         if st.shared_routers:  # other routers' work, seen a stats period late
             queued = [max(q, replicas[i].queued_tokens) for q, i in zip(queued, picks, strict=True)]
         rates = list(map(st.rates.table().get, picked, repeat(st.rates.prior_tps)))
+        late = st.late(picked)  # a replica behind its predictions right now (None: none is)
+        if late is not None:
+            rates = [rate / f for rate, f in zip(rates, late, strict=True)]
         # A cold replica computes what no store holds and loads the rest, its node's share
         # from there: load_s(node, anywhere - node) = load_s(0, anywhere) - node * saved.
         costs = st.costs
@@ -143,7 +147,8 @@ class KVAwarePolicy(RoutingPolicy):
         # The chosen one's work (RoutingState.routed): the tokens it computes, plus its store
         # loads at its rate (they block the engine step). Priced here, where the terms are.
         own_t, node_t, remote_t = row(at)[2:]
-        chosen_work = int(n - own_t - node_t - remote_t + (node_t * same + remote_t * far) * rates[at])
+        rate = st.rates.table().get(picked[at], st.rates.prior_tps)  # queued work is counted at this rate
+        chosen_work = int(n - own_t - node_t - remote_t + (node_t * same + remote_t * far) * rate)
         return RouteDecision(self.name, request.role, best_then_rest(names[p], names, p), why,
                              ScoreTable(picked, scores, row), PREFILL_TERMS, picked[w:] if drawn else (),
                              chosen_work)

@@ -6,7 +6,8 @@ routers of both pools and the ingress.
                       chunk                                    KV events)
     RateMeter         each replica's measured prefill rate    (load reports: tokens / busy s)
     TransferCosts     seconds per token loaded, per path      (feed thread: store stats)
-    outstanding       prefill work this router has in flight  (request router + ingress)
+    InFlight          prefill work this router has in flight, (request router + ingress)
+                      and how late each replica runs
     decisions         the last routing decisions, to explain  (request router)
 
 Serve builds the request router inside the deployment handle, in the router replica's
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from kvstore.messages import ReplicaLoad
 from router.index import StoreIndex
 from router.index.engine_feed import EngineEventFeed
 from router.index.owners import ENGINE, OwnerIndex
+from router.policy.inflight import InFlight
 from router.policy.interface import RouteDecision, RoutingRequest
 
 
@@ -192,7 +195,8 @@ class TransferCosts:
 
 class RoutingState:
     def __init__(self, chunk_tokens: int, prefill_prior_tps: float = 350.0, max_chunks: int = 1_000_000,
-                 keep_decisions: int = 1024, shared_routers: bool = False) -> None:
+                 keep_decisions: int = 1024, shared_routers: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.chunk_tokens = chunk_tokens
         # Several router replicas send to the same pools: a replica's report of its queued
         # work (a period old) is then the only view of the other routers' requests.
@@ -205,8 +209,7 @@ class RoutingState:
         self.rates = RateMeter(prefill_prior_tps)
         self.costs = TransferCosts()
         self.engine_feed: EngineEventFeed | None = None  # set by the ingress when it runs one
-        self._where: dict[str, tuple[str, int, float]] = {}  # request id -> (replica, tokens, predicted s)
-        self._queued: dict[str, int] = {}  # replica -> prompt tokens in flight there
+        self.inflight = InFlight(clock)  # clock: the simulator's, in bench.sim
         self._publishing: set[str] = set()  # prefill replicas whose engines publish KV events
         self._node_of: dict[str, str] = {}
         self._prefill_pool: frozenset[str] = frozenset()
@@ -282,29 +285,29 @@ class RoutingState:
         return int(compute + self.costs.load_s(node, remote) * self.rates.rate(chosen))
 
     def dispatched(self, replica: str, request_id: str, tokens: int) -> None:
-        self.finished(request_id)  # a retry routed elsewhere moves the work with it
-        queued = self._queued.get(replica, 0)
         # The engine time this predicts (kv_aware's score less the store loads, which the
-        # work tokens already hold at the replica's rate): held against what it took.
-        self._where[request_id] = (replica, tokens, (queued + tokens) / self.rates.rate(replica))
-        self._queued[replica] = queued + tokens
+        # work tokens already hold at the replica's rate): held against what it took, and
+        # against the time it has taken so far while it runs (``late``).
+        queued = self.inflight.queued_tokens().get(replica, 0)
+        self.inflight.dispatched(replica, request_id, tokens, (queued + tokens) / self.rates.rate(replica))
 
     def finished(self, request_id: str, engine_s: float | None = None) -> None:
         """The prefill is over (answered, failed or cancelled); ``engine_s``: the engine's
         own time for it, where it answered (``RateMeter.took``)."""
-        where = self._where.pop(request_id, None)
-        if where is not None:
-            replica, tokens, predicted_s = where
-            self._queued[replica] = self._queued.get(replica, 0) - tokens
-            if engine_s is not None:
-                self.rates.took(replica, predicted_s, engine_s)
+        where = self.inflight.finished(request_id)
+        if where is not None and engine_s is not None:
+            self.rates.took(where[0], where[1], engine_s)
 
     def queued_tokens(self, replica: str) -> int:
-        return self._queued.get(replica, 0)
+        return self.inflight.queued_tokens().get(replica, 0)
 
     def queued_by_replica(self) -> dict[str, int]:
         """Prompt tokens in flight per replica (read-only for callers)."""
-        return self._queued
+        return self.inflight.queued_tokens()
+
+    def late(self, replicas: Sequence[str]) -> list[float] | None:
+        """How far behind its predictions each replica runs now (``InFlight.late``)."""
+        return self.inflight.late(replicas)
 
     # -- what the replicas report -----------------------------------------------------------
 
@@ -357,17 +360,14 @@ class RoutingState:
             for name in self.engine_feed.watched():
                 if name not in alive:
                     self.engine_feed.retire(name)
-        for rid in [rid for rid, (r, _, _) in self._where.items() if r not in alive]:
-            self.finished(rid)
-        for name in [r for r in self._queued if r not in alive]:
-            del self._queued[name]
+        self.inflight.retain(alive)
         self.rates.retain(alive)
         self._publishing &= alive
 
     def snapshot(self) -> dict[str, object]:
         """What this router has measured per replica (JSON-ready): node, prefill rate (absent
         while at the prior), work in flight; and the store's transfer costs."""
-        rates, queued = self.rates.table(), self._queued
+        rates, queued = self.rates.table(), self.inflight.queued_tokens()
         replicas: dict[str, dict[str, object]] = {}
         for name, node in self._node_of.items():
             row: dict[str, object] = {"node": node}
