@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from kvstore.logging import get_logger
@@ -27,14 +28,16 @@ ENGINE_LOCKS = "sem.mp-"  # sem_open("/mp-...") names /dev/shm/sem.mp-...; live:
 ENGINE_LEFTOVERS = (ENGINE_QUEUES, ENGINE_LOCKS)
 
 
-def mapped_shm_inodes(proc: Path = Path("/proc"), shm_dir: Path = SHM_DIR) -> set[int]:
-    """Inodes of the files in ``shm_dir`` some live process maps (whatever we may read). By
+def mapped_shm_inodes(proc: Path = Path("/proc"), shm_dir: Path = SHM_DIR,
+                      pids: Iterable[int] | None = None) -> set[int]:
+    """Inodes of the files in ``shm_dir`` some live process (of ``pids``, where given) maps,
+    whatever we may read. By
     inode, not name: glibc creates a named semaphore under a temporary name, maps it, links
     it to its real name and unlinks the temporary one, so its holders' maps name a deleted
     file (``/dev/shm/sem.t0ySmq (deleted)``) that is the same inode as ``sem.mp-...``."""
     prefix = f" {shm_dir}/"
     inodes: set[int] = set()
-    for maps in proc.glob("[0-9]*/maps"):
+    for maps in proc.glob("[0-9]*/maps") if pids is None else (proc / str(pid) / "maps" for pid in pids):
         try:
             text = maps.read_text()
         except OSError:  # gone, or not ours to read

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster.runtime import start_redis, stop_pid
+from kvstore.janitor import ENGINE_LEFTOVERS, ENGINE_LOCKS, mapped_shm_inodes
 from kvstore.segment import SHM_DIR
 
 
@@ -26,14 +27,24 @@ def prefix() -> str:
 
 
 def _segments() -> set[str]:
-    # pdkv-*: the store's segments; psm_*: vLLM's engine message queues (left behind when an
-    # engine is killed instead of shut down).
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(("pdkv-", "psm_"))}
+    # pdkv-*: the store's segments; psm_* and sem.mp-*: vLLM's engine message queues and its
+    # spawned processes' locks (left behind when an engine is killed instead of shut down).
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(("pdkv-", *ENGINE_LEFTOVERS))}
 
 
 @pytest.fixture(autouse=True, scope="session")
 def no_leaked_segments() -> Iterator[None]:
     before = _segments()
     yield
-    leaked = _segments() - before
-    assert not leaked, f"store segments left in {SHM_DIR}: {sorted(leaked)}"
+    mapped = mapped_shm_inodes()  # a lock a live process (this one) holds is in use, not leaked
+    leaked = sorted(n for n in _segments() - before if _left(n, mapped))
+    assert not leaked, f"shared memory left in {SHM_DIR}: {leaked}"
+
+
+def _left(name: str, mapped: set[int]) -> bool:
+    if not name.startswith(ENGINE_LOCKS):
+        return True
+    try:
+        return (SHM_DIR / name).stat().st_ino not in mapped
+    except OSError:  # gone since the listing
+        return False

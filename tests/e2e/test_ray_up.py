@@ -32,6 +32,7 @@ import yaml
 
 from cluster.model import DEFAULT_MODEL_NAME
 from cluster.runtime import RunState, free_port, pids_mentioning
+from kvstore.janitor import ENGINE_LOCKS, SHM_DIR, mapped_shm_inodes
 from tests.e2e.sshd import SshHost, loopback_sshd
 
 pytestmark = pytest.mark.e2e
@@ -143,6 +144,19 @@ def _shm_mapped_by(pids: set[int]) -> set[Path]:
             if path.startswith("/dev/shm/"):
                 found.add(Path(path.removesuffix(" (deleted)")))
     return found
+
+
+def _engine_locks_of(pids: set[int]) -> set[Path]:
+    """The engines' multiprocessing locks (``/dev/shm/sem.mp-*``) the given processes map."""
+    inodes = mapped_shm_inodes(pids=pids)
+    locks = set()
+    for path in SHM_DIR.glob(f"{ENGINE_LOCKS}*"):
+        try:
+            if path.stat().st_ino in inodes:
+                locks.add(path)
+        except OSError:
+            continue
+    return locks
 
 
 def _alive(pids: set[int], timeout_s: float) -> set[int]:
@@ -265,6 +279,7 @@ def test_ray_up_local_provider_serves_openai_and_ray_down_leaves_nothing(
 
             ours |= cluster_pids(host_root)
             shm = _shm_mapped_by(ours)
+            locks = _engine_locks_of(ours)
             down = _ray(["down", "-y", str(config)], env, tmp_path / "ray-down.log", 300)
             assert "command not found" not in down.stdout, down.stdout[-3000:]  # `ray` is on the head's PATH
             left = _alive(ours, 60) | cluster_pids(host_root)
@@ -272,8 +287,10 @@ def test_ray_up_local_provider_serves_openai_and_ray_down_leaves_nothing(
         finally:
             still = cluster_pids(host_root)  # none, unless the test failed before `ray down` ended
             shm |= _shm_mapped_by(still)
+            locks |= _engine_locks_of(still)
             _kill(ours | still)
             # Killed processes cannot unlink their shared memory (the store's segment, vLLM's
-            # buffers): remove what this cluster mapped.
-            for segment in shm:
+            # buffers, the engines' locks: `ray stop` kills them, and `ray down` has no hook
+            # for `pdserve down`'s sweep): remove what this cluster mapped.
+            for segment in shm | locks:
                 segment.unlink(missing_ok=True)
