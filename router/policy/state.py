@@ -288,6 +288,7 @@ class RoutingState:
         # The engine time this predicts (kv_aware's score less the store loads, which the
         # work tokens already hold at the replica's rate): held against what it took, and
         # against the time it has taken so far while it runs (``late``).
+        self.inflight.finished(request_id)  # a retry: its earlier try is not queued ahead of it
         queued = self.inflight.queued_tokens().get(replica, 0)
         self.inflight.dispatched(replica, request_id, tokens, (queued + tokens) / self.rates.rate(replica))
 

@@ -116,3 +116,15 @@ def test_kv_aware_sends_the_next_request_away_from_a_replica_stalled_on_the_last
     assert stalled.terms_of("a")["rate_tps"] == pytest.approx(st.rates.rate("a") / 4.0, rel=0.05)
     st.finished("r1", engine_s=1.9)  # it answered: the slowdown learns, the lateness goes
     assert st.late(["a", "b"]) is None and st.rates.slowdown("a") > 1.0
+
+
+def test_a_retry_on_the_same_replica_is_predicted_without_its_earlier_try() -> None:
+    clock = Clock()
+    st = RoutingState(CT, prefill_prior_tps=100.0, clock=clock)
+    st.dispatched("a", "r1", 50)
+    st.dispatched("a", "r1", 50)  # retried there: 50 tokens in flight, 0.5 s predicted, not 1.0
+    assert st.queued_tokens("a") == 50
+    clock.now += 1.04  # under twice 0.5 s + the grace
+    assert st.late(["a"]) is None
+    clock.now += 0.02
+    assert st.late(["a"]) == [pytest.approx((1.06 - 0.05) / 0.5)]
