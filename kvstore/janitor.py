@@ -31,10 +31,10 @@ ENGINE_LEFTOVERS = (ENGINE_QUEUES, ENGINE_LOCKS)
 def mapped_shm_inodes(proc: Path = Path("/proc"), shm_dir: Path = SHM_DIR,
                       pids: Iterable[int] | None = None) -> set[int]:
     """Inodes of the files in ``shm_dir`` some live process (of ``pids``, where given) maps,
-    whatever we may read. By
-    inode, not name: glibc creates a named semaphore under a temporary name, maps it, links
-    it to its real name and unlinks the temporary one, so its holders' maps name a deleted
-    file (``/dev/shm/sem.t0ySmq (deleted)``) that is the same inode as ``sem.mp-...``."""
+    whatever we may read. By inode, not name: glibc creates a named semaphore under a
+    temporary name, maps it, links it to its real name and unlinks the temporary one, so its
+    holders' maps name a deleted file (``/dev/shm/sem.t0ySmq (deleted)``) that is the same
+    inode as ``sem.mp-...``."""
     prefix = f" {shm_dir}/"
     inodes: set[int] = set()
     for maps in proc.glob("[0-9]*/maps") if pids is None else (proc / str(pid) / "maps" for pid in pids):

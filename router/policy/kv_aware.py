@@ -18,13 +18,13 @@ of a stall only once a prefill answers). ``queued(r)`` is the work this router h
 there, in token-equivalents (the tokens each request computes plus its blocking store loads
 at r's rate). The replica's own report of queued tokens is a stats period old and counts
 whole prompts: it is used only when several routers share the pool (``shared_routers``), to
-see the others' work. The transfer costs come from the store's measured get latencies. Replicas within ``tie_s`` (or
-``tie_rel``) of the best are ties. Among ties the ones whose own cache holds the most of the
-prompt stay: the score prices this request only, and a conversation kept where its cache is
-pays again on every later turn, which the replicas that would load it cannot offer (the
-simulator at 512 replicas: 87.8% to 94.9% of requests within the SLO). Of what is left, two
-are drawn at random and the one with fewer requests in flight wins (power of two choices),
-so equal replicas share the load.
+see the others' work. The transfer costs come from the store's measured get latencies.
+Replicas within ``tie_s`` (or ``tie_rel``) of the best are ties. Among ties the ones whose
+own cache holds the most of the prompt stay: the score prices this request only, and a
+conversation kept where its cache is pays again on every later turn, which the replicas
+that would load it cannot offer (the simulator at 512 replicas: 87.8% to 94.9% of requests
+within the SLO). Of what is left, two are drawn at random and the one with fewer requests
+in flight wins (power of two choices), so equal replicas share the load.
 
 A pool of more than 16 replicas is not scored whole: the replicas whose own cache holds a
 prefix of the prompt are (the eight deepest, when more hold one: a hot system prompt is in
