@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvstore.gpu_host import _pitched_runs
-from kvstore.gpu_staging import _ROW_TILE, _copy_rows
+from kvstore.gpu_staging import _ROW_TILE
 
 if TYPE_CHECKING:
     from kvstore.gpu_path import GpuKVPath
@@ -106,13 +106,12 @@ class LayerwiseSave:
         side = path.stream
         side.wait_stream(torch.cuda.current_stream(path.device))
         at = first * n * rb  # the group's offset in a chunk, in staging and in its slot
-        with torch.cuda.stream(side):
-            staging = self.flat.view(torch.int64)[at // 8 :]
-            grid = ((last - first) * self.index.rows, -(-words // _ROW_TILE))
-            _copy_rows[grid](path._table[first:], path._strides[first:], self.index.ids, self.index.pos, staging,
-                             self.index.rows, n, words, self.index.ids, self.layers * n,
-                             TO_STAGING=True, TILE=_ROW_TILE, FLAGGED=False)
-            self.gathered.record(side)
+        staging = self.flat.view(torch.int64)[at // 8 :]
+        grid = ((last - first) * self.index.rows, -(-words // _ROW_TILE))
+        ids = self.index.ids
+        path._copy_rows(side, grid, path._table[first:], path._strides[first:], ids, self.index.pos, staging,
+                        self.index.rows, n, words, ids, self.layers * n, True, False)
+        self.gathered.record(side)
         dev = self.flat.data_ptr() + at
         width = (last - first) * n * rb
         for a, b, pitch in self.runs:

@@ -64,15 +64,18 @@ import triton
 
 from kvstore import segment as seg
 from kvstore.gpu_host import (  # noqa: F401  (REGISTRY, HostRegistry: re-exported for the tools)
+    _H2D,
     REGISTRY,
     HostRegistry,
     SlotCopies,
     Slots,
     _clear_last_cuda_error,
+    _memcpy_2d_async,
     _pitched_runs,
 )
 from kvstore.gpu_staging import (  # noqa: F401  (re-exported: the tests and tools import them from here)
     _ROW_TILE,
+    CopyRows,
     Index,
     Staged,
     _copy_rows,
@@ -140,6 +143,8 @@ class GpuKVPath(SlotCopies):
         # _index's pinned source, reused once the last upload from it is done
         self._index_host = torch.empty(0, dtype=torch.int64, pin_memory=True)
         self._uploaded = torch.cuda.Event()
+        self._index_side_dev = torch.empty(0, dtype=torch.int64, device=self.device)  # the side stream's alone
+        self._copy_rows = CopyRows()
         self.gpu_checksums = _gpu_checksums_work(self.device)
         words = [r.stride(0) * r.element_size() // 8 for r in blocks]
         self._table = torch.tensor([r.data_ptr() for r in blocks], dtype=torch.int64, device=self.device)
@@ -169,11 +174,14 @@ class GpuKVPath(SlotCopies):
             chunks = [(0, ids, 0)]
             with torch.cuda.stream(self.stream):
                 flat = self._stage(n * len(self.blocks) * self.row_bytes)
-                self._launch(chunks, flat, n, to_staging=True)
                 idt = torch.tensor(ids, dtype=torch.long, device=self.device)
-                want = torch.stack([torch.index_select(r, 0, idt) for r in self.blocks])
-                same = torch.equal(flat, want.reshape(-1).view(torch.uint8))  # bytes: NaN == NaN here
-                self._launch(chunks, flat, n, to_staging=False)
+                want = torch.stack([torch.index_select(r, 0, idt) for r in self.blocks]).reshape(-1).view(torch.uint8)
+                same = True
+                for _ in range(2):  # the second launch of a kind goes through its compiled launcher
+                    flat.zero_()
+                    self._launch(chunks, flat, n, to_staging=True)
+                    same = same and torch.equal(flat, want)  # bytes: NaN == NaN here
+                    self._launch(chunks, flat, n, to_staging=False)
             self.stream.synchronize()
             if not same:
                 log.warning("the one-launch KV gather disagrees with index_select: per-layer copies")
@@ -189,6 +197,14 @@ class GpuKVPath(SlotCopies):
         patterns), on the GPU: built with numpy into pinned memory and ONE H2D queued on the
         current stream (torch.tensor of Python lists, or a fresh pinned tensor, cost tens of us
         of host time more per request)."""
+        host, rows = self._index_rows(chunks, n, checksums)
+        dev = host.to(self.device, non_blocking=True)
+        self._uploaded.record()
+        return Index(dev, rows)
+
+    def _index_rows(self, chunks: Sequence[Staged], n: int, checksums: Sequence[int]) -> tuple[torch.Tensor, int]:
+        """``_index``'s values in the pinned buffer (once its last upload has left it), and
+        the number of ids."""
         rows = staging_rows(chunks, len(self.blocks), n)
         size = rows.size + len(checksums)
         self._uploaded.synchronize()  # the last upload from the pinned buffer has left it (long since)
@@ -199,33 +215,54 @@ class GpuKVPath(SlotCopies):
         out = host.numpy()
         out[: rows.size] = rows.reshape(-1)
         out[rows.size :] = np.array(checksums, dtype=np.uint64).view(np.int64)
-        dev = host.to(self.device, non_blocking=True)
-        self._uploaded.record()
-        return Index(dev, rows.shape[1])
+        return host, rows.shape[1]
+
+    def _index_side(self, chunks: Sequence[Staged], n: int) -> Index:
+        """``_index`` for a copy on the side stream, without entering it (~19 us of host time
+        a ``torch.cuda.stream``): ONE cudaMemcpyAsync on the side stream into a device buffer
+        that only the side stream's work reads, so each upload is ordered after the copies
+        that read the last one."""
+        host, rows = self._index_rows(chunks, n, ())
+        size = host.numel()
+        if self._index_side_dev.numel() < size:
+            with torch.cuda.stream(self.stream):  # allocated (and the old one freed) on the side stream
+                self._index_side_dev = torch.empty(max(size, 2 * self._index_side_dev.numel()), dtype=torch.int64,
+                                                   device=self.device)
+        dev = self._index_side_dev[:size]
+        fn = _memcpy_2d_async()
+        if fn is None or fn(dev.data_ptr(), 8 * size, host.data_ptr(), 8 * size, 8 * size, 1, _H2D,
+                            self.stream.cuda_stream) != 0:
+            if fn is not None:
+                _clear_last_cuda_error()
+            with torch.cuda.stream(self.stream):
+                dev.copy_(host, non_blocking=True)
+        self._uploaded.record(self.stream)
+        return Index(dev, rows)
 
     def _launch(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool,
                 index: Index | None = None, flags: torch.Tensor | None = None) -> None:
-        """One ``_copy_rows`` launch, on the current stream, for every layer of every chunk:
+        """One ``_copy_rows`` launch, on the side stream, for every layer of every chunk:
         ``(c, ids, skip)`` moves staged chunk c's blocks skip.. to or from blocks ``ids``
         (``index``: their ``_index``, uploaded beforehand); with ``flags`` (one per staged
         chunk, on the GPU) only the chunks whose flag is not 0."""
-        index = index if index is not None else self._index(chunks, n)
+        index = index if index is not None else self._index_side(chunks, n)
         if not index.rows:
             return
         words = self.row_bytes // 8
         grid = (len(self.blocks) * index.rows, triton.cdiv(words, _ROW_TILE))
-        _copy_rows[grid](self._table, self._strides, index.ids, index.pos, flat.view(torch.int64), index.rows, n,
-                         words, index.ids if flags is None else flags, len(self.blocks) * n,
-                         TO_STAGING=to_staging, TILE=_ROW_TILE, FLAGGED=flags is not None)
+        ids = index.ids
+        self._copy_rows(self.stream, grid, self._table, self._strides, ids, index.pos, flat.view(torch.int64),
+                        index.rows, n, words, ids if flags is None else flags, len(self.blocks) * n, to_staging,
+                        flags is not None)
 
     def _rows(self, chunks: Sequence[Staged], flat: torch.Tensor, n: int, to_staging: bool,
               index: Index | None = None, flags: torch.Tensor | None = None) -> None:
         """Gather (``to_staging``) or scatter ``chunks`` on the side stream: one launch, or
         per-layer ops where the rows are not word runs (these never take ``flags``)."""
+        if self.fused_copies:
+            self._launch(chunks, flat, n, to_staging, index, flags)
+            return
         with torch.cuda.stream(self.stream):
-            if self.fused_copies:
-                self._launch(chunks, flat, n, to_staging, index, flags)
-                return
             view = flat.view(self.dtype).view(-1, len(self.blocks), n, *self.row_shape)
             for c, ids_c, skip in chunks:
                 idt = torch.tensor(list(ids_c), dtype=torch.long).to(self.device, non_blocking=True)

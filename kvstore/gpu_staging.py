@@ -13,8 +13,9 @@ back, each laid out as its slot::
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ import triton
 import triton.language as tl
 
 from kvstore import segment as seg
+from kvstore.logging import get_logger
+
+log = get_logger(__name__)
 
 _ROW_TILE = 1024  # 8-byte words per program of _copy_rows (8 KiB)
 Staged = tuple[int, Sequence[int], int]  # (chunk's index in staging, its block ids, blocks skipped)
@@ -51,6 +55,71 @@ def _copy_rows(table, strides, ids, pos, staging, n_ids, layer_rows, row_words, 
         tl.store(stage + cols, tl.load(row + cols, mask=m), mask=m)
     else:
         tl.store(row + cols, tl.load(stage + cols, mask=m), mask=m)
+
+
+class CopyRows:
+    """``_copy_rows`` on an explicit stream, through the kernel Triton compiled for this kind
+    of arguments.
+
+    ``_copy_rows[grid](...)`` goes through ``JITFunction.run`` on every call (bind the
+    arguments, specialise them, look the kernel up: 18-47 us of host time on the H200
+    machines, ``tools/gpu/launch-cost.py``) and launches on torch's current stream, so the KV
+    path entered ``torch.cuda.stream(side)`` around it (~19 us more). A save's D2H cannot
+    start before its gather is queued: both sat on the save's critical path, and on every
+    layer-wise flush. Here the kernel ``JITFunction.run`` returned is kept under exactly what
+    Triton specialises this kernel's arguments on (an int: whether it is 1, a multiple of 16,
+    past 32 bits; a pointer: whether it is 16-byte aligned; the flags' dtype and the
+    constexprs) and later launched through its own launcher, which takes the stream (~9 us).
+    A new kind of arguments goes through ``JITFunction.run`` once, on that stream. A refusal
+    of the launcher (another Triton's signature) turns this off for good, and so do Triton's
+    interpreter, a launch hook (a profiler sees every launch) and
+    ``PDSERVE_TRITON_JIT_LAUNCH=1``: then every launch goes through ``JITFunction.run``."""
+
+    def __init__(self) -> None:
+        self._kernels: dict[tuple[Any, ...], Any] = {}
+        self.direct = os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("PDSERVE_TRITON_JIT_LAUNCH") != "1"
+        self.launches = {"direct": 0, "jit": 0}
+
+    def __call__(self, stream: torch.cuda.Stream, grid: tuple[int, int], table: torch.Tensor, strides: torch.Tensor,
+                 ids: torch.Tensor, pos: torch.Tensor, staging: torch.Tensor, n_ids: int, layer_rows: int,
+                 row_words: int, flags: torch.Tensor, chunk_rows: int, to_staging: bool, flagged: bool) -> None:
+        """``_copy_rows[grid](...)`` (its arguments in its order, the constexprs by value) on
+        ``stream``."""
+        key: tuple[Any, ...] = ()
+        if self.direct:
+            key = (to_staging, flagged, flags.dtype, table.data_ptr() % 16, strides.data_ptr() % 16,
+                   ids.data_ptr() % 16, pos.data_ptr() % 16, staging.data_ptr() % 16, flags.data_ptr() % 16,
+                   _int_kind(n_ids), _int_kind(layer_rows), _int_kind(row_words), _int_kind(chunk_rows))
+            kernel = self._kernels.get(key)
+            if kernel is not None:
+                try:
+                    kernel.run(grid[0], grid[1], 1, stream.cuda_stream, kernel.function, kernel.packed_metadata,
+                               None, None, None, table, strides, ids, pos, staging, n_ids, layer_rows, row_words,
+                               flags, chunk_rows, to_staging, _ROW_TILE, flagged)
+                    self.launches["direct"] += 1
+                    return
+                except TypeError as e:  # the launcher checks its arguments before it queues anything
+                    log.warning("Triton's compiled launcher takes other arguments here (%s): KV copies launch "
+                                "through JITFunction.run", e)
+                    self.direct = False
+        with torch.cuda.stream(stream):
+            kernel = _copy_rows[grid](table, strides, ids, pos, staging, n_ids, layer_rows, row_words, flags,
+                                      chunk_rows, TO_STAGING=to_staging, TILE=_ROW_TILE, FLAGGED=flagged)
+        self.launches["jit"] += 1
+        if self.direct and hasattr(kernel, "run") and hasattr(kernel, "packed_metadata") and not _launch_hooked():
+            self._kernels[key] = kernel
+
+
+def _int_kind(v: int) -> tuple[bool, bool, bool]:
+    """What Triton specialises an int argument on: 1 (a constant), a multiple of 16, 32 bits."""
+    return v == 1, v % 16 == 0, -(2**31) <= v < 2**31
+
+
+def _launch_hooked() -> bool:
+    """Whether a Triton launch hook is set (a profiler): it must see every launch."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    hooks = (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None))
+    return any(h is not None and getattr(h, "calls", True) != [] for h in hooks)  # newer Tritons: a chain, empty
 
 
 def staging_rows(chunks: Sequence[Staged], layers: int, n: int) -> np.ndarray:
