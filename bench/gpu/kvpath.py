@@ -26,18 +26,21 @@ stood in for (its copy methods are called unbound on a stand-in state; no engine
 
 JSON (``--out``): ``{"gpu", "torch", "model_shape": {...}, "path": "kvstore.gpu_path" |
 "legacy", "segment_bytes", "shm_free_bytes", "repeat", "request_bytes", "rows": [row]}``,
-one row per chunk size, GB/s of payload bytes (median of ``repeat`` passes):
+one row per chunk size, GB/s of payload bytes (per chunk: median of ``repeat`` passes; per
+request: median of ``rounds`` calls, each case once a round in a shuffled order):
 
     chunk_bytes, blocks_per_chunk, block_size, iters, checksums ("gpu" | "host")
     per chunk:   save_GBps, save_copy_only_GBps, load_GBps, load_copy_only_GBps,
                  load_store_GBps, pinned_d2h_GBps, pinned_h2d_GBps, pageable_d2h_GBps,
                  pageable_h2d_GBps, save_vs_pinned, load_vs_pinned, load_store_vs_pinned
-    per request: req_chunks (N), req_iters, req_save_GBps, req_load_GBps,
+    per request: req_chunks (N), req_rounds, req_save_GBps, req_load_GBps,
                  req_load_store_GBps, req_pinned_d2h_GBps, req_pinned_h2d_GBps (one copy
                  of N * S bytes), req_save_vs_pinned, req_load_vs_pinned,
-                 req_load_store_vs_pinned; where the slots go by one pitched copy
+                 req_load_store_vs_pinned, and for each ratio its 10th percentile over
+                 the rounds (``*_vs_pinned_p10``: the pinned copy's time over the case's in
+                 the same round); where the slots go by one pitched copy
                  (``GpuKVPath.pitched_copies``), the same save and load with one copy per
-                 slot as well (timed after them): req_save_slotwise_GBps,
+                 slot as well (in the same rounds): req_save_slotwise_GBps,
                  req_load_slotwise_GBps and their _vs_pinned; where a load's scatter reads
                  the verdicts on the GPU (``GpuKVPath.device_verdicts``), the same load with
                  the host reading them first: req_load_hostverdict_GBps and its _vs_pinned
@@ -48,8 +51,9 @@ memory ``[num_blocks, block_size, kv_heads, 2 * head_dim]`` seen through the per
 (16 layers, 8 KV heads, head_dim 64, bf16: 32 KiB per token), and a chunk is
 ``chunk_tokens // block_size`` consecutive blocks of every layer, as the store keeps it. What
 is not timed: Redis (lookup, commit) and the agent's slot allocation, which cost the same per
-chunk on any device. Each size runs ``--repeat`` timed passes over distinct slots; the
-median is reported.
+chunk on any device. Per chunk, each size runs ``--repeat`` timed passes over distinct slots;
+the median is reported. Per request, ``--rounds`` rounds run every case once each, in a shuffled
+order, each call timed alone; the median call is reported.
 
     python3 -m bench.gpu.kvpath --out bench/results/gpu-kvpath.json
 """
@@ -59,6 +63,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -134,7 +139,8 @@ def parse_args() -> argparse.Namespace:
     add_cache_args(ap)
     ap.add_argument("--sizes-kib", default="256,512,1024,2048,4096,8192,16384,32768,65536")
     ap.add_argument("--segment-mib", type=int, default=1024, help="store segment (capped by /dev/shm's free space)")
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=5, help="timed passes per case, per-chunk rows")
+    ap.add_argument("--rounds", type=int, default=40, help="rounds of every case once, per-request rows")
     ap.add_argument("--request-mib", type=int, default=64, help="bytes of one request's chunks (per-request rows)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the code path (no pinned memory)")
     ap.add_argument("--legacy", action="store_true", help="the generic per-layer copy path, not kvstore.gpu_path")
@@ -201,10 +207,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Any, n: int) -> float:
+def timed(fn: Any, n: int, start: int = 0) -> float:
     sync()
     t = time.perf_counter()
-    for i in range(n):
+    for i in range(start, start + n):
         fn(i)
     sync()
     return (time.perf_counter() - t) / n
@@ -306,7 +312,7 @@ def same_node_store(seg: Segment) -> Any:
 
 
 def measure_request(cache: Cache, seg: Segment, nbytes: int, blocks: int, request_bytes: int,
-                    repeat: int) -> dict[str, Any]:
+                    rounds: int) -> dict[str, Any]:
     """One request of N chunks of ``nbytes`` per call, against one pinned copy of N * nbytes."""
     slot = HEADER_BYTES + nbytes
     n_chunks = max(2, min(64, request_bytes // nbytes, seg.size // slot))
@@ -380,18 +386,30 @@ def measure_request(cache: Cache, seg: Segment, nbytes: int, blocks: int, reques
                 path.device_verdicts = True
 
         cases.update(req_load_hostverdict=host_verdicts)
-    n = max(2, min(16, (256 << 20) // total))
     save(0)
-    row: dict[str, Any] = {"req_chunks": n_chunks, "req_iters": n}
-    for name, fn in cases.items():
+    row: dict[str, Any] = {"req_chunks": n_chunks, "req_rounds": rounds}
+    for fn in cases.values():
         fn(0)
-        secs = statistics.median(timed(fn, n) for _ in range(repeat))
-        row[f"{name}_GBps"] = round(total / secs / 1e9, 2)
+    # Rounds of every case once, in a shuffled order, each call timed alone: a case and the
+    # pinned copy it is held against are measured minutes apart otherwise, and this machine's
+    # host stalls come and go (the median of passes of 4 back-to-back calls moved the 4 MiB
+    # save between 0.68x and 0.83x in three runs of one call, 2026-12-04).
+    secs: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    shuffle = random.Random(n_chunks)
+    for r in range(rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            secs[name].append(timed(cases[name], 1, start=r))
+    for name, xs in secs.items():
+        row[f"{name}_GBps"] = round(total / statistics.median(xs) / 1e9, 2)
     for name, limit in (("req_save", "req_pinned_d2h"), ("req_load", "req_pinned_h2d"),
                         ("req_load_store", "req_pinned_h2d"), ("req_save_slotwise", "req_pinned_d2h"),
                         ("req_load_slotwise", "req_pinned_h2d"), ("req_load_hostverdict", "req_pinned_h2d")):
         if f"{name}_GBps" in row:
             row[f"{name}_vs_pinned"] = round(row[f"{name}_GBps"] / row[f"{limit}_GBps"], 3)
+            per_round = sorted(p / x for p, x in zip(secs[limit], secs[name], strict=True))
+            row[f"{name}_vs_pinned_p10"] = round(per_round[len(per_round) // 10], 3)
     # exact: every chunk's sealed digest is its payload's, and its blocks load back bit for bit
     save(0)
     for c in range(n_chunks):
@@ -445,7 +463,7 @@ def main() -> None:
                 caches[bs] = Cache(a, bs)
             row = measure(caches[bs], seg, nbytes, nbytes // per_block_all_layers, a.repeat)
             row.update(measure_request(caches[bs], seg, nbytes, nbytes // per_block_all_layers,
-                                       a.request_mib << 20, a.repeat))
+                                       a.request_mib << 20, a.rounds))
             row["block_size"] = bs
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -457,7 +475,7 @@ def main() -> None:
                         "kv_bytes_per_token": 2 * a.kv_heads * a.head_dim * getattr(torch, a.dtype).itemsize
                         * a.layers},
         "path": "legacy" if a.legacy or a.device != "cuda" else "kvstore.gpu_path",
-        "segment_bytes": seg_bytes, "shm_free_bytes": shm_free, "repeat": a.repeat,
+        "segment_bytes": seg_bytes, "shm_free_bytes": shm_free, "repeat": a.repeat, "rounds": a.rounds,
         "request_bytes": a.request_mib << 20, "rows": rows,
     }
     if a.out:
@@ -465,7 +483,8 @@ def main() -> None:
             json.dump(result, f, indent=1)
     print(f"{'chunk':>9} {'save':>7} {'load':>7} {'ld_store':>8} {'pin D2H':>8} {'pin H2D':>8} {'save/pin':>8} "
           f"{'load/pin':>8} {'lds/pin':>8} | {'N':>3} {'rq save':>7} {'rq load':>7} {'rq lds':>7} {'save/pin':>8} "
-          f"{'load/pin':>8} {'lds/pin':>8} {'slot sv':>8} {'slot ld':>8} {'host vd':>8}  GB/s")
+          f"{'load/pin':>8} {'lds/pin':>8} {'slot sv':>8} {'slot ld':>8} {'host vd':>8} {'sv p10':>7} "
+          f"{'ld p10':>7}  GB/s")
     for r in rows:
         print(f"{r['chunk_bytes'] // KIB:>7}Ki {r['save_GBps']:>7} {r['load_GBps']:>7} {r['load_store_GBps']:>8} "
               f"{r['pinned_d2h_GBps']:>8} {r['pinned_h2d_GBps']:>8} {r['save_vs_pinned']:>8} {r['load_vs_pinned']:>8} "
@@ -473,7 +492,8 @@ def main() -> None:
               f"{r.get('req_load_GBps', '-'):>7} {r.get('req_load_store_GBps', '-'):>7} "
               f"{r.get('req_save_vs_pinned', '-'):>8} {r.get('req_load_vs_pinned', '-'):>8} "
               f"{r.get('req_load_store_vs_pinned', '-'):>8} {r.get('req_save_slotwise_vs_pinned', '-'):>8} "
-              f"{r.get('req_load_slotwise_vs_pinned', '-'):>8} {r.get('req_load_hostverdict_vs_pinned', '-'):>8}")
+              f"{r.get('req_load_slotwise_vs_pinned', '-'):>8} {r.get('req_load_hostverdict_vs_pinned', '-'):>8} "
+              f"{r.get('req_save_vs_pinned_p10', '-'):>7} {r.get('req_load_vs_pinned_p10', '-'):>7}")
 
 
 if __name__ == "__main__":
