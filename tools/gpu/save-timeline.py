@@ -25,6 +25,9 @@ rows. Each round runs these cases in a shuffled order, the GPU idle before each:
                  d2h       the D2H on the GPU
                  tail      the D2H done -> the seals done (the hash's wait, the readback, seals)
 
+Then each step of the save's host work before its D2H is queued, alone, ``--parts`` times (the
+GPU drained between calls; host time only): what the ~200 us of ``prep`` are made of.
+
 The rounds run twice: the main thread free to move, then pinned to one core. Printed: each
 case's p10 / p50 / p90 (us), the save's ratio to the pinned copy per round, and how much of
 the save's spread each stage of ``traced`` carries (p90 - p10 of each). Also the machine: CPU
@@ -45,6 +48,7 @@ import uuid
 import torch
 
 sys.path.insert(0, ".")
+from kvstore import gpu_path
 from kvstore.gpu_host import _memcpy_2d_async
 from kvstore.gpu_path import GpuKVPath
 from kvstore.segment import HEADER_BYTES, Segment
@@ -105,9 +109,75 @@ def summary(xs: list[float], digits: int = 1) -> dict:
             "p90": round(pct(xs, 0.9), digits), "min": round(min(xs), digits), "max": round(max(xs), digits)}
 
 
+def parts(path: GpuKVPath, ids: list[list[int]], pays: list[memoryview], flat: torch.Tensor, reps: int) -> dict:
+    """Host us of each step of ``extract_many`` up to its D2H, each alone (``_extract_group``'s
+    order), and of the whole prep through the real code (``extract_many`` with the D2H call
+    and everything after it cut off)."""
+    side, dev = path.stream, path.device
+    n = len(ids[0])
+    chunks = [(c, i, 0) for c, i in enumerate(ids)]
+    index = path._index_side(chunks, n)
+    slots = path._slots(pays)
+    cur = torch.cuda.current_stream(dev)
+    ev = torch.cuda.Event()
+    steps = {
+        "current_stream(dev)": lambda: torch.cuda.current_stream(dev),
+        "current_stream()": lambda: torch.cuda.current_stream(),
+        "wait_stream": lambda: side.wait_stream(cur),
+        "check_sizes": lambda: path._check_sizes(pays, n),
+        "groups+lists": lambda: [[ids[c] for c in g] for g in gpu_path._groups(len(pays), len(pays[0]))],
+        "stage": lambda: path._stage(len(pays) * len(pays[0])),
+        "chunks list": lambda: [(c, i, 0) for c, i in enumerate(ids)],
+        "index_rows (numpy, pinned)": lambda: path._index_rows(chunks, n, ()),
+        "index_side (rows + upload)": lambda: path._index_side(chunks, n),
+        "launch (given the index)": lambda: path._launch(chunks, flat, n, True, index),
+        "rows (index + launch)": lambda: path._rows(chunks, flat, n, True),
+        "event + record": lambda: torch.cuda.Event().record(side),
+        "slots": lambda: path._slots(pays),
+        "pitched_runs": lambda: gpu_path._pitched_runs(slots.addrs, len(pays[0])),
+        "move (the D2H call)": lambda: path._move(slots, flat, True),
+        "hash_async": lambda: path._hash_async(flat, len(pays), after=ev),
+    }
+    ev.record(side)
+    real_move = path._move
+
+    def cut(*args, **kw):  # the D2H is queued: stop the save here (its clean-up waits for the copy)
+        real_move(*args, **kw)
+        raise _Cut(time.perf_counter())
+
+    def prep() -> _Cut:
+        path._move = cut
+        try:
+            path.extract_many(ids, pays)
+        except _Cut as c:
+            return c
+        finally:
+            del path._move
+        raise AssertionError("extract_many returned without its D2H call")
+
+    steps["extract_many up to its D2H call"] = prep
+    out = {}
+    for name, fn in steps.items():
+        xs = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            got = fn()
+            xs.append(((got.at if isinstance(got, _Cut) else time.perf_counter()) - t) * 1e6)
+        torch.cuda.synchronize()
+        out[name] = summary(xs)
+    return out
+
+
+class _Cut(Exception):
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--parts", type=int, default=300)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
 
@@ -251,6 +321,9 @@ def main() -> None:
                   f"{out['save_jit_vs_pinned_per_round']}, of medians {out['save_jit_vs_pinned_of_medians']}")
             print(f"   traced stages {out['traced_stages']}")
             print(f"   fastest / slowest tenth of traced saves {out['traced_fast_vs_slow_tenth']}", flush=True)
+        result["parts"] = parts(path, ids, pays, flat, a.parts)
+        print("   prep's steps alone, host us p50 (p10-p90)",
+              {k: f"{v['p50']} ({v['p10']}-{v['p90']})" for k, v in result["parts"].items()}, flush=True)
         assert not wrong and path.extract_many(ids, pays) == want, "a save staged other bytes than the first"
         result["launches"] = dict(path._copy_rows.launches)
         print("gather launches", result["launches"])
