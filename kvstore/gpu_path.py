@@ -83,6 +83,7 @@ from kvstore.gpu_staging import (  # noqa: F401  (re-exported: the tests and too
     _spanning,
     device_runs,
     staging_rows,
+    staging_rows_into,
 )
 from kvstore.logging import get_logger
 
@@ -142,6 +143,7 @@ class GpuKVPath(SlotCopies):
         self._results_host = torch.empty(0, dtype=torch.int64, pin_memory=True)
         # _index's pinned source, reused once the last upload from it is done
         self._index_host = torch.empty(0, dtype=torch.int64, pin_memory=True)
+        self._index_np = self._index_host.numpy()
         self._uploaded = torch.cuda.Event()
         self._index_side_dev = torch.empty(0, dtype=torch.int64, device=self.device)  # the side stream's alone
         self._copy_rows = CopyRows()
@@ -197,45 +199,43 @@ class GpuKVPath(SlotCopies):
         patterns), on the GPU: built with numpy into pinned memory and ONE H2D queued on the
         current stream (torch.tensor of Python lists, or a fresh pinned tensor, cost tens of us
         of host time more per request)."""
-        host, rows = self._index_rows(chunks, n, checksums)
-        dev = host.to(self.device, non_blocking=True)
+        size, rows = self._index_rows(chunks, n, checksums)
+        dev = self._index_host[:size].to(self.device, non_blocking=True)
         self._uploaded.record()
         return Index(dev, rows)
 
-    def _index_rows(self, chunks: Sequence[Staged], n: int, checksums: Sequence[int]) -> tuple[torch.Tensor, int]:
-        """``_index``'s values in the pinned buffer (once its last upload has left it), and
-        the number of ids."""
-        rows = staging_rows(chunks, len(self.blocks), n)
-        size = rows.size + len(checksums)
-        self._uploaded.synchronize()  # the last upload from the pinned buffer has left it (long since)
-        if self._index_host.numel() < size:
-            self._index_host = torch.empty(max(size, 2 * self._index_host.numel()), dtype=torch.int64,
-                                           pin_memory=True)
-        host = self._index_host[:size]
-        out = host.numpy()
-        out[: rows.size] = rows.reshape(-1)
-        out[rows.size :] = np.array(checksums, dtype=np.uint64).view(np.int64)
-        return host, rows.shape[1]
+    def _index_rows(self, chunks: Sequence[Staged], n: int, checksums: Sequence[int]) -> tuple[int, int]:
+        """``_index``'s values written into the pinned buffer (once its last upload has left
+        it, long since); how many values, and how many ids."""
+        size = 2 * sum(len(ids_c) for _, ids_c, _ in chunks) + len(checksums)
+        self._uploaded.synchronize()
+        if self._index_np.size < size:
+            self._index_host = torch.empty(max(size, 2 * self._index_np.size), dtype=torch.int64, pin_memory=True)
+            self._index_np = self._index_host.numpy()
+        rows = staging_rows_into(chunks, len(self.blocks), n, self._index_np)
+        if checksums:
+            self._index_np[2 * rows : size] = np.array(checksums, dtype=np.uint64).view(np.int64)
+        return size, rows
 
     def _index_side(self, chunks: Sequence[Staged], n: int) -> Index:
         """``_index`` for a copy on the side stream, without entering it (~19 us of host time
         a ``torch.cuda.stream``): ONE cudaMemcpyAsync on the side stream into a device buffer
         that only the side stream's work reads, so each upload is ordered after the copies
         that read the last one."""
-        host, rows = self._index_rows(chunks, n, ())
-        size = host.numel()
+        size, rows = self._index_rows(chunks, n, ())
         if self._index_side_dev.numel() < size:
             with torch.cuda.stream(self.stream):  # allocated (and the old one freed) on the side stream
                 self._index_side_dev = torch.empty(max(size, 2 * self._index_side_dev.numel()), dtype=torch.int64,
                                                    device=self.device)
         dev = self._index_side_dev[:size]
         fn = _memcpy_2d_async()
+        host = self._index_host
         if fn is None or fn(dev.data_ptr(), 8 * size, host.data_ptr(), 8 * size, 8 * size, 1, _H2D,
                             self.stream.cuda_stream) != 0:
             if fn is not None:
                 _clear_last_cuda_error()
             with torch.cuda.stream(self.stream):
-                dev.copy_(host, non_blocking=True)
+                dev.copy_(host[:size], non_blocking=True)
         self._uploaded.record(self.stream)
         return Index(dev, rows)
 

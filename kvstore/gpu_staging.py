@@ -127,15 +127,30 @@ def staging_rows(chunks: Sequence[Staged], layers: int, n: int) -> np.ndarray:
     back to back, as the rows of one int64 array: block k of staged chunk c, layer 0, is
     staging row c * layers * n + k (the kernel adds l * n for layer l); a chunk's ids start
     at its block ``skip``."""
+    total = sum(len(ids_c) for _, ids_c, _ in chunks)
+    out = np.empty(2 * total, np.int64)
+    staging_rows_into(chunks, layers, n, out)
+    return out.reshape(2, total)
+
+
+def staging_rows_into(chunks: Sequence[Staged], layers: int, n: int, out: np.ndarray) -> int:
+    """``staging_rows`` written straight into ``out`` (the ids, then the positions: a
+    request's index is built in the pinned buffer it is uploaded from); returns the number
+    of ids."""
     ids = np.fromiter(itertools.chain.from_iterable(ids_c for _, ids_c, _ in chunks), np.int64)
+    rows = ids.size
+    out[:rows] = ids
     first = np.fromiter((c * layers * n + skip for c, _, skip in chunks), np.int64, len(chunks))
     m = len(chunks[0][1]) if chunks else 0
     if all(len(ids_c) == m for _, ids_c, _ in chunks):  # as many ids each (always, saving)
-        return np.stack([ids, (first[:, None] + np.arange(m, dtype=np.int64)).reshape(-1)])
+        pos = out[rows : 2 * rows].reshape(len(chunks), m)
+        pos[:] = np.arange(m, dtype=np.int64)
+        pos += first[:, None]
+        return rows
     counts = np.fromiter((len(ids_c) for _, ids_c, _ in chunks), np.int64, len(chunks))
     run_start = np.repeat(np.cumsum(counts) - counts, counts)  # each id's run's first index
-    pos = np.repeat(first, counts) + (np.arange(len(ids), dtype=np.int64) - run_start)
-    return np.stack([ids, pos])
+    out[rows : 2 * rows] = np.repeat(first, counts) + (np.arange(rows, dtype=np.int64) - run_start)
+    return rows
 
 
 class Index(NamedTuple):

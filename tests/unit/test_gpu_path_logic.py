@@ -114,6 +114,20 @@ def test_staging_rows_put_each_chunk_where_its_slot_starts() -> None:
     assert staging_rows([], 2, 4).tolist() == [[], []]
 
 
+def test_the_index_is_written_in_place_into_a_larger_buffer() -> None:
+    pytest.importorskip("triton", reason="triton is not installed")
+    import numpy as np
+
+    from kvstore.gpu_path import staging_rows, staging_rows_into
+
+    for chunks in ([(c, list(range(8 * c, 8 * c + 8)), 0) for c in range(16)], [(0, [7], 3), (1, (1, 2, 3), 1)],
+                   [(1, [4, 2, 5], 0), (0, [3], 1), (2, [9, 8], 0)]):
+        out = np.full(300, -1, np.int64)
+        rows = staging_rows_into(chunks, 16, 8, out)
+        assert out[: 2 * rows].tolist() == staging_rows(chunks, 16, 8).reshape(-1).tolist()
+        assert (out[2 * rows :] == -1).all()  # nothing past the index is touched (a load's checksums go there)
+
+
 def test_slots_at_one_pitch_are_one_copy_and_the_rest_go_one_by_one() -> None:
     pytest.importorskip("triton", reason="triton is not installed")
     from kvstore.gpu_path import _pitched_runs
