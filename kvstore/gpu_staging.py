@@ -70,10 +70,11 @@ class CopyRows:
     Triton specialises this kernel's arguments on (an int: whether it is 1, a multiple of 16,
     past 32 bits; a pointer: whether it is 16-byte aligned; the flags' dtype and the
     constexprs) and later launched through its own launcher, which takes the stream (~9 us).
-    A new kind of arguments goes through ``JITFunction.run`` once, on that stream. A refusal
-    of the launcher (another Triton's signature) turns this off for good, and so do Triton's
-    interpreter, a launch hook (a profiler sees every launch) and
-    ``PDSERVE_TRITON_JIT_LAUNCH=1``: then every launch goes through ``JITFunction.run``."""
+    A new kind of arguments goes through ``JITFunction.run`` once, on that stream, and is
+    not kept while a Triton launch hook is set (a profiler sees those launches). A refusal of
+    the launcher (another Triton's signature) turns this off for good, and so do Triton's
+    interpreter and ``PDSERVE_TRITON_JIT_LAUNCH=1``: then every launch goes through
+    ``JITFunction.run``."""
 
     def __init__(self) -> None:
         self._kernels: dict[tuple[Any, ...], Any] = {}
