@@ -200,21 +200,36 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
 # -- Ray ----------------------------------------------------------------------------------
 
 
-def start_ray_head(num_cpus: int | None = None) -> tuple[str, str]:
-    """`ray start --head` with a temp dir of our own; returns (address, temp_dir)."""
-    temp_dir = f"/tmp/pdray-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths must fit 107 B
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
-           f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
-           f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-           f"--object-manager-port={free_port()}"]
-    if num_cpus is not None:
-        cmd.append(f"--num-cpus={num_cpus}")
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-    if done.returncode != 0:
+# What `ray start` prints when the node gave up waiting for its own GCS: a loaded machine (seen
+# once in CI on 2 cores, 2026-12-04: "Failed to get node info b'RPC error: Deadline Exceeded'"
+# after 31 s), not a bad setting, so it is worth one more try.
+_RAY_START_TIMED_OUT = ("timed out during startup", "Deadline Exceeded")
+
+
+def start_ray_head(num_cpus: int | None = None, attempts: int = 2) -> tuple[str, str]:
+    """`ray start --head` with a temp dir of our own; returns (address, temp_dir). A start
+    that timed out waiting for its own GCS is stopped and tried again with fresh ports and
+    temp dir, up to ``attempts`` in all; any other failure raises at once."""
+    for attempt in range(1, attempts + 1):
+        temp_dir = f"/tmp/pdray-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths must fit 107 B
+        port = free_port()
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}",
+               f"--temp-dir={temp_dir}", "--include-dashboard=false", "--disable-usage-stats",
+               f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+               f"--object-manager-port={free_port()}"]
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={num_cpus}")
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        if done.returncode == 0:
+            return f"127.0.0.1:{port}", temp_dir
         stop_ray(temp_dir)
-        raise StartError(f"ray start failed:\n{done.stdout}\n{done.stderr}")
-    return f"127.0.0.1:{port}", temp_dir
+        said = f"{done.stdout}\n{done.stderr}"
+        if attempt == attempts or not any(s in said for s in _RAY_START_TIMED_OUT):
+            raise StartError(f"ray start failed:\n{said}")
+        log.warning("ray start timed out waiting for its GCS (attempt %d of %d): starting it again", attempt,
+                    attempts)
+    raise ValueError(f"attempts must be at least 1, not {attempts}")
 
 
 def serve_replica_pids(app: str, deployment: str = "") -> list[int]:
