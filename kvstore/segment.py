@@ -147,14 +147,19 @@ class Segment:
         self.buf[offset : offset + 8] = b"\0" * 8
 
     def close(self) -> None:
-        self.locks.close()
-        self.buf.release()
-        self._mmap.close()
-        if self.owner:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        """Unmap, and as the owner remove the file. The file goes even when the mapping
+        cannot close yet (``BufferError``: a view of it is still alive; the mapping then goes
+        with the last view), so no segment outlives its owner's close in ``/dev/shm``."""
+        try:
+            self.locks.close()
+            self.buf.release()
+            self._mmap.close()
+        finally:
+            if self.owner:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
 
 
 class SlotLocks:

@@ -37,6 +37,7 @@ the ipc copy is compared with the source once per size.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -147,10 +148,8 @@ def _worker(a: argparse.Namespace, device_index: int, seg_name: str, conn: Conne
         del cache
         gc.collect()
         gpu.close()
-        try:
+        with contextlib.suppress(BufferError):  # a view still exported: the mapping goes with the process
             seg.close()
-        except BufferError:  # a view still exported: the process is ending, the mapping goes with it
-            pass
 
 
 def _tier_command(cmd: str, arg: Any, state: dict[str, Any], gpu: Any, seg: Any, dev: torch.device,

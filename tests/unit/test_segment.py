@@ -82,3 +82,13 @@ def test_checksum_is_per_block_and_catches_a_change_in_any_block() -> None:
     swapped = big[CHECK_BLOCK : 2 * CHECK_BLOCK] + big[:CHECK_BLOCK] + big[2 * CHECK_BLOCK :]
     assert checksum(swapped) != digest
     assert check_blocks(0) == [(0, 0)] and checksum(b"") == xxhash.xxh3_64_intdigest(b"")
+
+
+def test_an_owner_that_closes_under_a_live_view_still_removes_its_file() -> None:
+    s = Segment.create(f"pdkv-test-{uuid.uuid4().hex[:8]}", 1 << 16)
+    view = s.payload(0, 16)  # a slot's payload, still alive: the mapping cannot close yet
+    with pytest.raises(BufferError):
+        s.close()
+    assert not os.path.exists(s.path), "the segment outlived its owner's close in /dev/shm"
+    view[:4] = b"ok!!"  # the mapping goes with the last view, not before
+    del view

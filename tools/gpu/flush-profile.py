@@ -12,6 +12,7 @@ docs/gpu.md has put a flush at ~0.3 ms of host time, "a Triton launch through Py
 it"; this says which part it is.
 """
 
+import contextlib
 import json
 import os
 import statistics
@@ -122,7 +123,5 @@ try:
         json.dump(out, f, indent=1)
 finally:
     path.close()
-    try:
+    with contextlib.suppress(BufferError):  # a view of the mapping is still alive here; the file is gone
         seg.close()
-    except BufferError:  # a view of the mapping is still alive here: unlink by hand
-        os.unlink(seg.path)

@@ -4,6 +4,7 @@
     python3 tools/gpu/kvpath-profile.py
 """
 
+import contextlib
 import sys
 import time
 import uuid
@@ -142,8 +143,5 @@ try:
         path.device_verdicts = True
 finally:
     path.close()
-    try:
+    with contextlib.suppress(BufferError):  # a view of the mapping is still alive here; the file is gone
         seg.close()
-    except BufferError:  # a view of the mapping is still alive here: unlink by hand
-        import os
-        os.unlink(seg.path)

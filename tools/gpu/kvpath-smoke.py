@@ -6,6 +6,7 @@ payload's, and rough GB/s of extract+seal and verify+inject against pinned copie
     python3 tools/gpu/kvpath-smoke.py
 """
 
+import contextlib
 import statistics
 import sys
 import time
@@ -79,10 +80,6 @@ try:
               f"save/pin={res['save'] / res['pin_d2h']:.2f} load/pin={res['load'] / res['pin_h2d']:.2f}", flush=True)
 finally:
     path.close()
-    try:
+    with contextlib.suppress(BufferError):  # torch.frombuffer views of the mapping are alive; the file is gone
         seg.close()
-    except BufferError:  # torch.frombuffer views of the mapping are still alive: unlink by hand
-        import os
-
-        os.unlink(seg.path)
 print("SMOKE OK")

@@ -35,6 +35,7 @@ model, NUMA nodes and the GPU's, transparent huge pages, what the kernel placed 
 """
 
 import argparse
+import contextlib
 import ctypes
 import json
 import mmap
@@ -336,10 +337,8 @@ def main() -> None:
     finally:
         path.close()
         for s in segs:
-            try:
+            with contextlib.suppress(BufferError):  # a view of the mapping is still alive here; the file is gone
                 s.close()
-            except BufferError:  # a view of the mapping is still alive here: unlink by hand
-                os.unlink(s.path)
 
 
 if __name__ == "__main__":
