@@ -125,6 +125,7 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str, api_key_diges
         request_timeout_s=cfg.router.request_timeout_s,
         prefill_attempts=cfg.router.prefill_attempts,
         decode_resumes=cfg.router.decode_resumes,
+        decode_stream=cfg.router.decode_stream,
     )
     # Serve's default cap (5 requests per replica) would queue requests in the HTTP proxy,
     # unseen and unbounded: the router takes all it admits, and answers 429 past that itself.

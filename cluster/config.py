@@ -208,6 +208,12 @@ class RouterConfig(_Strict):
     decode_resumes: int = Field(
         3, ge=0, description="Times a decode stream whose replica is lost is resumed on another replica.",
     )
+    decode_stream: Literal["channel", "serve"] = Field(
+        "channel", description="How decoded tokens reach the router replica: channel (the decode replica sends "
+        "each engine step's tokens of this router's requests as one ZMQ message to its token inbox; the router "
+        "replica's node must be reachable on a random TCP port from the decode nodes) or serve (each token is an "
+        "item of the Serve call's stream: one Ray object a token, ~2x the router's CPU a token).",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="Ray custom resources per router replica: keeps the HTTP tier on nodes that offer them "

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from ray.util import get_node_ip_address
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvstore.hashing import KVNamespace, chunk_keys
@@ -38,6 +39,7 @@ from kvstore.messages import EngineDelta, EngineRequest, SamplingSpec
 from kvstore.metadata import MetadataStore, connect
 from kvstore.peer_auth import PeerAuth
 from kvstore.stats import StoreStats, collect, render_prometheus
+from kvstore.token_channel import TokenInbox
 from router.admission import Admission
 from router.auth import ApiKeys
 from router.errors import APIError, BadRequest, NotFound, Overloaded, PayloadTooLarge, Unavailable, Unprocessable
@@ -78,6 +80,7 @@ class RouterSpec:
     request_timeout_s: float = 600.0  # from the request's arrival to its last token; 0 = none
     prefill_attempts: int = 3
     decode_resumes: int = 3
+    decode_stream: str = "channel"  # how decoded tokens reach the router: "channel" | "serve" (router config)
 
 
 GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -184,7 +187,9 @@ class Router:
         self.tokenizer = PromptTokenizer(self.spec.model_dir)
         self.namespace = KVNamespace(**self.spec.namespace)
         self._prefill = prefill
-        self._decode = decode.options(stream=True)
+        self._decode = decode
+        self._decode_streamed = decode.options(stream=True)
+        self._inbox: TokenInbox | None = None  # the decode replicas' tokens (channel mode); bound at first use
         self._created = int(time.time())
         # What the routing policy reads: which store nodes hold which chunks and which
         # chunks each prefill engine's own cache holds (kept current off the request path by
@@ -274,7 +279,7 @@ class Router:
         the requests it served (router/metrics.py)."""
         store = render_prometheus(stats) if self.spec.redis_url else ""
         pools = render_pools(snapshot(self.routing.pool_loads(), stats, self.requests, rates))
-        return store + pools + render_requests(self.requests)
+        return store + pools + self._own_metrics()
 
     def _export_text(self, whole_cluster: bool, rates: CounterRates) -> str:
         """What goes out through Ray's metrics export (``router.ray_export``): what /metrics
@@ -282,7 +287,10 @@ class Router:
         only the requests each served."""
         if whole_cluster:
             return self._metrics_text(self._cached_store_stats(), rates)
-        return render_requests(self.requests)
+        return self._own_metrics()
+
+    def _own_metrics(self) -> str:
+        return render_requests(self.requests, self._inbox.counters() if self._inbox else None)
 
     @app.get("/debug/store-index")
     async def store_index_stats(self) -> JSONResponse:
@@ -395,8 +403,34 @@ class Router:
         finally:
             self.routing.finished(hint.request_id, engine_s)
 
-    async def _call_decode(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
-        stream = self._decode.decode.remote(req.encode(), routing=hint.encode())
+    def _call_decode(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
+        if self.spec.decode_stream == "serve":
+            return self._decode_served(req, hint)
+        return self._decode_into_inbox(req, hint)
+
+    async def _decode_into_inbox(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
+        """The decode replica sends the deltas to this replica's token inbox, batched per step
+        with its other requests from here (``kvstore.token_channel``); the call answers their count."""
+        if self._inbox is None:
+            self._inbox = TokenInbox(get_node_ip_address())
+        call = self._decode.decode_into.remote(req.encode(), self._inbox.encoded_address, routing=hint.encode())
+        done = False
+        with self._inbox.open(req.request_id) as deltas:
+            deltas.settle_with(call)
+            try:
+                async for raw in deltas:
+                    yield EngineDelta.decode(raw)
+                done = True
+            except Exception as e:
+                done = True
+                raise self._translated(e, hint) from e
+            finally:
+                if not done:  # closed early (client gone, timeout): abort it on the engine, free its KV
+                    call.cancel()
+
+    async def _decode_served(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
+        """Each delta is an item of the Serve call's stream (one Ray object each)."""
+        stream = self._decode_streamed.decode.remote(req.encode(), routing=hint.encode())
         done = False
         try:
             async for raw in stream:

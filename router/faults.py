@@ -1,7 +1,8 @@
 """What an engine call's failure means for the request: the one place that reads Ray's and
 Serve's exception types, so the pipeline sees only pdserve's.
 
-    replica lost   the replica's process died, is unreachable, or its engine died inside it
+    replica lost   the replica's process died, is unreachable, or its engine died inside it,
+                   or its tokens stopped arriving (``kvstore.token_channel.TokensLost``)
                    -> ``ReplicaLost``: the pipeline retries the prefill elsewhere, or resumes
                       the decode elsewhere from the tokens already streamed
     pool full      Serve's handle refused the call (the pool's ``max_queued_requests``)
@@ -14,6 +15,7 @@ from __future__ import annotations
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
+from kvstore.token_channel import TokensLost
 from router.errors import Overloaded
 
 # vLLM's exceptions for an engine core that died under a live replica (its health check
@@ -42,7 +44,7 @@ def replica_lost(exc: BaseException) -> bool:
     """True when ``exc`` says the replica (process or engine) is gone, not that the request
     was bad: these are safe to retry, since nothing of the request survives on that replica."""
     for e in _chain(exc):
-        if isinstance(e, RayActorError | ActorUnavailableError) or type(e).__name__ in _ENGINE_DEAD:
+        if isinstance(e, RayActorError | ActorUnavailableError | TokensLost) or type(e).__name__ in _ENGINE_DEAD:
             return True
     return False
 

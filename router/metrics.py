@@ -41,6 +41,14 @@ _FAULT_COUNTERS = {
     "timed_out": ("pdserve_requests_timed_out_total", "Requests stopped at router.request_timeout_s."),
 }
 
+_CHANNEL_COUNTERS = {
+    "messages": ("pdserve_token_channel_messages_total", "Messages (one per decode step and replica) into this "
+                 "router's token inbox."),
+    "deltas": ("pdserve_token_channel_deltas_total", "Token deltas those messages carried to open streams."),
+    "dropped": ("pdserve_token_channel_dropped_total", "Deltas for streams no longer open (cancelled, resumed)."),
+    "rejected": ("pdserve_token_channel_rejected_total", "Messages without the inbox's secret, or unreadable."),
+}
+
 
 def render_pools(snap: dict[str, Any]) -> str:
     """Each pool's replicas as a ``router.live.snapshot`` holds them (the same in every
@@ -58,9 +66,12 @@ def render_pools(snap: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def render_requests(log: RequestLog) -> str:
-    """The requests this router replica served: its own, summed over replicas by Prometheus."""
+def render_requests(log: RequestLog, channel: dict[str, int] | None = None) -> str:
+    """The requests this router replica served and its token inbox's counters
+    (``kvstore.token_channel``): its own, summed over replicas by Prometheus."""
     lines: list[str] = []
+    for key, (name, help_text) in _CHANNEL_COUNTERS.items():
+        family(lines, name, "counter", help_text, [("", (channel or {}).get(key, 0))])
     for key, (name, help_text) in _REQUEST_COUNTERS.items():
         family(lines, name, "counter", help_text, [("", log.totals[key])])
     for key, (name, help_text) in _FAULT_COUNTERS.items():

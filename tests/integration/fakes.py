@@ -23,6 +23,7 @@ from ray.serve.config import RequestRouterConfig
 from cluster.model import prepare_default_model
 from cluster.runtime import free_port
 from kvstore.messages import EngineDelta, EngineRequest, ReplicaLoad, scaling_stats
+from kvstore.token_channel import InboxAddress, TokenOutbox
 from router.app import Router, RouterSpec
 
 MODEL = "tiny"
@@ -147,6 +148,12 @@ class FakeDecode:
         self.s_per_token, self.fault_dir = s_per_token, fault_dir
         self.slots = asyncio.Semaphore(slots) if slots else contextlib.nullcontext()
         self.tag = serve.get_replica_context().replica_tag
+        self.outbox = TokenOutbox()
+
+    async def decode_into(self, payload: bytes, inbox: bytes, routing: bytes | None = None) -> int:
+        """As the real worker's: the same deltas through the same outbox."""
+        return await self.outbox.relay(InboxAddress.decode(inbox), EngineRequest.decode(payload).request_id,
+                                       self.decode(payload, routing))
 
     async def decode(self, payload: bytes, routing: bytes | None = None) -> AsyncIterator[bytes]:
         req = EngineRequest.decode(payload)
@@ -160,11 +167,20 @@ class FakeDecode:
                         die_if_told(self.fault_dir, "kill-decode")
                     last = i == req.sampling.max_tokens - 1
                     self.generated += 1
-                    await asyncio.sleep(self.s_per_token)
+                    await self._step()
                     yield EngineDelta((43 + done + i,), ".", finish_reason="length" if last else None,
                                       replica=f"fake-d-{self.tag}").encode()
         finally:
             self.inflight -= 1
+
+    async def _step(self) -> None:
+        """Until the next step boundary: as in an engine, every running sequence gets its token
+        in the same step, so their deltas wake in the same pass of the event loop."""
+        if self.s_per_token <= 0:
+            await asyncio.sleep(0)
+            return
+        now = time.monotonic()
+        await asyncio.sleep(self.s_per_token - now % self.s_per_token)
 
     def record_routing_stats(self) -> dict[str, Any]:
         return {"running": self.inflight, "waiting": 0, "generated_tokens": self.generated, "kv_usage": 0.25}

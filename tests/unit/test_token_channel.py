@@ -1,0 +1,190 @@
+"""The token channel (kvstore.token_channel): decode replica -> router replica over real ZMQ
+sockets on loopback, without Ray: batching per event-loop pass, ordering, the end-of-stream
+count, the secret, and what happens when either side goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+import msgpack
+import pytest
+import zmq
+
+from kvstore import token_channel
+from kvstore.token_channel import InboxAddress, TokenInbox, TokenOutbox, TokensLost
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def collect(stream: token_channel.InboxStream) -> list[bytes]:
+    return [raw async for raw in stream]
+
+
+async def stepped(rid: str, n: int, steps: list[asyncio.Event]) -> AsyncGenerator[bytes, None]:
+    """A sequence that gets one token per engine step, as a running sequence in vLLM does."""
+    for i in range(n):
+        await steps[i].wait()
+        yield f"{rid}:{i}".encode()
+
+
+def test_one_message_per_step_carries_every_request_of_that_router() -> None:
+    async def main() -> tuple[list[list[bytes]], int, int]:
+        inbox, outbox = TokenInbox("127.0.0.1"), TokenOutbox()
+        steps = [asyncio.Event() for _ in range(5)]
+        rids = [f"r{i}" for i in range(4)]
+        streams = [inbox.open(rid) for rid in rids]
+        calls = [asyncio.ensure_future(outbox.relay(inbox.address, rid, stepped(rid, 5, steps)))
+                 for rid in rids]
+        for s, call in zip(streams, calls, strict=True):
+            s.settle_with(call)
+        readers = [asyncio.ensure_future(collect(s)) for s in streams]
+        for ev in steps:  # the engine's steps: every sequence's token wakes in the same pass
+            await asyncio.sleep(0.01)
+            ev.set()
+        got = await asyncio.wait_for(asyncio.gather(*readers), 10)
+        inbox.close()
+        outbox.close()
+        return got, outbox.messages, inbox.messages
+
+    got, sent_messages, received_messages = run(main())
+    assert got == [[f"r{i}:{k}".encode() for k in range(5)] for i in range(4)]
+    # 4 requests x 5 tokens: one message per step, the last one included, not one per token.
+    assert sent_messages == received_messages == 5
+
+
+def test_the_stream_ends_at_the_count_even_when_the_answer_overtakes_the_deltas() -> None:
+    async def main() -> list[bytes]:
+        inbox = TokenInbox("127.0.0.1")
+        stream = inbox.open("a")
+        stream.ended(3)  # the call's answer came first (Ray's road is faster than the socket)
+        for i in range(3):
+            inbox.deliver([inbox.address.secret, msgpack.packb([["a", f"{i}".encode()]])])
+        out = await asyncio.wait_for(collect(stream), 5)
+        inbox.close()
+        return out
+
+    assert run(main()) == [b"0", b"1", b"2"]
+
+
+def test_deltas_that_never_arrive_break_the_stream_so_the_router_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(token_channel, "LATE_GRACE_S", 0.2)
+
+    async def main() -> list[bytes]:
+        inbox = TokenInbox("127.0.0.1")
+        stream = inbox.open("a")
+        inbox.deliver([inbox.address.secret, msgpack.packb([["a", b"0"]])])
+        stream.ended(2)
+        got: list[bytes] = []
+        with pytest.raises(TokensLost, match="1 of 2 deltas never arrived"):
+            async for raw in stream:
+                got.append(raw)
+        inbox.close()
+        return got
+
+    assert run(main()) == [b"0"]
+
+
+def test_a_failed_call_raises_after_the_deltas_that_came_before_it() -> None:
+    async def main() -> list[bytes]:
+        inbox = TokenInbox("127.0.0.1")
+        stream = inbox.open("a")
+
+        async def dies() -> int:
+            inbox.deliver([inbox.address.secret, msgpack.packb([["a", b"0"], ["a", b"1"]])])
+            raise RuntimeError("replica died")
+
+        stream.settle_with(dies())
+        got: list[bytes] = []
+        with pytest.raises(RuntimeError, match="replica died"):
+            async for raw in stream:
+                got.append(raw)
+        inbox.close()
+        return got
+
+    assert run(main()) == [b"0", b"1"]
+
+
+def test_messages_without_the_secret_and_deltas_of_closed_streams_are_dropped() -> None:
+    async def main() -> tuple[list[bytes], TokenInbox]:
+        inbox = TokenInbox("127.0.0.1")
+        with inbox.open("gone"):
+            pass  # cancelled, or resumed elsewhere under another id
+        stream = inbox.open("a")
+        forger = zmq.Context.instance().socket(zmq.PUSH)
+        forger.connect(inbox.address.endpoint)
+        forger.send_multipart([b"x" * 16, msgpack.packb([["a", b"forged"]])])
+        forger.send_multipart([b"only one frame"])
+        forger.close(linger=1000)
+        outbox = TokenOutbox()
+        await outbox.relay(inbox.address, "gone", aiter_of([b"late"]))
+        await outbox.relay(inbox.address, "a", aiter_of([b"real"]))
+        stream.ended(1)
+        out = await asyncio.wait_for(collect(stream), 5)
+        inbox.close()
+        outbox.close()
+        return out, inbox
+
+    out, inbox = run(main())
+    assert out == [b"real"]
+    assert inbox.rejected == 2 and inbox.dropped == 1 and inbox.deltas == 1
+
+
+def test_a_message_over_the_size_limit_is_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(token_channel, "MAX_MESSAGE_BYTES", 4096)
+
+    async def main() -> tuple[list[bytes], TokenInbox]:
+        inbox = TokenInbox("127.0.0.1")
+        stream = inbox.open("a")
+        big = zmq.Context.instance().socket(zmq.PUSH)
+        big.connect(inbox.address.endpoint)
+        big.send_multipart([inbox.address.secret, msgpack.packb([["a", b"x" * 8192]])])
+        big.close(linger=1000)
+        await asyncio.sleep(0.2)
+        outbox = TokenOutbox()
+        await outbox.relay(inbox.address, "a", aiter_of([b"small"]))
+        stream.ended(1)
+        out = await asyncio.wait_for(collect(stream), 5)
+        inbox.close()
+        outbox.close()
+        return out, inbox
+
+    out, inbox = run(main())
+    assert out == [b"small"] and inbox.deltas == 1
+
+
+async def aiter_of(items: list[bytes]) -> AsyncGenerator[bytes, None]:
+    for item in items:
+        yield item
+
+
+def test_a_router_that_stopped_reading_ends_its_requests_and_their_engine_streams(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(token_channel, "SEND_HWM", 1)
+    closed: list[bool] = []
+
+    async def endless() -> AsyncGenerator[bytes, None]:
+        try:
+            while True:
+                yield b"x" * 65536
+                await asyncio.sleep(0)
+        finally:
+            closed.append(True)  # the engine request is aborted here
+
+    async def main() -> None:
+        outbox = TokenOutbox()
+        # Nothing listens there: ZMQ queues up to the high-water mark, then refuses.
+        gone = InboxAddress("tcp://127.0.0.1:9", b"s" * 16)
+        with pytest.raises(ConnectionError, match="stopped reading"):
+            await asyncio.wait_for(outbox.relay(gone, "a", endless()), 10)
+        outbox.close()
+
+    run(main())
+    assert closed == [True]
+
+
+def test_the_address_round_trips() -> None:
+    a = InboxAddress("tcp://10.0.0.7:4242", bytes(range(16)))
+    assert InboxAddress.decode(a.encode()) == a
