@@ -28,8 +28,9 @@ class EngineConfig(_Strict):
     max_num_batched_tokens: int = Field(2048, ge=64, description="Token budget of one step.")
     stream_interval: int = Field(
         1, ge=1, description="Output tokens per streamed message (vLLM's stream_interval; the first and last "
-        "go out at once): every message crosses two Ray hops (decode replica -> router -> HTTP proxy), so at "
-        "high token rates a few tokens a message spend that path's CPU a few times less.",
+        "go out at once): every message is a chunk through the router replica and Serve's HTTP proxy (with "
+        "router.decode_stream: serve, also a Ray object from the decode replica), so at high token rates a few "
+        "tokens a message spend that path's CPU a few times less.",
     )
     kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache pool per engine (whole GiB).")
     gpu_memory_utilization: float = Field(0.4, gt=0, le=1, description="GPU memory share.")

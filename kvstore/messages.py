@@ -75,6 +75,21 @@ class EngineDelta:
         )
 
     @classmethod
+    def merge(cls, deltas: list[EngineDelta]) -> EngineDelta:
+        """Consecutive deltas of one request as one (as vLLM merges the outputs of a request
+        whose reader fell behind): the tokens, text and logprobs of all, the first's request
+        facts, the last's finish."""
+        if len(deltas) == 1:
+            return deltas[0]
+        first, last = deltas[0], deltas[-1]
+        logprobs = None
+        if any(d.logprobs is not None for d in deltas):
+            logprobs = tuple(lp for d in deltas for lp in d.logprobs or ())
+        return cls(tuple(t for d in deltas for t in d.token_ids), "".join(d.text for d in deltas), logprobs,
+                   last.finish_reason, first.num_prompt_tokens, first.num_cached_tokens, first.replica,
+                   last.engine_s)
+
+    @classmethod
     def decode(cls, raw: bytes) -> EngineDelta:
         ids, text, lps, finish, n_prompt, n_cached, replica, engine_s = msgpack.unpackb(raw)
         logprobs = None

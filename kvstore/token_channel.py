@@ -103,24 +103,42 @@ class InboxStream:
         self._settle = asyncio.ensure_future(settle())
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for batch in self.batches():
+            for raw in batch:
+                yield raw
+
+    async def batches(self) -> AsyncIterator[list[bytes]]:
+        """The deltas in order, each time all that have arrived: one when the reader keeps
+        up, several when it fell behind (the router then sends them as one chunk)."""
         seen, total = 0, None
         while total is None or seen < total:
-            if total is None:
-                item = await self._queue.get()
-            else:
-                try:
-                    async with asyncio.timeout(LATE_GRACE_S):
-                        item = await self._queue.get()
-                except TimeoutError:
-                    raise TokensLost(f"request {self.request_id}: {total - seen} of {total} deltas never "
-                                     f"arrived within {LATE_GRACE_S:g} s of the call's end") from None
-            if isinstance(item, bytes):
-                seen += 1
-                yield item
-            elif item[0] is _END:
-                total = item[1]
-            else:
-                raise item[1]
+            item = await self._next(late=total is not None, seen=seen, total=total)
+            batch: list[bytes] = []
+            while True:
+                if isinstance(item, bytes):
+                    batch.append(item)
+                    seen += 1
+                elif item[0] is _END:
+                    total = item[1]
+                else:
+                    if batch:
+                        yield batch  # what came before the failure first
+                    raise item[1]
+                if self._queue.empty() or (total is not None and seen >= total):
+                    break
+                item = self._queue.get_nowait()
+            if batch:
+                yield batch
+
+    async def _next(self, late: bool, seen: int, total: int | None) -> Any:
+        if not late:
+            return await self._queue.get()
+        try:
+            async with asyncio.timeout(LATE_GRACE_S):
+                return await self._queue.get()
+        except TimeoutError:
+            raise TokensLost(f"request {self.request_id}: {(total or 0) - seen} of {total} deltas never "
+                             f"arrived within {LATE_GRACE_S:g} s of the call's end") from None
 
     def close(self) -> None:
         self._inbox.forget(self.request_id)

@@ -31,6 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvstore.hashing import KVNamespace, chunk_keys
@@ -122,15 +123,27 @@ app.add_middleware(_AdmissionMiddleware)
 app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
 
 
-@app.middleware("http")
-async def _api_keys(request: Request, call_next: Any) -> Response:
-    keys: ApiKeys = request.app.state.api_keys
-    if keys.guards(request.url.path):
-        try:
-            keys.check(request.headers.get("authorization"))
-        except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"})
-    return await call_next(request)
+class _ApiKeyMiddleware:
+    """Bearer keys on /v1 and /debug (``router.auth``), before admission. Plain ASGI, not
+    ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware passes every chunk of a
+    streamed body through a memory stream between two tasks, per token."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            keys: ApiKeys = scope["app"].state.api_keys
+            if keys.guards(scope["path"]):
+                try:
+                    keys.check(Headers(scope=scope).get("authorization"))
+                except APIError as e:
+                    response = JSONResponse(e.body(), status_code=e.status, headers={"WWW-Authenticate": "Bearer"})
+                    return await response(scope, receive, send)
+        return await self.inner(scope, receive, send)
+
+
+app.add_middleware(_ApiKeyMiddleware)  # added last: runs first
 
 
 @app.exception_handler(APIError)
@@ -418,8 +431,11 @@ class Router:
         with self._inbox.open(req.request_id) as deltas:
             deltas.settle_with(call)
             try:
-                async for raw in deltas:
-                    yield EngineDelta.decode(raw)
+                # All that arrived since the last pass, as one delta: the client gets them in
+                # one chunk when this replica falls behind, and each chunk costs the HTTP path
+                # the same whatever it carries.
+                async for batch in deltas.batches():
+                    yield EngineDelta.merge([EngineDelta.decode(raw) for raw in batch])
                 done = True
             except Exception as e:
                 done = True

@@ -61,7 +61,10 @@ def test_streaming_sends_first_token_then_decode_then_done(base_url: str) -> Non
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
-    assert [c["choices"][0]["text"] for c in chunks[:-1]] == [" Paris", ".", "."]
+    texts = [c["choices"][0]["text"] for c in chunks[:-1]]
+    # The first token alone, at once; the decode's after it (one chunk each, or together when
+    # they reached the router at once: the fake decodes with no delay).
+    assert texts[0] == " Paris" and "".join(texts[1:]) == ".." and len(texts) in (2, 3)
     assert chunks[-1]["usage"]["completion_tokens"] == 3
 
 

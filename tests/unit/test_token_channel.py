@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from kvstore import token_channel
+from kvstore.messages import EngineDelta, TokenLogprob
 from kvstore.token_channel import InboxAddress, TokenInbox, TokenOutbox, TokensLost
 
 
@@ -67,6 +68,39 @@ def test_the_stream_ends_at_the_count_even_when_the_answer_overtakes_the_deltas(
         return out
 
     assert run(main()) == [b"0", b"1", b"2"]
+
+
+def test_a_reader_that_fell_behind_gets_what_arrived_in_one_batch() -> None:
+    async def main() -> list[list[bytes]]:
+        inbox = TokenInbox("127.0.0.1")
+        stream = inbox.open("a")
+        inbox.deliver([inbox.address.secret, msgpack.packb([["a", b"0"]])])
+        inbox.deliver([inbox.address.secret, msgpack.packb([["a", b"1"], ["a", b"2"]])])
+        got = []
+        async for batch in stream.batches():
+            got.append(batch)
+            if len(got) == 1:  # the reader catches up: one at a time again
+                inbox.deliver([inbox.address.secret, msgpack.packb([["a", b"3"]])])
+                stream.ended(4)
+        inbox.close()
+        return got
+
+    assert run(main()) == [[b"0", b"1", b"2"], [b"3"]]
+
+
+def test_merged_deltas_keep_every_token_in_order_and_the_last_finish() -> None:
+    parts = [EngineDelta((5,), "a", (TokenLogprob(5, -0.1),), None, 7, 3, "d-1", 0.1),
+             EngineDelta((6, 7), "bc", (TokenLogprob(6, -0.2), TokenLogprob(7, -0.3, ((8, -1.0),))), None, 7, 3,
+                         "d-1", 0.2),
+             EngineDelta((8,), "d", (TokenLogprob(8, -0.4),), "stop", 7, 3, "d-1", 0.3)]
+    merged = EngineDelta.merge(parts)
+    assert merged.token_ids == (5, 6, 7, 8) and merged.text == "abcd" and merged.finish_reason == "stop"
+    assert [lp.token_id for lp in merged.logprobs or ()] == [5, 6, 7, 8]
+    assert merged.logprobs is not None and merged.logprobs[2].top == ((8, -1.0),)
+    assert (merged.num_prompt_tokens, merged.num_cached_tokens, merged.replica) == (7, 3, "d-1")
+    assert EngineDelta.merge(parts[:1]) is parts[0]
+    plain = EngineDelta.merge([EngineDelta((1,), "x"), EngineDelta((2,), "y")])
+    assert plain.logprobs is None and plain.token_ids == (1, 2)
 
 
 def test_deltas_that_never_arrive_break_the_stream_so_the_router_resumes(monkeypatch: pytest.MonkeyPatch) -> None:
