@@ -20,7 +20,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -427,37 +427,37 @@ class Router:
         if self._inbox is None:
             self._inbox = TokenInbox(get_node_ip_address())
         call = self._decode.decode_into.remote(req.encode(), self._inbox.encoded_address, routing=hint.encode())
-        done = False
         with self._inbox.open(req.request_id) as deltas:
             deltas.settle_with(call)
-            try:
-                # All that arrived since the last pass, as one delta: the client gets them in
-                # one chunk when this replica falls behind, and each chunk costs the HTTP path
-                # the same whatever it carries.
-                async for batch in deltas.batches():
-                    yield EngineDelta.merge([EngineDelta.decode(raw) for raw in batch])
-                done = True
-            except Exception as e:
-                done = True
-                raise self._translated(e, hint) from e
-            finally:
-                if not done:  # closed early (client gone, timeout): abort it on the engine, free its KV
-                    call.cancel()
+            # All that arrived since the last pass, as one delta: the client gets them in one
+            # chunk when this replica falls behind, and each chunk costs the HTTP path the same
+            # whatever it carries.
+            merged = (EngineDelta.merge([EngineDelta.decode(raw) for raw in batch]) async for batch in deltas.batches())
+            async for delta in self._guarded(merged, call.cancel, hint):
+                yield delta
 
     async def _decode_served(self, req: EngineRequest, hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
         """Each delta is an item of the Serve call's stream (one Ray object each)."""
         stream = self._decode_streamed.decode.remote(req.encode(), routing=hint.encode())
+        async for delta in self._guarded((EngineDelta.decode(raw) async for raw in stream), stream.cancel, hint):
+            yield delta
+
+    async def _guarded(self, deltas: AsyncIterator[EngineDelta], cancel: Callable[[], Any],
+                       hint: RoutingRequest) -> AsyncIterator[EngineDelta]:
+        """An engine call's deltas with its failure translated (``router.faults``); closed
+        early (client gone, timeout), the call is cancelled: the engine aborts the request and
+        frees its KV."""
         done = False
         try:
-            async for raw in stream:
-                yield EngineDelta.decode(raw)
+            async for delta in deltas:
+                yield delta
             done = True
         except Exception as e:
             done = True
             raise self._translated(e, hint) from e
         finally:
-            if not done:  # closed early (client gone, timeout): abort it on the engine, free its KV
-                stream.cancel()
+            if not done:
+                cancel()
 
     def _translated(self, e: Exception, hint: RoutingRequest) -> BaseException:
         decision = self.routing.decisions(hint.request_id).get(hint.role)

@@ -24,6 +24,15 @@ async def collect(stream: token_channel.InboxStream) -> list[bytes]:
     return [raw async for raw in stream]
 
 
+async def until_raises(stream: token_channel.InboxStream, exc: type[Exception], match: str) -> list[bytes]:
+    """What ``stream`` yields before it raises ``exc``."""
+    got: list[bytes] = []
+    with pytest.raises(exc, match=match):
+        async for raw in stream:
+            got.append(raw)
+    return got
+
+
 async def stepped(rid: str, n: int, steps: list[asyncio.Event]) -> AsyncGenerator[bytes, None]:
     """A sequence that gets one token per engine step, as a running sequence in vLLM does."""
     for i in range(n):
@@ -111,10 +120,7 @@ def test_deltas_that_never_arrive_break_the_stream_so_the_router_resumes(monkeyp
         stream = inbox.open("a")
         inbox.deliver([inbox.address.secret, msgpack.packb([["a", b"0"]])])
         stream.ended(2)
-        got: list[bytes] = []
-        with pytest.raises(TokensLost, match="1 of 2 deltas never arrived"):
-            async for raw in stream:
-                got.append(raw)
+        got = await until_raises(stream, TokensLost, "1 of 2 deltas never arrived")
         inbox.close()
         return got
 
@@ -131,10 +137,7 @@ def test_a_failed_call_raises_after_the_deltas_that_came_before_it() -> None:
             raise RuntimeError("replica died")
 
         stream.settle_with(dies())
-        got: list[bytes] = []
-        with pytest.raises(RuntimeError, match="replica died"):
-            async for raw in stream:
-                got.append(raw)
+        got = await until_raises(stream, RuntimeError, "replica died")
         inbox.close()
         return got
 
@@ -147,18 +150,12 @@ def test_messages_without_the_secret_and_deltas_of_closed_streams_are_dropped() 
         with inbox.open("gone"):
             pass  # cancelled, or resumed elsewhere under another id
         stream = inbox.open("a")
-        forger = zmq.Context.instance().socket(zmq.PUSH)
-        forger.connect(inbox.address.endpoint)
-        forger.send_multipart([b"x" * 16, msgpack.packb([["a", b"forged"]])])
-        forger.send_multipart([b"only one frame"])
-        forger.close(linger=1000)
-        outbox = TokenOutbox()
-        await outbox.relay(inbox.address, "gone", aiter_of([b"late"]))
-        await outbox.relay(inbox.address, "a", aiter_of([b"real"]))
-        stream.ended(1)
-        out = await asyncio.wait_for(collect(stream), 5)
+        late = TokenOutbox()
+        await late.relay(inbox.address, "gone", aiter_of([b"late"]))
+        out = await strangers_then_one_real(inbox, stream, [[b"x" * 16, msgpack.packb([["a", b"forged"]])],
+                                                            [b"only one frame"]], b"real")
+        late.close()
         inbox.close()
-        outbox.close()
         return out, inbox
 
     out, inbox = run(main())
@@ -172,21 +169,32 @@ def test_a_message_over_the_size_limit_is_refused_unread(monkeypatch: pytest.Mon
     async def main() -> tuple[list[bytes], TokenInbox]:
         inbox = TokenInbox("127.0.0.1")
         stream = inbox.open("a")
-        big = zmq.Context.instance().socket(zmq.PUSH)
-        big.connect(inbox.address.endpoint)
-        big.send_multipart([inbox.address.secret, msgpack.packb([["a", b"x" * 8192]])])
-        big.close(linger=1000)
-        await asyncio.sleep(0.2)
-        outbox = TokenOutbox()
-        await outbox.relay(inbox.address, "a", aiter_of([b"small"]))
-        stream.ended(1)
-        out = await asyncio.wait_for(collect(stream), 5)
+        big = [inbox.address.secret, msgpack.packb([["a", b"x" * 8192]])]
+        out = await strangers_then_one_real(inbox, stream, [big], b"small")
         inbox.close()
-        outbox.close()
         return out, inbox
 
     out, inbox = run(main())
     assert out == [b"small"] and inbox.deltas == 1
+
+
+async def strangers_then_one_real(inbox: TokenInbox, stream: token_channel.InboxStream,
+                                  messages: list[list[bytes]], real: bytes) -> list[bytes]:
+    """Send ``messages`` from a socket of no outbox, then ``real`` through an outbox: what
+    ``stream`` gets."""
+    stranger = zmq.Context.instance().socket(zmq.PUSH)
+    stranger.connect(inbox.address.endpoint)
+    for frames in messages:
+        stranger.send_multipart(frames)
+    stranger.close(linger=1000)
+    await asyncio.sleep(0.2)  # the strangers' messages are in before the real one
+    outbox = TokenOutbox()
+    await outbox.relay(inbox.address, stream.request_id, aiter_of([real]))
+    stream.ended(1)
+    try:
+        return await asyncio.wait_for(collect(stream), 5)
+    finally:
+        outbox.close()
 
 
 async def aiter_of(items: list[bytes]) -> AsyncGenerator[bytes, None]:
