@@ -32,6 +32,7 @@ from typing import Any
 import msgpack
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from kvstore.logging import get_logger
 
@@ -41,10 +42,14 @@ SECRET_BYTES = 16
 # After the call said N deltas were sent, how long the last of them may still be on the way
 # before the stream counts as broken (then resumed elsewhere, as for a lost replica).
 LATE_GRACE_S = 5.0
-# Messages (steps) queued for one router replica before the decode replica gives up on it:
-# only a router that is gone stops reading, and its requests are cancelled with it.
+# Messages (steps) queued for one router replica before the decode replica gives up on it
+# (a router that is reachable but stopped reading).
 SEND_HWM = 100_000
 IDLE_CLOSE_S = 60.0  # a connection to a router replica unused this long is closed
+# A router replica whose inbox the decode replica cannot reach this long (connection lost or
+# never made) is gone: its process died, and its requests here are ended (Ray does not cancel
+# a dead caller's calls to an actor).
+RECONNECT_GRACE_S = 10.0
 MAX_MESSAGE_BYTES = 64 << 20  # a step's deltas for one router are KiBs; anything larger is refused unread
 
 
@@ -226,6 +231,38 @@ class TokenInbox:
         self._ctx.term()
 
 
+class _Route:
+    """One router replica's connection, watched: a router that stays unreachable for
+    ``RECONNECT_GRACE_S`` (its process died: nothing listens at its port any more) is gone.
+    The watch is read at each send, a non-blocking look at ZMQ's monitor events."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, now: float) -> None:
+        self.sock = ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self._events = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.sock.connect(endpoint)
+        self.used = now
+        self._down_since: float | None = now  # not connected yet
+
+    def reachable(self, now: float) -> bool:
+        while True:
+            try:
+                event = recv_monitor_message(self._events, flags=zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                break
+            if event == zmq.EVENT_CONNECTED:
+                self._down_since = None
+            elif event == zmq.EVENT_DISCONNECTED and self._down_since is None:
+                self._down_since = now
+        return self._down_since is None or now - self._down_since < RECONNECT_GRACE_S
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self._events.close(linger=0)
+        self.sock.close(linger=0)
+
+
 class TokenOutbox:
     """The decode replica's end: one PUSH socket per router replica it serves, and the deltas
     produced in one pass of the event loop (one engine step's outputs wake every request's
@@ -233,9 +270,9 @@ class TokenOutbox:
 
     def __init__(self) -> None:
         self._ctx = zmq.Context()
-        self._socks: dict[InboxAddress, tuple[zmq.Socket[Any], float]] = {}
+        self._routes: dict[InboxAddress, _Route] = {}
         self._pending: dict[InboxAddress, list[list[Any]]] = {}
-        self._gone: set[InboxAddress] = set()  # router replicas that stopped reading
+        self._gone: dict[InboxAddress, str] = {}  # router replicas found gone, and why
         self._flush_scheduled = False
         self.messages = self.deltas = 0
 
@@ -252,12 +289,9 @@ class TokenOutbox:
         # the count.
         return sent
 
-    def _check(self, address: InboxAddress) -> None:
-        if address in self._gone:
-            raise ConnectionError(f"router inbox {address.endpoint} stopped reading")
-
     def put(self, address: InboxAddress, request_id: str, raw: bytes) -> None:
-        self._check(address)  # its router is gone: end the request (the caller aborts the engine's)
+        if address in self._gone:  # its router is gone: end the request (the caller aborts the engine's)
+            raise ConnectionError(f"router inbox {address.endpoint} is gone ({self._gone[address]})")
         self._pending.setdefault(address, []).append([request_id, raw])
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -270,41 +304,41 @@ class TokenOutbox:
         for address, batch in pending.items():
             if address in self._gone:
                 continue
-            sock = self._socket(address, now)
+            route = self._route(address, now)
+            if not route.reachable(now):
+                self._lost(address, f"unreachable for {RECONNECT_GRACE_S:g} s")
+                continue
             try:
-                sock.send_multipart([address.secret, msgpack.packb(batch)], flags=zmq.NOBLOCK)
+                route.sock.send_multipart([address.secret, msgpack.packb(batch)], flags=zmq.NOBLOCK)
             except zmq.Again:
-                # SEND_HWM steps unread: that router replica is gone, and so are its requests
-                # (each fails at its next delta).
-                log.warning("router inbox %s stopped reading; ending its requests here", address.endpoint)
-                self._gone.add(address)
-                sock.close(linger=0)
-                del self._socks[address]
+                self._lost(address, f"{SEND_HWM} steps unread")
                 continue
             self.messages += 1
             self.deltas += len(batch)
 
-    def _socket(self, address: InboxAddress, now: float) -> zmq.Socket[Any]:
-        entry = self._socks.get(address)
-        if entry is None:
+    def _lost(self, address: InboxAddress, why: str) -> None:
+        """That router replica is gone, and so are its requests here: each fails at its next
+        delta, and its engine request is aborted."""
+        log.warning("router inbox %s is gone (%s); ending its requests here", address.endpoint, why)
+        self._gone[address] = why
+        self._routes.pop(address).close()
+
+    def _route(self, address: InboxAddress, now: float) -> _Route:
+        route = self._routes.get(address)
+        if route is None:
             self._close_idle(now)
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, SEND_HWM)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(address.endpoint)
-        else:
-            sock = entry[0]
-        self._socks[address] = (sock, now)
-        return sock
+            route = self._routes[address] = _Route(self._ctx, address.endpoint, now)
+        route.used = now
+        return route
 
     def _close_idle(self, now: float) -> None:
-        for address, (sock, used) in list(self._socks.items()):
-            if now - used > IDLE_CLOSE_S:
-                sock.close()
-                del self._socks[address]
+        for address, route in list(self._routes.items()):
+            if now - route.used > IDLE_CLOSE_S:
+                route.close()
+                del self._routes[address]
 
     def close(self) -> None:
-        for sock, _ in self._socks.values():
-            sock.close(linger=0)
-        self._socks.clear()
+        for route in self._routes.values():
+            route.close()
+        self._routes.clear()
         self._ctx.term()

@@ -5,6 +5,7 @@ count, the secret, and what happens when either side goes away."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator
 
 import msgpack
@@ -219,12 +220,47 @@ def test_a_router_that_stopped_reading_ends_its_requests_and_their_engine_stream
         outbox = TokenOutbox()
         # Nothing listens there: ZMQ queues up to the high-water mark, then refuses.
         gone = InboxAddress("tcp://127.0.0.1:9", b"s" * 16)
-        with pytest.raises(ConnectionError, match="stopped reading"):
+        with pytest.raises(ConnectionError, match="is gone .1 steps unread"):
             await asyncio.wait_for(outbox.relay(gone, "a", endless()), 10)
         outbox.close()
 
     run(main())
     assert closed == [True]
+
+
+def test_a_router_replica_that_died_ends_its_requests_after_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(token_channel, "RECONNECT_GRACE_S", 0.3)
+    closed: list[int] = []
+
+    async def tokens() -> AsyncGenerator[bytes, None]:
+        i = 0
+        try:
+            while True:
+                yield b"%d" % i
+                i += 1
+                await asyncio.sleep(0.01)  # an engine step
+        finally:
+            closed.append(i)  # the engine request is aborted here
+
+    async def main() -> list[bytes]:
+        inbox, outbox = TokenInbox("127.0.0.1"), TokenOutbox()
+        stream = inbox.open("a")
+        relay = asyncio.ensure_future(outbox.relay(inbox.address, "a", tokens()))
+        got = []
+        async for batch in stream.batches():
+            got += batch
+            if len(got) >= 5:
+                break
+        inbox.close()  # the router replica's process dies: nothing listens at its port any more
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match="is gone .unreachable for 0.3 s"):
+            await asyncio.wait_for(relay, 5)
+        assert time.monotonic() - t0 < 2
+        outbox.close()
+        return got
+
+    assert run(main())[:5] == [b"0", b"1", b"2", b"3", b"4"]
+    assert len(closed) == 1
 
 
 def test_the_address_round_trips() -> None:
