@@ -117,16 +117,27 @@ def test_a_decode_replica_that_dies_mid_stream_is_resumed_without_lost_or_repeat
     assert r.json()["choices"][0]["token_ids"] == expected(10)
     assert r.json()["pdserve"]["decode_resumes"] == 1
     assert metric(base_url, "pdserve_decode_resumes_total") >= 2
+    wait_pool_whole(base_url, "decode", r.json()["pdserve"]["decode_replica"])  # whole for the next test
 
 
 def test_past_its_in_flight_limit_the_router_answers_429_with_retry_after(base_url: str) -> None:
     async def run() -> tuple[list[int], httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
-            slow = [asyncio.create_task(client.post(f"{base_url}/v1/completions", json=body(30)))
-                    for _ in range(MAX_INFLIGHT)]
-            await asyncio.sleep(0.8)  # all admitted, each streaming its 30 tokens for ~1.5 s
+            started = [asyncio.Event() for _ in range(MAX_INFLIGHT)]
+
+            async def slow(started: asyncio.Event) -> int:
+                """A stream of 30 tokens (~1.5 s): it holds its slot from its first chunk on."""
+                async with client.stream("POST", f"{base_url}/v1/completions", json=body(30, stream=True)) as r:
+                    async for _ in r.aiter_lines():
+                        started.set()
+                    return r.status_code
+
+            slows = [asyncio.create_task(slow(s)) for s in started]
+            # Every one admitted and streaming (a fixed wait was not always enough on a
+            # loaded machine for all of them to have arrived).
+            await asyncio.wait_for(asyncio.gather(*(s.wait() for s in started)), 30)
             over = await client.post(f"{base_url}/v1/completions", json=body(2))
-            return [r.status_code for r in await asyncio.gather(*slow)], over
+            return [await t for t in slows], over
 
     before = metric(base_url, "pdserve_requests_rejected_total")
     admitted, over = asyncio.run(run())
