@@ -118,7 +118,7 @@ class InboxStream:
         up, several when it fell behind (the router then sends them as one chunk)."""
         seen, total = 0, None
         while total is None or seen < total:
-            item = await self._next(late=total is not None, seen=seen, total=total)
+            item = await self._next(seen, total)
             batch: list[bytes] = []
             while True:
                 if isinstance(item, bytes):
@@ -136,14 +136,16 @@ class InboxStream:
             if batch:
                 yield batch
 
-    async def _next(self, late: bool, seen: int, total: int | None) -> Any:
-        if not late:
+    async def _next(self, seen: int, total: int | None) -> Any:
+        """The next item; once the call has said how many it sent (``total``), within
+        ``LATE_GRACE_S``."""
+        if total is None:
             return await self._queue.get()
         try:
             async with asyncio.timeout(LATE_GRACE_S):
                 return await self._queue.get()
         except TimeoutError:
-            raise TokensLost(f"request {self.request_id}: {(total or 0) - seen} of {total} deltas never "
+            raise TokensLost(f"request {self.request_id}: {total - seen} of {total} deltas never "
                              f"arrived within {LATE_GRACE_S:g} s of the call's end") from None
 
     def close(self) -> None:
@@ -156,6 +158,19 @@ class InboxStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _batch(payload: bytes) -> list[tuple[str, bytes]] | None:
+    """A message's ``[[request_id, delta], ...]``, or None when it is anything else: a
+    malformed message is refused whole, and never reaches a stream or stops the reader."""
+    try:
+        items = msgpack.unpackb(payload)
+        batch = [(rid, raw) for rid, raw in items]
+    except (ValueError, TypeError):
+        return None
+    if all(isinstance(rid, str) and isinstance(raw, bytes) for rid, raw in batch):
+        return batch
+    return None
 
 
 class TokenInbox:
@@ -198,9 +213,8 @@ class TokenInbox:
             if self.rejected == 1:
                 log.warning("token inbox %s: dropped a message without this inbox's secret", self.address.endpoint)
             return
-        try:
-            batch = msgpack.unpackb(frames[1])
-        except ValueError:
+        batch = _batch(frames[1])
+        if batch is None:
             self.rejected += 1
             return
         self.messages += 1
@@ -216,8 +230,6 @@ class TokenInbox:
         while True:
             try:
                 frames = await self._sock.recv_multipart(copy=True)
-            except asyncio.CancelledError:
-                raise
             except zmq.ZMQError as e:
                 if self._sock.closed:
                     return

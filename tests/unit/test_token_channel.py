@@ -164,6 +164,25 @@ def test_messages_without_the_secret_and_deltas_of_closed_streams_are_dropped() 
     assert inbox.rejected == 2 and inbox.dropped == 1 and inbox.deltas == 1
 
 
+def test_a_malformed_message_with_the_secret_is_refused_whole_and_the_reader_goes_on() -> None:
+    async def main() -> tuple[list[bytes], TokenInbox]:
+        inbox = TokenInbox("127.0.0.1")
+        stream = inbox.open("a")
+        secret = inbox.address.secret
+        bad = [[secret, b"\xc1"],  # not msgpack
+               [secret, msgpack.packb(7)],  # not a list
+               [secret, msgpack.packb([["a", b"ok"], ["a"]])],  # one pair short: none of it goes in
+               [secret, msgpack.packb([[["a"], b"x"]])],  # an unhashable request id
+               [secret, msgpack.packb([["a", ["not", "bytes"]]])]]  # a delta that is not bytes
+        out = await strangers_then_one_real(inbox, stream, bad, b"real")
+        inbox.close()
+        return out, inbox
+
+    out, inbox = run(main())
+    assert out == [b"real"]
+    assert inbox.rejected == 5 and inbox.deltas == 1
+
+
 def test_a_message_over_the_size_limit_is_refused_unread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(token_channel, "MAX_MESSAGE_BYTES", 4096)
 
