@@ -253,6 +253,7 @@ def test_ray_up_local_provider_serves_openai_and_ray_down_leaves_nothing(
     client_tmp.mkdir()
     ours: set[int] = set()
     shm: set[Path] = set()
+    locks: set[Path] = set()  # bound before the try: its finally adds to it however early a failure came
     with loopback_sshd(tmp_path / "sshd", session_env) as host:
         config = tmp_path / "cluster.yaml"
         config.write_text(yaml.safe_dump(cluster_yaml(host, gcs_port, head_config), sort_keys=False))
