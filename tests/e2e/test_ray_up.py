@@ -131,6 +131,28 @@ def _whole(kinds: Counter[str]) -> bool:
     return bool(kinds["raylet"] and kinds["gcs_server"] and kinds["redis-server"] and kinds["engine"] == 2)
 
 
+def _why_not_whole(root: Path, ours: set[int], kinds: Counter[str]) -> str:
+    """What a failed wait for the whole cluster saw, for the assertion message: every engine
+    core on the host (ours or not, and where it runs), and the tracebacks and last lines of the
+    cluster's Ray logs, which go with the test's temp dir."""
+    lines = [f"kinds among our {len(ours)} processes: {dict(kinds)}"]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and _cmdline(int(proc.name)).startswith("VLLM::EngineCore"):
+            try:
+                cwd = os.readlink(proc / "cwd")
+            except OSError:
+                cwd = "?"
+            lines.append(f"engine core pid {proc.name} (ours: {int(proc.name) in ours}, cwd {cwd})")
+    for log in sorted(root.glob("**/session_2*/logs/*")):  # not session_latest, the link
+        if log.suffix not in (".out", ".err", ".log") or not log.is_file():
+            continue
+        text = log.read_text(errors="replace")
+        if "Traceback" in text or "EngineCore" in text or log.name.startswith(("raylet", "serve")):
+            lines.append(f"---- {log.name} (last 30 lines) ----")
+            lines.extend(text.splitlines()[-30:])
+    return "\n".join(lines)[-20000:]
+
+
 def _shm_mapped_by(pids: set[int]) -> set[Path]:
     """/dev/shm files the given processes map (the store's segment, vLLM's buffers)."""
     found = set()
@@ -270,7 +292,7 @@ def test_ray_up_local_provider_serves_openai_and_ray_down_leaves_nothing(
             deadline = time.monotonic() + 60
             while not _whole(kinds := _kinds(ours := cluster_pids(host_root))) and time.monotonic() < deadline:
                 time.sleep(1)
-            assert _whole(kinds), kinds
+            assert _whole(kinds), _why_not_whole(host_root, ours, kinds)
             state = RunState.load(home / ".cache/pdserve")
             assert state is not None and state.redis_pid in ours
 

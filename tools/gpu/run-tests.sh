@@ -15,7 +15,8 @@
 # $OUT/gpu-serve.json, tables to $OUT/gpu-serve.md, server + engine logs in
 # $OUT/gpu-serve-logs.tar.xz) within SERVE_BENCH_BUDGET_S (270) and what is left of
 # CALL_BUDGET_S (560: seconds from this script's start to the end of everything, inside one
-# 600 s call); SERVE_BENCH_ARGS adds arguments (e.g. "--shape tiny --rates 4,16"). TESTS=0 skips
+# 600 s call); SERVE_BENCH_ARGS adds arguments (e.g. "--shape tiny --rates 4,16"); SERVE_BENCH_STREAMS
+# ("channel serve") runs it once per router.decode_stream, splitting the budget. TESTS=0 skips
 # tests/gpu (the benchmarks alone). XXH3=1 first checks the GPU checksum kernels
 # (tests/unit/test_gpu_xxh3.py on the GPU, then tools/gpu/xxh3-bench.py: $OUT/gpu-xxh3.json);
 # those need only the image's packages, so they can also run alone in any call.
@@ -189,28 +190,37 @@ if [ "${OVERLAP:-0}" = 1 ]; then
   say "RESULT overlap bench rc=$?"
 fi
 
-# -- 7. optional: pdserve 1P1D vs monolithic vLLM under load, on the same GPU
+# -- 7. optional: pdserve 1P1D vs monolithic vLLM under load, on the same GPU. SERVE_BENCH_STREAMS
+# ("channel serve") runs it once per router.decode_stream, one after the other in this call, each
+# against its own monolithic run ($OUT/gpu-serve-<stream>.json); unset: one run, $OUT/gpu-serve.json.
 if [ "${SERVE_BENCH:-0}" = 1 ]; then
-  left=$(( ${CALL_BUDGET_S:-560} - ($(date +%s) - T0) - 40 ))
-  budget=${SERVE_BENCH_BUDGET_S:-270}; [ "$left" -lt "$budget" ] && budget=$left
-  if [ "$budget" -lt 120 ]; then
-    say "RESULT serve bench skipped: ${budget}s left"
-  else
-    say "bench/gpu/serve.py (budget ${budget}s)"
-    rm -rf /tmp/pdgpu-bench/logs && mkdir -p /tmp/pdgpu-bench/logs/ray
-    save_ray_logs /tmp/pdgpu-bench/logs/ray &
-    local saver2=$!
+  rm -rf /tmp/pdgpu-bench/logs && mkdir -p /tmp/pdgpu-bench/logs/ray
+  save_ray_logs /tmp/pdgpu-bench/logs/ray &
+  local saver2=$!
+  streams=${SERVE_BENCH_STREAMS:-default}
+  set -- $streams; local nruns=$#
+  for stream in $streams; do
+    left=$(( ${CALL_BUDGET_S:-560} - ($(date +%s) - T0) - 40 ))
+    budget=${SERVE_BENCH_BUDGET_S:-270}; [ "$left" -lt "$budget" ] && budget=$left
+    if [ "$nruns" -gt 1 ] && [ $(( left / nruns )) -lt "$budget" ]; then budget=$(( left / nruns )); fi
+    nruns=$(( nruns - 1 ))
+    if [ "$budget" -lt 120 ]; then
+      say "RESULT serve bench ($stream) skipped: ${budget}s left"; continue
+    fi
+    if [ "$stream" = default ]; then out=$OUT/gpu-serve.json; extra=""
+    else out=$OUT/gpu-serve-$stream.json; extra="--decode-stream $stream"; fi
+    say "bench/gpu/serve.py $extra (budget ${budget}s)"
     # shellcheck disable=SC2086
     timeout -s INT -k 30 $(( budget + 20 )) "$PY" -m bench.gpu.serve --budget-s "$budget" \
-      --out "$OUT/gpu-serve.json" ${SERVE_BENCH_ARGS:-}
+      --out "$out" ${SERVE_BENCH_ARGS:-} $extra
     src=$?
-    kill "$saver2" 2>/dev/null; wait "$saver2" 2>/dev/null
-    say "RESULT serve bench rc=$src"
-    grep -rhoE "reserved [0-9.]+ GiB memory for KV Cache|Available KV cache memory: [0-9.]+ GiB" \
-      /tmp/pdgpu-bench/logs | sort | uniq -c
-    tar -C /tmp/pdgpu-bench/logs -cJf "$OUT/gpu-serve-logs.tar.xz" . 2>/dev/null
+    say "RESULT serve bench ($stream) rc=$src"
     [ "$src" = 0 ] || [ "$rc" != 0 ] || rc=$src
-  fi
+  done
+  kill "$saver2" 2>/dev/null; wait "$saver2" 2>/dev/null
+  grep -rhoE "reserved [0-9.]+ GiB memory for KV Cache|Available KV cache memory: [0-9.]+ GiB" \
+    /tmp/pdgpu-bench/logs | sort | uniq -c
+  tar -C /tmp/pdgpu-bench/logs -cJf "$OUT/gpu-serve-logs.tar.xz" . 2>/dev/null
 fi
 return "$rc"
 }
