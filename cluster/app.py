@@ -99,6 +99,17 @@ def pool_deployment(cls: type, role: str, pool: PoolConfig, cfg: ClusterConfig) 
     )
 
 
+def controller_options(transport: str) -> dict[str, Any]:
+    """``serve.start``'s controller options for ``router.serve_transport``. The controller's
+    environment reaches the HTTP proxies it starts, and with RAY_SERVE_USE_GRPC_BY_DEFAULT
+    their calls to the router replicas go over Serve's gRPC too (the router's own engine
+    calls are set per handle: ``router.app.over_transport``). Serve applies these only when it
+    creates its controller."""
+    if transport == "ray":
+        return {}
+    return {"runtime_env": {"env_vars": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}}}
+
+
 def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str, api_key_digests: list[str] | None = None) -> Any:
     prefill = pool_deployment(PrefillWorker, "prefill", cfg.prefill, cfg).bind(
         asdict(engine_spec(cfg, cfg.prefill, "prefill", model_dir, redis_url))
@@ -126,6 +137,7 @@ def build_app(cfg: ClusterConfig, model_dir: Path, redis_url: str, api_key_diges
         prefill_attempts=cfg.router.prefill_attempts,
         decode_resumes=cfg.router.decode_resumes,
         decode_stream=cfg.router.decode_stream,
+        serve_transport=cfg.router.serve_transport,
     )
     # Serve's default cap (5 requests per replica) would queue requests in the HTTP proxy,
     # unseen and unbounded: the router takes all it admits, and answers 429 past that itself.

@@ -53,7 +53,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import build_app
+    from cluster.app import build_app, controller_options
 
     cfg = ClusterConfig.load(args.config, args.set)
     key_digests = api_key_digests(cfg.router)  # refuse an open router before anything starts
@@ -92,7 +92,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         state.save()
         _step(4, f"store agents on {len(state.agents)} node(s), {kv.capacity_mb} MiB of shared memory each")
         port = cfg.router.port or free_port()
-        serve.start(http_options={"host": cfg.router.host, "port": port}, proxy_location=cfg.router.proxy_location)
+        serve.start(http_options={"host": cfg.router.host, "port": port}, proxy_location=cfg.router.proxy_location,
+                    controller_options=controller_options(cfg.router.serve_transport))
         _step(5, f"engines: {cfg.prefill.replicas} prefill + {cfg.decode.replicas} decode replicas "
                  "(about a minute on CPU)")
         _deploy_with_progress(build_app(cfg, model_dir, state.redis_url, key_digests), cfg.app_name)

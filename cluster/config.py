@@ -29,7 +29,7 @@ class EngineConfig(_Strict):
     stream_interval: int = Field(
         1, ge=1, description="Output tokens per streamed message (vLLM's stream_interval; the first and last "
         "go out at once): every message is a chunk through the router replica and Serve's HTTP proxy (with "
-        "router.decode_stream: serve, also a Ray object from the decode replica), so at high token rates a few "
+        "router.decode_stream: serve, also an item of the decode replica's Serve call), so at high token rates a few "
         "tokens a message spend that path's CPU a few times less.",
     )
     kv_cache_gib: int = Field(1, ge=1, description="CPU KV cache pool per engine (whole GiB).")
@@ -213,7 +213,14 @@ class RouterConfig(_Strict):
         "channel", description="How decoded tokens reach the router replica: channel (the decode replica sends "
         "each engine step's tokens of this router's requests as one ZMQ message to its token inbox; the router "
         "replica's node must be reachable on a random TCP port from the decode nodes) or serve (each token is an "
-        "item of the Serve call's stream: one Ray object a token, ~2x the router's CPU a token).",
+        "item of the Serve call's stream: a Ray object or gRPC message a token, ~2x the router's CPU a token).",
+    )
+    serve_transport: Literal["grpc", "ray"] = Field(
+        "grpc", description="How Serve carries pdserve's calls, from the HTTP proxy to the router replicas and "
+        "from those to the engine replicas: grpc (Serve's inter-deployment gRPC, which every replica runs; "
+        "arguments by value, which suits these small ones: the KV goes through the store; about 0.7x the CPU "
+        "per token of the router, the proxy and the decode replica on bench/stream) or ray (a Ray actor call "
+        "each, arguments by reference).",
     )
     resources: dict[str, float] = Field(
         default_factory=dict,

@@ -82,9 +82,20 @@ class RouterSpec:
     prefill_attempts: int = 3
     decode_resumes: int = 3
     decode_stream: str = "channel"  # how decoded tokens reach the router: "channel" | "serve" (router config)
+    serve_transport: str = "grpc"  # how the engine calls travel: "grpc" (Serve's gRPC) | "ray" (Ray actor calls)
 
 
 GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def over_transport(handle: DeploymentHandle, transport: str) -> DeploymentHandle:
+    """``handle`` with its calls on Serve's inter-deployment gRPC (``"grpc"``: every replica
+    runs that server; arguments go by value, which suits the engine calls: token ids and keys,
+    the KV goes through the store) or as Ray actor calls (``"ray"``: by reference). Said per
+    handle, so it holds however the process's Serve defaults were set."""
+    if transport not in ("grpc", "ray"):
+        raise ValueError(f"serve_transport must be 'grpc' or 'ray', not {transport!r}")
+    return handle.options(_by_reference=transport == "ray")
 
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
@@ -199,6 +210,7 @@ class Router:
         self.retries = Retries(self.spec.prefill_attempts, self.spec.decode_resumes)
         self.tokenizer = PromptTokenizer(self.spec.model_dir)
         self.namespace = KVNamespace(**self.spec.namespace)
+        prefill, decode = (over_transport(h, self.spec.serve_transport) for h in (prefill, decode))
         self._prefill = prefill
         self._decode = decode
         self._decode_streamed = decode.options(stream=True)

@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--router-replicas", type=int, default=1, help="pdserve's router replicas (router.replicas)")
     p.add_argument("--decode-stream", choices=("channel", "serve"), default="channel",
                    help="how pdserve's decoded tokens reach the router (router.decode_stream)")
+    p.add_argument("--serve-transport", choices=("grpc", "ray"), default="grpc",
+                   help="how Serve carries pdserve's calls: proxy -> router -> engines (router.serve_transport)")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -162,6 +164,7 @@ def monolithic_gpu(model_dir: Path, model: str, log_dir: Path, kv_bytes: int, gp
 def pdserve_sets(a: argparse.Namespace, kv_bytes: int) -> list[str]:
     sets = ["device=cuda", f"kvstore.chunk_tokens={a.chunk_tokens}", f"kvstore.capacity_mb={a.store_mb}",
             f"router.replicas={a.router_replicas}", f"router.decode_stream={a.decode_stream}",
+            f"router.serve_transport={a.serve_transport}",
             f"decode.engine.stream_interval={a.stream_interval}"]
     for pool in ("prefill", "decode"):
         sets += [f"{pool}.gpus_per_replica=0.4", f"{pool}.cpu_binding=[]",

@@ -4,6 +4,13 @@ of Serve's streamed call (``serve``), side by side in one run.
 
     .venv/bin/python -m bench.stream [--streams 32] [--tokens 200] [--step-ms 10]
                                      [--rounds 3] [--seconds 12] [--out bench/results/stream.json]
+                                     [--variants channel,serve]
+
+``--variants`` names the two apps compared: ``DECODE_STREAM[/TRANSPORT]``, e.g.
+``channel/grpc,channel/ray`` compares the router's engine calls over Serve's gRPC with Ray
+actor calls (``router.serve_transport``; default ``grpc``), both on the token channel. The one
+HTTP proxy both apps share calls the routers as ``--proxy-transport`` says (default ``grpc``,
+as ``pdserve up`` starts Serve): compare that in two runs.
 
 The subject is the path, not the engine: both apps run the real router (real Ray, Serve,
 HTTP, tokenizer, routing) in front of the fake engine replicas of the integration tests,
@@ -32,12 +39,14 @@ import ray
 from ray import serve
 
 from bench.stats import percentile
+from cluster.app import controller_options
 from cluster.model import prepare_default_model
 from cluster.runtime import free_port
 from router.app import Router, RouterSpec
 from tests.integration.fakes import MODEL, ZERO, FakeDecode, FakePrefill, request_router
 
 MODES = ("channel", "serve")
+TRANSPORTS = ("grpc", "ray")
 PROCESSES = {"router": "ServeReplica:{app}:router", "proxy": "ProxyActor", "decode": "ServeReplica:{app}:decode"}
 
 
@@ -50,22 +59,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=12.0, help="load per mode per round")
     p.add_argument("--out", type=Path, default=Path("bench/results/stream.json"))
+    p.add_argument("--variants", default="channel,serve",
+                   help="the two apps compared: DECODE_STREAM[/TRANSPORT], TRANSPORT grpc (default) | ray")
+    p.add_argument("--proxy-transport", choices=TRANSPORTS, default="grpc",
+                   help="how the shared HTTP proxy calls the routers (router.serve_transport)")
     return p.parse_args(argv)
 
 
-def deploy(mode: str, step_s: float) -> str:
-    """One app per mode: the real router in front of one fake prefill and one fake decode replica."""
+def variants(raw: str) -> list[tuple[str, str, str]]:
+    """``--variants`` as (app name, decode_stream, serve_transport), two of them."""
+    out = []
+    for item in raw.split(","):
+        stream, _, calls = item.strip().partition("/")
+        calls = calls or "grpc"
+        if stream not in MODES or calls not in TRANSPORTS:
+            raise SystemExit(f"--variants: {item!r} is not DECODE_STREAM[/TRANSPORT] of {MODES} / {TRANSPORTS}")
+        out.append((f"{stream}-{calls}", stream, calls))
+    if len(out) != 2 or out[0][0] == out[1][0]:
+        raise SystemExit("--variants: name two different variants")
+    return out
+
+
+def deploy(app: str, mode: str, transport: str, step_s: float) -> str:
+    """One app per variant: the real router in front of one fake prefill and one fake decode replica."""
     spec = RouterSpec(model_dir=str(prepare_default_model()), served_model_name=MODEL, max_model_len=4096,
                       default_max_tokens=16, max_body_bytes=64 * 1024, metrics_export_s=0,
                       namespace={"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32},
-                      decode_stream=mode)
+                      decode_stream=mode, serve_transport=transport)
     prefill = serve.deployment(FakePrefill, name="prefill", request_router_config=request_router("prefill"),
                                ray_actor_options=ZERO).bind()
     decode = serve.deployment(FakeDecode, name="decode", request_router_config=request_router("decode"),
                               max_ongoing_requests=1024, ray_actor_options=ZERO).bind(step_s)
     router = serve.deployment(Router, name="router", max_ongoing_requests=1024, ray_actor_options=ZERO)
-    serve.run(router.bind(spec.__dict__, prefill, decode), name=mode, route_prefix=f"/{mode}")
-    return mode
+    serve.run(router.bind(spec.__dict__, prefill, decode), name=app, route_prefix=f"/{app}")
+    return app
 
 
 def processes(app: str) -> dict[str, psutil.Process]:
@@ -139,18 +166,19 @@ def turn(base: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "requests": len(tpots)}
 
 
-def summary(turns: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per mode, the median over rounds; and channel / serve of each (CPU: below 1 is better)."""
+def summary(turns: list[dict[str, Any]], apps: list[str]) -> dict[str, Any]:
+    """Per variant, the median over rounds; and the first / the second of each (CPU: below 1 is better)."""
     med: dict[str, dict[str, float]] = {}
-    for mode in MODES:
+    for mode in apps:
         mine = [t for t in turns if t["mode"] == mode]
         med[mode] = {"tokens_per_s": statistics.median(t["tokens_per_s"] for t in mine),
                      "tpot_ms_p50": statistics.median(t["tpot_ms_p50"] for t in mine),
                      "tpot_ms_p99": statistics.median(t["tpot_ms_p99"] for t in mine),
                      **{f"{role}_cpu_us": statistics.median(t["cpu_us_per_token"][role] for t in mine)
                         for role in PROCESSES}}
-    ratios = {key: round(med["channel"][key] / med["serve"][key], 3) for key in med["channel"]}
-    return {"median": med, "channel_over_serve": ratios}
+    first, second = apps
+    ratios = {key: round(med[first][key] / med[second][key], 3) for key in med[first]}
+    return {"median": med, f"{first}_over_{second}": ratios}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,17 +186,19 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(num_cpus=2, namespace="bench-stream", log_to_driver=False)
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # The HTTP proxy's calls to the routers as `pdserve up` makes them (--proxy-transport).
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    controller_options=controller_options(args.proxy_transport))
         base = f"http://127.0.0.1:{port}"
-        for mode in MODES:
-            deploy(mode, args.step_ms / 1e3)
-            asyncio.run(closed_loop(f"{base}/{mode}/v1/completions", args.streams, args.tokens, 2.0))  # warm-up
+        apps = [deploy(app, stream, calls, args.step_ms / 1e3) for app, stream, calls in variants(args.variants)]
+        for app in apps:
+            asyncio.run(closed_loop(f"{base}/{app}/v1/completions", args.streams, args.tokens, 2.0))  # warm-up
         turns = []
         for r in range(args.rounds):
-            for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            for mode in apps if r % 2 == 0 else apps[::-1]:
                 t = turn(base, mode, args)
                 turns.append({"round": r, **t})
-                print(f"round {r} {mode:8s} {t['tokens_per_s']:7.1f} tok/s  cpu us/token "
+                print(f"round {r} {mode:13s} {t['tokens_per_s']:7.1f} tok/s  cpu us/token "
                       + " ".join(f"{k}={v}" for k, v in t["cpu_us_per_token"].items())
                       + f"  tpot p50/p99 {t['tpot_ms_p50']}/{t['tpot_ms_p99']} ms", flush=True)
     finally:
@@ -176,11 +206,11 @@ def main(argv: list[str] | None = None) -> None:
         ray.shutdown()
     result = {"bench": "stream", "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "cpus": psutil.cpu_count(),
-        "turns": turns, **summary(turns)}
+        "turns": turns, **summary(turns, apps)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["median"], indent=1))
-    print("channel / serve:", json.dumps(result["channel_over_serve"]))
+    print(f"{apps[0]} / {apps[1]}:", json.dumps(result[f"{apps[0]}_over_{apps[1]}"]))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import zmq
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from cluster.app import controller_options
 from cluster.model import prepare_default_model
 from cluster.runtime import free_port
 from kvstore.messages import EngineDelta, EngineRequest, ReplicaLoad, scaling_stats
@@ -41,7 +42,8 @@ def router_with_fakes(namespace: str, spec: dict[str, Any], prefill: tuple[int, 
     ray.init(num_cpus=2, namespace=namespace, log_to_driver=False, **ray_init)
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    controller_options=controller_options(spec.get("serve_transport", "grpc")))
         full = {"model_dir": str(prepare_default_model()), "served_model_name": MODEL, "max_model_len": 128,
                 "default_max_tokens": 8, "max_body_bytes": 64 * 1024, "metrics_export_s": 0,
                 "namespace": {"model": "m", "dtype": "float32", "layout": "cpu/bs32", "chunk_tokens": 32}, **spec}
