@@ -86,6 +86,7 @@ class RouterSpec:
 
 
 GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+SERVE_TRANSPORTS = ("grpc", "ray")  # router.serve_transport's values (cluster/config.py spells them for pydantic)
 
 
 def over_transport(handle: DeploymentHandle, transport: str) -> DeploymentHandle:
@@ -93,7 +94,7 @@ def over_transport(handle: DeploymentHandle, transport: str) -> DeploymentHandle
     runs that server; arguments go by value, which suits the engine calls: token ids and keys,
     the KV goes through the store) or as Ray actor calls (``"ray"``: by reference). Said per
     handle, so it holds however the process's Serve defaults were set."""
-    if transport not in ("grpc", "ray"):
+    if transport not in SERVE_TRANSPORTS:
         raise ValueError(f"serve_transport must be 'grpc' or 'ray', not {transport!r}")
     return handle.options(_by_reference=transport == "ray")
 

@@ -42,11 +42,10 @@ from bench.stats import percentile
 from cluster.app import controller_options
 from cluster.model import prepare_default_model
 from cluster.runtime import free_port
-from router.app import Router, RouterSpec
+from router.app import SERVE_TRANSPORTS, Router, RouterSpec
 from tests.integration.fakes import MODEL, ZERO, FakeDecode, FakePrefill, request_router
 
 MODES = ("channel", "serve")
-TRANSPORTS = ("grpc", "ray")
 PROCESSES = {"router": "ServeReplica:{app}:router", "proxy": "ProxyActor", "decode": "ServeReplica:{app}:decode"}
 
 
@@ -61,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/results/stream.json"))
     p.add_argument("--variants", default="channel,serve",
                    help="the two apps compared: DECODE_STREAM[/TRANSPORT], TRANSPORT grpc (default) | ray")
-    p.add_argument("--proxy-transport", choices=TRANSPORTS, default="grpc",
+    p.add_argument("--proxy-transport", choices=SERVE_TRANSPORTS, default="grpc",
                    help="how the shared HTTP proxy calls the routers (router.serve_transport)")
     return p.parse_args(argv)
 
@@ -72,8 +71,8 @@ def variants(raw: str) -> list[tuple[str, str, str]]:
     for item in raw.split(","):
         stream, _, calls = item.strip().partition("/")
         calls = calls or "grpc"
-        if stream not in MODES or calls not in TRANSPORTS:
-            raise SystemExit(f"--variants: {item!r} is not DECODE_STREAM[/TRANSPORT] of {MODES} / {TRANSPORTS}")
+        if stream not in MODES or calls not in SERVE_TRANSPORTS:
+            raise SystemExit(f"--variants: {item!r} is not DECODE_STREAM[/TRANSPORT] of {MODES} / {SERVE_TRANSPORTS}")
         out.append((f"{stream}-{calls}", stream, calls))
     if len(out) != 2 or out[0][0] == out[1][0]:
         raise SystemExit("--variants: name two different variants")
