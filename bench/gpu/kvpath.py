@@ -43,7 +43,14 @@ request: median of ``rounds`` calls, each case once a round in a shuffled order)
                  slot as well (in the same rounds): req_save_slotwise_GBps,
                  req_load_slotwise_GBps and their _vs_pinned; where a load's scatter reads
                  the verdicts on the GPU (``GpuKVPath.device_verdicts``), the same load with
-                 the host reading them first: req_load_hostverdict_GBps and its _vs_pinned
+                 the host reading them first: req_load_hostverdict_GBps and its _vs_pinned;
+                 the save's pitched D2H alone, from staging into the slots (the segment's
+                 DMA speed): req_slots_d2h_GBps and its _vs_pinned. With ``--busy-us`` (1000;
+                 0: off) the save, the load and both pinned copies also run queued behind
+                 that much GPU work, as the engine queues its save behind the forward (the
+                 host's set-up then overlaps the GPU's work): req_busy_us (the work alone,
+                 subtracted), req_{save,load,pinned_d2h,pinned_h2d}_behind_GBps,
+                 req_save_behind_vs_pinned, req_load_behind_vs_pinned
 
 The cache is laid out as vLLM 0.26's FlashAttention backend lays it out (per layer NHD
 memory ``[num_blocks, block_size, kv_heads, 2 * head_dim]`` seen through the permuted view
@@ -142,6 +149,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=5, help="timed passes per case, per-chunk rows")
     ap.add_argument("--rounds", type=int, default=40, help="rounds of every case once, per-request rows")
     ap.add_argument("--request-mib", type=int, default=64, help="bytes of one request's chunks (per-request rows)")
+    ap.add_argument("--busy-us", type=float, default=1000.0,
+                    help="GPU work queued before the *_behind cases (per-request rows; 0: none)")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the code path (no pinned memory)")
     ap.add_argument("--legacy", action="store_true", help="the generic per-layer copy path, not kvstore.gpu_path")
     ap.add_argument("--out", default="")
@@ -311,9 +320,30 @@ def same_node_store(seg: Segment) -> Any:
     return client
 
 
+class GpuBusy:
+    """About ``us`` microseconds of GPU work queued on the current stream (a spin kernel,
+    ``torch.cuda._sleep``, calibrated once with CUDA events): a stand-in for the tail of
+    the prefill forward a save is queued behind in the engine."""
+
+    def __init__(self, us: float) -> None:
+        probe = 1 << 20
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(probe)  # warm
+        start.record()
+        torch.cuda._sleep(probe)
+        end.record()
+        end.synchronize()
+        self.cycles = max(1, int(probe * us / (start.elapsed_time(end) * 1000)))
+
+    def __call__(self) -> None:
+        torch.cuda._sleep(self.cycles)
+
+
 def measure_request(cache: Cache, seg: Segment, nbytes: int, blocks: int, request_bytes: int,
-                    rounds: int) -> dict[str, Any]:
-    """One request of N chunks of ``nbytes`` per call, against one pinned copy of N * nbytes."""
+                    rounds: int, busy_us: float = 0.0) -> dict[str, Any]:
+    """One request of N chunks of ``nbytes`` per call, against one pinned copy of N * nbytes;
+    with ``busy_us``, the save, the load and both copies also queued behind that much GPU
+    work (``*_behind``), as the connector's save is queued behind the forward."""
     slot = HEADER_BYTES + nbytes
     n_chunks = max(2, min(64, request_bytes // nbytes, seg.size // slot))
     cache.set_chunk_blocks(blocks)
@@ -386,6 +416,23 @@ def measure_request(cache: Cache, seg: Segment, nbytes: int, blocks: int, reques
                 path.device_verdicts = True
 
         cases.update(req_load_hostverdict=host_verdicts)
+    if on_gpu and path is not None and path.pitched_copies:  # the save's D2H alone: the segment's DMA speed
+
+        def slots_d2h(_i: int) -> None:
+            path._move(path._slots(payloads), path._staging[:total], to_host=True)
+            path.stream.synchronize()
+
+        cases.update(req_slots_d2h=slots_d2h)
+    behind = ("req_save", "req_load", "req_pinned_d2h", "req_pinned_h2d")
+    if on_gpu and busy_us > 0:
+        # In the engine the save is called as the forward's last kernels are queued, not on
+        # an idle GPU: its host work before the copy (~150-350 us: the index, the launches,
+        # the slot addresses) runs while the forward finishes. Each of these rounds queues
+        # ``busy_us`` of GPU work first, then the case; the busy time alone is subtracted.
+        busy = GpuBusy(busy_us)
+        cases["req_busy"] = lambda i: busy()
+        for name in behind:
+            cases[f"{name}_behind"] = lambda i, fn=cases[name]: (busy(), fn(i))
     save(0)
     row: dict[str, Any] = {"req_chunks": n_chunks, "req_rounds": rounds}
     for fn in cases.values():
@@ -401,11 +448,18 @@ def measure_request(cache: Cache, seg: Segment, nbytes: int, blocks: int, reques
         shuffle.shuffle(order)
         for name in order:
             secs[name].append(timed(cases[name], 1, start=r))
+    busy_s = statistics.median(secs.pop("req_busy")) if "req_busy" in secs else 0.0
     for name, xs in secs.items():
-        row[f"{name}_GBps"] = round(total / statistics.median(xs) / 1e9, 2)
+        row[f"{name}_GBps"] = round(total / (statistics.median(xs) - (busy_s if name.endswith("_behind") else 0))
+                                    / 1e9, 2)
+    if busy_s:
+        row["req_busy_us"] = round(busy_s * 1e6, 1)
+        for name, limit in (("req_save_behind", "req_pinned_d2h_behind"), ("req_load_behind", "req_pinned_h2d_behind")):
+            row[f"{name}_vs_pinned"] = round(row[f"{name}_GBps"] / row[f"{limit}_GBps"], 3)
     for name, limit in (("req_save", "req_pinned_d2h"), ("req_load", "req_pinned_h2d"),
                         ("req_load_store", "req_pinned_h2d"), ("req_save_slotwise", "req_pinned_d2h"),
-                        ("req_load_slotwise", "req_pinned_h2d"), ("req_load_hostverdict", "req_pinned_h2d")):
+                        ("req_load_slotwise", "req_pinned_h2d"), ("req_load_hostverdict", "req_pinned_h2d"),
+                        ("req_slots_d2h", "req_pinned_d2h")):
         if f"{name}_GBps" in row:
             row[f"{name}_vs_pinned"] = round(row[f"{name}_GBps"] / row[f"{limit}_GBps"], 3)
             per_round = sorted(p / x for p, x in zip(secs[limit], secs[name], strict=True))
@@ -463,7 +517,7 @@ def main() -> None:
                 caches[bs] = Cache(a, bs)
             row = measure(caches[bs], seg, nbytes, nbytes // per_block_all_layers, a.repeat)
             row.update(measure_request(caches[bs], seg, nbytes, nbytes // per_block_all_layers,
-                                       a.request_mib << 20, a.rounds))
+                                       a.request_mib << 20, a.rounds, a.busy_us))
             row["block_size"] = bs
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -476,7 +530,7 @@ def main() -> None:
                         * a.layers},
         "path": "legacy" if a.legacy or a.device != "cuda" else "kvstore.gpu_path",
         "segment_bytes": seg_bytes, "shm_free_bytes": shm_free, "repeat": a.repeat, "rounds": a.rounds,
-        "request_bytes": a.request_mib << 20, "rows": rows,
+        "request_bytes": a.request_mib << 20, "busy_us": a.busy_us, "rows": rows,
     }
     if a.out:
         with open(a.out, "w") as f:
@@ -494,6 +548,13 @@ def main() -> None:
               f"{r.get('req_load_store_vs_pinned', '-'):>8} {r.get('req_save_slotwise_vs_pinned', '-'):>8} "
               f"{r.get('req_load_slotwise_vs_pinned', '-'):>8} {r.get('req_load_hostverdict_vs_pinned', '-'):>8} "
               f"{r.get('req_save_vs_pinned_p10', '-'):>7} {r.get('req_load_vs_pinned_p10', '-'):>7}")
+    print("per request, behind the GPU work / cold, and the slots' D2H alone, against the pinned copy:")
+    for r in rows:
+        if "req_save_vs_pinned" in r:
+            print(f"{r['chunk_bytes'] // KIB:>7}Ki save {r.get('req_save_behind_vs_pinned', '-')} / "
+                  f"{r['req_save_vs_pinned']}  load {r.get('req_load_behind_vs_pinned', '-')} / "
+                  f"{r['req_load_vs_pinned']}  slots D2H {r.get('req_slots_d2h_vs_pinned', '-')}  "
+                  f"busy {r.get('req_busy_us', '-')} us")
 
 
 if __name__ == "__main__":

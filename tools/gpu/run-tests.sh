@@ -16,7 +16,8 @@
 # $OUT/gpu-serve-logs.tar.xz) within SERVE_BENCH_BUDGET_S (270) and what is left of
 # CALL_BUDGET_S (560: seconds from this script's start to the end of everything, inside one
 # 600 s call); SERVE_BENCH_ARGS adds arguments (e.g. "--shape tiny --rates 4,16"); SERVE_BENCH_STREAMS
-# ("channel serve") runs it once per router.decode_stream, splitting the budget. TESTS=0 skips
+# ("channel serve", or "channel/grpc channel/ray" with router.serve_transport) runs it once per
+# item, splitting the budget. TESTS=0 skips
 # tests/gpu (the benchmarks alone). XXH3=1 first checks the GPU checksum kernels
 # (tests/unit/test_gpu_xxh3.py on the GPU, then tools/gpu/xxh3-bench.py: $OUT/gpu-xxh3.json);
 # those need only the image's packages, so they can also run alone in any call.
@@ -192,7 +193,8 @@ fi
 
 # -- 7. optional: pdserve 1P1D vs monolithic vLLM under load, on the same GPU. SERVE_BENCH_STREAMS
 # ("channel serve") runs it once per router.decode_stream, one after the other in this call, each
-# against its own monolithic run ($OUT/gpu-serve-<stream>.json); unset: one run, $OUT/gpu-serve.json.
+# against its own monolithic run ($OUT/gpu-serve-<stream>.json); an item STREAM/TRANSPORT also sets
+# router.serve_transport ($OUT/gpu-serve-<stream>-<transport>.json); unset: one run, $OUT/gpu-serve.json.
 if [ "${SERVE_BENCH:-0}" = 1 ]; then
   rm -rf /tmp/pdgpu-bench/logs && mkdir -p /tmp/pdgpu-bench/logs/ray
   save_ray_logs /tmp/pdgpu-bench/logs/ray &
@@ -208,6 +210,9 @@ if [ "${SERVE_BENCH:-0}" = 1 ]; then
       say "RESULT serve bench ($stream) skipped: ${budget}s left"; continue
     fi
     if [ "$stream" = default ]; then out=$OUT/gpu-serve.json; extra=""
+    elif [ "${stream#*/}" != "$stream" ]; then  # STREAM/TRANSPORT: router.serve_transport too
+      out=$OUT/gpu-serve-${stream%%/*}-${stream#*/}.json
+      extra="--decode-stream ${stream%%/*} --serve-transport ${stream#*/}"
     else out=$OUT/gpu-serve-$stream.json; extra="--decode-stream $stream"; fi
     say "bench/gpu/serve.py $extra (budget ${budget}s)"
     # shellcheck disable=SC2086
