@@ -173,16 +173,6 @@ class Index(NamedTuple):
         return self.dev[2 * self.rows : 2 * self.rows + k]
 
 
-class Slots(NamedTuple):
-    """A group's slot payloads and their host addresses, in staging order."""
-
-    views: Sequence[memoryview]
-    addrs: list[int]
-
-    def pick(self, idx: Sequence[int]) -> Slots:
-        return Slots([self.views[i] for i in idx], [self.addrs[i] for i in idx])
-
-
 def _hash_block(chunk_bytes: int) -> int | None:
     """The block size at which ONE ``block_digests`` launch over chunks of ``chunk_bytes``
     laid back to back yields every chunk's checksum blocks in order: CHECK_BLOCK when a chunk
