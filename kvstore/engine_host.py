@@ -24,6 +24,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
+from kvstore import janitor
 from kvstore.logging import get_logger
 from kvstore.messages import EngineDelta, EngineRequest, EngineSpec, ReplicaLoad, TokenLogprob
 
@@ -117,6 +118,7 @@ class EngineHost:
         events, self.kv_events_endpoint = _kv_events(spec, events_topic or replica_name)
         if spec.device == "cpu":
             _cpu_env(spec, local_rank)
+        janitor.use_engine_rpc_dir()  # the engine's ZMQ sockets, where a killed one's are swept
         kv = KVTransferConfig(
             kv_connector="PDStoreConnector",
             kv_connector_module_path="kvstore.connector",

@@ -1,4 +1,4 @@
-"""Shared memory that dead engines leave behind, found and freed.
+"""Shared memory and sockets that dead engines leave behind, found and freed.
 
 vLLM's engines talk to their workers over ``multiprocessing`` shared-memory queues
 (``/dev/shm/psm_*``, a few hundred MiB per engine), and their spawned processes share
@@ -9,11 +9,19 @@ tmpfs keeps them until someone unlinks them: each full test run left four semaph
 segment is an orphan when it is ours (same uid), old enough to be past any creator's window
 between creating and mapping it, and no live process maps it. Each node's store agent sweeps
 its node periodically; ``pdserve down`` sweeps once at the end.
+
+The engine's front end and its core also talk over ZMQ ``ipc://`` sockets, one file each in
+``VLLM_RPC_BASE_PATH`` (the temp dir's top level by default, under a fresh UUID); a killed
+engine leaves them there, past telling from anyone else's. pdserve's engines put them in a
+directory of their own (``use_engine_rpc_dir``), and a socket file there that no live socket
+is bound to (``/proc/net/unix``) is an orphan, swept with the rest.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,6 +34,56 @@ SHM_DIR = Path("/dev/shm")
 ENGINE_QUEUES = "psm_"
 ENGINE_LOCKS = "sem.mp-"  # sem_open("/mp-...") names /dev/shm/sem.mp-...; live: its inode is mapped
 ENGINE_LEFTOVERS = (ENGINE_QUEUES, ENGINE_LOCKS)
+RPC_ENV = "VLLM_RPC_BASE_PATH"
+NET_UNIX = Path("/proc/net/unix")
+
+
+def engine_rpc_dir(base: Path | None = None) -> Path:
+    """This uid's directory for its engines' ZMQ sockets on this node (not created here)."""
+    return (base or Path(tempfile.gettempdir())) / f"pdserve-rpc-{os.getuid()}"
+
+
+def use_engine_rpc_dir(base: Path | None = None) -> Path:
+    """Point the engines this process starts (they inherit its environment) at
+    ``engine_rpc_dir`` unless ``VLLM_RPC_BASE_PATH`` is set already; the directory in use."""
+    if RPC_ENV in os.environ:
+        return Path(os.environ[RPC_ENV])
+    d = engine_rpc_dir(base)
+    d.mkdir(mode=0o700, exist_ok=True)
+    os.environ[RPC_ENV] = str(d)
+    return d
+
+
+def bound_socket_paths(net_unix: Path = NET_UNIX) -> set[str]:
+    """The paths that live Unix sockets in this network namespace are bound to."""
+    try:
+        lines = net_unix.read_text().splitlines()[1:]
+    except OSError:
+        return set()
+    # Num RefCount Protocol Flags Type St Inode [Path]
+    return {fields[7] for fields in (line.split(maxsplit=7) for line in lines) if len(fields) == 8}
+
+
+def orphaned_sockets(rpc_dir: Path, min_age_s: float = 60.0, net_unix: Path = NET_UNIX) -> list[Path]:
+    """Socket files of ours in ``rpc_dir``, older than ``min_age_s``, that no live socket is
+    bound to."""
+    now, uid = time.time(), os.getuid()
+    try:
+        entries = sorted(rpc_dir.iterdir())
+    except OSError:  # never made on this node
+        return []
+    candidates = []
+    for path in entries:
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == uid and now - st.st_mtime >= min_age_s:
+            candidates.append(path)
+    if not candidates:
+        return []
+    bound = bound_socket_paths(net_unix)
+    return [path for path in candidates if str(path) not in bound]
 
 
 def mapped_shm_inodes(proc: Path = Path("/proc"), shm_dir: Path = SHM_DIR,
@@ -67,8 +125,8 @@ def orphaned_segments(shm_dir: Path = SHM_DIR, prefixes: tuple[str, ...] = ENGIN
     return [path for path, inode in candidates if inode not in mapped]
 
 
-def sweep(shm_dir: Path = SHM_DIR, min_age_s: float = 60.0) -> int:
-    """Unlink the orphaned engine queues and locks; how many bytes that freed."""
+def sweep(shm_dir: Path = SHM_DIR, min_age_s: float = 60.0, rpc_dir: Path | None = None) -> int:
+    """Unlink the orphaned engine queues, locks and sockets; how many bytes that freed."""
     freed = 0
     for path in orphaned_segments(shm_dir, min_age_s=min_age_s):
         try:
@@ -78,4 +136,13 @@ def sweep(shm_dir: Path = SHM_DIR, min_age_s: float = 60.0) -> int:
             continue
         freed += size
         log.warning("freed %s (%d MiB): shared memory of an engine that did not shut down", path.name, size >> 20)
+    sockets = 0
+    for path in orphaned_sockets(rpc_dir or engine_rpc_dir(), min_age_s=min_age_s):
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        sockets += 1
+    if sockets:
+        log.warning("removed %d ZMQ sockets of engines that did not shut down", sockets)
     return freed

@@ -18,6 +18,7 @@ import pytest
 
 from cluster.model import prepare_default_model
 from cluster.runtime import RunState, pids_mentioning
+from kvstore import janitor
 from router.tokenizer import PromptTokenizer
 from tests.e2e.prompts import EQUIVALENCE, FRESH, SHARED_PREFIX, UNDER_FIRE
 
@@ -88,6 +89,9 @@ def running_pdserve(home: Path, config: Path, sets: list[str]) -> Iterator[Clust
         # progress, not a minute of silence: each step, then the pools' replicas coming up
         progress = re.search(r"\[5/5\] engines: \d+ prefill \+ \d+ decode", up.stdout)
         assert progress and "prefill: " in up.stdout, up.stdout
+        # the engines bind their ZMQ sockets where a killed one's can be swept, not in /tmp
+        rpc = janitor.engine_rpc_dir()
+        assert {str(p) for p in rpc.glob("*")} & janitor.bound_socket_paths(), f"no engine socket bound in {rpc}"
         yield Cluster(match.group(1), home, env)
     finally:
         state = RunState.load(home) or state  # a test may have changed it (restarted Redis)
@@ -103,6 +107,7 @@ def running_pdserve(home: Path, config: Path, sets: list[str]) -> Iterator[Clust
             assert not state.ray_temp_dir or not pids_mentioning(state.ray_temp_dir)
             assert not state.redis_pid or not Path(f"/proc/{state.redis_pid}").exists()
         assert not _pids_working_under(home), f"processes left running in {home}"
+        assert not janitor.orphaned_sockets(janitor.engine_rpc_dir(), min_age_s=0), "engine sockets left"
 
 
 @pytest.fixture(scope="module")  # down before the next module's cluster comes up: 2 cores

@@ -2,6 +2,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from kvstore import janitor
 
 
@@ -48,3 +50,41 @@ def test_a_live_multiprocessing_lock_is_mapped_by_its_holder() -> None:
     path = janitor.SHM_DIR / f"sem.{name.lstrip('/')}"
     assert path.stat().st_ino in janitor.mapped_shm_inodes()
     assert path not in janitor.orphaned_segments(min_age_s=0)
+
+
+def test_an_engine_socket_nothing_is_bound_to_is_an_orphan_and_swept(tmp_path: Path) -> None:
+    """The ZMQ ipc files a killed engine leaves: swept once no live socket is bound to them
+    (this process's real sockets, read back from /proc/net/unix)."""
+    import socket
+
+    rpc = tmp_path / "rpc"
+    rpc.mkdir()
+    live, dead, young = (socket.socket(socket.AF_UNIX) for _ in range(3))
+    live.bind(str(rpc / "live"))
+    dead.bind(str(rpc / "dead"))
+    young.bind(str(rpc / "young"))
+    dead.close()  # its file stays: what a killed engine leaves
+    young.close()
+    (rpc / "plain").write_text("not a socket")
+    old = time.time() - 120
+    for name in ("live", "dead", "plain"):
+        os.utime(rpc / name, (old, old))
+    try:
+        assert str(rpc / "live") in janitor.bound_socket_paths()
+        assert janitor.orphaned_sockets(rpc, min_age_s=60) == [rpc / "dead"]
+        assert janitor.orphaned_sockets(rpc, min_age_s=0) == [rpc / "dead", rpc / "young"]
+        janitor.sweep(tmp_path / "no-shm", min_age_s=0, rpc_dir=rpc)
+        assert sorted(p.name for p in rpc.iterdir()) == ["live", "plain"]
+    finally:
+        live.close()
+
+
+def test_engines_are_pointed_at_the_rpc_dir_unless_the_user_chose_one(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(janitor.RPC_ENV, raising=False)
+    d = janitor.use_engine_rpc_dir(tmp_path)
+    assert d == janitor.engine_rpc_dir(tmp_path) and d.is_dir() and (d.stat().st_mode & 0o777) == 0o700
+    assert os.environ[janitor.RPC_ENV] == str(d)
+    monkeypatch.setenv(janitor.RPC_ENV, str(tmp_path / "mine"))
+    assert janitor.use_engine_rpc_dir(tmp_path) == tmp_path / "mine"
+    assert os.environ[janitor.RPC_ENV] == str(tmp_path / "mine")
