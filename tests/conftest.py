@@ -1,8 +1,11 @@
-"""Shared fixtures: a private Redis per test session, and a leak check for store segments."""
+"""Shared fixtures: a private Redis per test session, a leak check for store segments, and a
+directory of the session's for the ZMQ sockets of the vLLM engines the tests start themselves."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cluster.runtime import start_redis, stop_pid
-from kvstore.janitor import ENGINE_LEFTOVERS, ENGINE_LOCKS, orphaned_segments
+from kvstore.janitor import ENGINE_LEFTOVERS, ENGINE_LOCKS, RPC_ENV, orphaned_segments
 from kvstore.segment import SHM_DIR
 
 
@@ -40,3 +43,21 @@ def no_leaked_segments() -> Iterator[None]:
     orphans = {p.name for p in orphaned_segments(prefixes=(ENGINE_LOCKS,), min_age_s=0.0)}
     leaked = sorted(n for n in _segments() - before if not n.startswith(ENGINE_LOCKS) or n in orphans)
     assert not leaked, f"shared memory left in {SHM_DIR}: {leaked}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def engine_sockets_of_the_session() -> Iterator[Path]:
+    """The vLLM engines the tests start themselves (the monolithic references, the TP and
+    KV-event checks, the benchmarks' servers) bind their ZMQ ipc sockets here, not at /tmp's
+    top level: vLLM leaves those files behind even after a clean shutdown. Removed at the
+    session's end. pdserve's own engines choose their own place (``running_pdserve`` does not
+    pass this on), which the e2e fixture checks."""
+    d = Path(tempfile.mkdtemp(prefix="pdtest-rpc-"))  # short: a socket's path has 107 bytes at most
+    before = os.environ.get(RPC_ENV)
+    os.environ[RPC_ENV] = str(d)
+    yield d
+    if before is None:
+        os.environ.pop(RPC_ENV, None)
+    else:
+        os.environ[RPC_ENV] = before
+    shutil.rmtree(d, ignore_errors=True)

@@ -77,7 +77,8 @@ def _pids_working_under(path: Path) -> list[int]:
 @contextmanager
 def running_pdserve(home: Path, config: Path, sets: list[str]) -> Iterator[Cluster]:
     """`pdserve up` with the real CLI, then `pdserve down` and a leak check."""
-    env = {**os.environ, "PDSERVE_HOME": str(home)}
+    # without the session's socket dir (tests/conftest.py): the engines must choose their own
+    env = {**{k: v for k, v in os.environ.items() if k != janitor.RPC_ENV}, "PDSERVE_HOME": str(home)}
     pdserve = [sys.executable, "-m", "cluster.cli"]
     args = [x for s in sets for x in ("--set", s)]
     up = subprocess.run([*pdserve, "up", "--config", str(config), *args],

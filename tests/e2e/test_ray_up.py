@@ -14,6 +14,7 @@ test refuses to start while another Ray runs here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,7 @@ import yaml
 
 from cluster.model import DEFAULT_MODEL_NAME
 from cluster.runtime import RunState, free_port, pids_mentioning
+from kvstore import janitor
 from kvstore.janitor import ENGINE_LOCKS, SHM_DIR, mapped_shm_inodes
 from tests.e2e.sshd import SshHost, loopback_sshd
 
@@ -276,10 +278,12 @@ def test_ray_up_local_provider_serves_openai_and_ray_down_leaves_nothing(
     ours: set[int] = set()
     shm: set[Path] = set()
     locks: set[Path] = set()  # bound before the try: its finally adds to it however early a failure came
+    began = time.time()  # the engines' ZMQ socket files are the ones made since
     with loopback_sshd(tmp_path / "sshd", session_env) as host:
         config = tmp_path / "cluster.yaml"
         config.write_text(yaml.safe_dump(cluster_yaml(host, gcs_port, head_config), sort_keys=False))
-        env = {**os.environ, "PATH": f"{host.bin_dir}:{VENV / 'bin'}:{os.environ['PATH']}",
+        env = {**{k: v for k, v in os.environ.items() if k != janitor.RPC_ENV},  # as a user runs it
+               "PATH": f"{host.bin_dir}:{VENV / 'bin'}:{os.environ['PATH']}",
                "TMPDIR": str(client_tmp), "RAY_TMPDIR": str(client_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
         try:
             up = _ray(["up", "-y", "--no-config-cache", str(config)], env, tmp_path / "ray-up.log", 900)
@@ -317,3 +321,7 @@ def test_ray_up_local_provider_serves_openai_and_ray_down_leaves_nothing(
             # for `pdserve down`'s sweep): remove what this cluster mapped.
             for segment in shm | locks:
                 segment.unlink(missing_ok=True)
+            for sock in janitor.orphaned_sockets(janitor.engine_rpc_dir(), min_age_s=0):
+                with contextlib.suppress(OSError):  # and those engines' sockets (their agents died too)
+                    if sock.lstat().st_mtime >= began:
+                        sock.unlink()
