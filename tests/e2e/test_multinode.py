@@ -8,6 +8,7 @@ departed node's agent leaves the metadata, and the cluster keeps serving equal o
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import ray
 from ray.cluster_utils import Cluster as RayCluster
 
 from cluster.runtime import wait_until
+from kvstore import janitor
 from kvstore.metadata import MetadataStore
 from router.tokenizer import PromptTokenizer
 from tests.e2e.conftest import HERE, Cluster, running_pdserve
@@ -36,9 +38,17 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def three_nodes() -> Iterator[RayCluster]:
-    c = RayCluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"pd_prefill": 1, "pd_router": 1}})
-    for _ in range(2):
-        c.add_node(num_cpus=1, resources={"pd_decode": 1})
+    # The nodes' processes inherit this one's environment: not the session's socket dir
+    # (tests/conftest.py), so their engines choose their own, as on a node of their own.
+    saved = os.environ.pop(janitor.RPC_ENV, None)
+    try:
+        c = RayCluster(initialize_head=True,
+                       head_node_args={"num_cpus": 1, "resources": {"pd_prefill": 1, "pd_router": 1}})
+        for _ in range(2):
+            c.add_node(num_cpus=1, resources={"pd_decode": 1})
+    finally:
+        if saved is not None:
+            os.environ[janitor.RPC_ENV] = saved
     ray.init(address=c.address)
     c.wait_for_nodes()
     ray.shutdown()
