@@ -67,19 +67,11 @@ def bound_socket_paths(net_unix: Path = NET_UNIX) -> set[str]:
 def orphaned_sockets(rpc_dir: Path, min_age_s: float = 60.0, net_unix: Path = NET_UNIX) -> list[Path]:
     """Socket files of ours in ``rpc_dir``, older than ``min_age_s``, that no live socket is
     bound to."""
-    now, uid = time.time(), os.getuid()
     try:
         entries = sorted(rpc_dir.iterdir())
     except OSError:  # never made on this node
         return []
-    candidates = []
-    for path in entries:
-        try:
-            st = path.lstat()
-        except OSError:
-            continue
-        if stat.S_ISSOCK(st.st_mode) and st.st_uid == uid and now - st.st_mtime >= min_age_s:
-            candidates.append(path)
+    candidates = [path for path, st in _ours_and_old(entries, min_age_s) if stat.S_ISSOCK(st.st_mode)]
     if not candidates:
         return []
     bound = bound_socket_paths(net_unix)
@@ -110,19 +102,27 @@ def mapped_shm_inodes(proc: Path = Path("/proc"), shm_dir: Path = SHM_DIR,
 
 def orphaned_segments(shm_dir: Path = SHM_DIR, prefixes: tuple[str, ...] = ENGINE_LEFTOVERS,
                       min_age_s: float = 60.0, proc: Path = Path("/proc")) -> list[Path]:
-    now, uid = time.time(), os.getuid()
-    candidates = []
-    for path in sorted(p for prefix in prefixes for p in shm_dir.glob(f"{prefix}*")):
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        if st.st_uid == uid and now - st.st_mtime >= min_age_s:
-            candidates.append((path, st.st_ino))
+    paths = sorted(p for prefix in prefixes for p in shm_dir.glob(f"{prefix}*"))
+    candidates = [(path, st.st_ino) for path, st in _ours_and_old(paths, min_age_s)]
     if not candidates:
         return []
     mapped = mapped_shm_inodes(proc, shm_dir)
     return [path for path, inode in candidates if inode not in mapped]
+
+
+def _ours_and_old(paths: Iterable[Path], min_age_s: float) -> list[tuple[Path, os.stat_result]]:
+    """The ones of ``paths`` this uid owns, unchanged for ``min_age_s`` (past any creator's
+    window between making a file and using it), with their stat; gone ones skipped."""
+    now, uid = time.time(), os.getuid()
+    out = []
+    for path in paths:
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if st.st_uid == uid and now - st.st_mtime >= min_age_s:
+            out.append((path, st))
+    return out
 
 
 def sweep(shm_dir: Path = SHM_DIR, min_age_s: float = 60.0, rpc_dir: Path | None = None) -> int:
